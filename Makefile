@@ -1,0 +1,44 @@
+# The two commands: `make up` runs the whole system, `make test` runs the tests.
+# Both create (or reuse) the project virtualenv .venv and install the pinned dependencies
+# (requirements.txt) and the five project distributions into it first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.specedge-installed
+DISTS  := libs gateway scheduler verifier edge-agent
+PYPROJECTS := $(foreach d,$(DISTS),$(d)/pyproject.toml)
+PYTEST_ARGS ?=
+
+.PHONY: up test lint install models clean help
+
+help:
+	@echo "make up      run nats-server, redis-server and the four services (Ctrl-C stops all)"
+	@echo "make test    run the test suite (unit, integration with real servers, end to end)"
+	@echo "make lint    ruff"
+	@echo "make models  retrain the bundled tiny models (about 25 minutes on 2 CPU cores; not in CI)"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt $(PYPROJECTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		$(foreach d,$(DISTS),-e ./$(d))
+	$(BIN)/python -m pip check
+	touch $@
+
+up: $(STAMP)
+	$(BIN)/specedge up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+models: $(STAMP)
+	$(BIN)/python models/train_tiny_pair.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

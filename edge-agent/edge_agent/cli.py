@@ -1,0 +1,40 @@
+"""`specedge edge-agent` and the standalone `edge-agent` command."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated
+
+import typer
+
+from edge_agent.settings import EdgeAgentSettings
+from specedge.config import LogLevelOpt, Name, NatsUrl, build
+from specedge.models import BUNDLED_DRAFT, bundled
+
+
+def command(
+    nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    draft: Annotated[str | None, typer.Option(
+        "--draft", envvar="SPECEDGE_DRAFT",
+        help="Draft model: a local path or a hub id (default: the bundled tiny draft).")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", envvar="SPECEDGE_DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", envvar="SPECEDGE_DTYPE", help="auto, float32, float16 or bfloat16.")] = "auto",
+    max_sessions: Annotated[int, typer.Option(
+        "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")] = 4,
+    name: Name = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Run an edge agent: drafts token trees with a small model on this machine's GPU."""
+    from edge_agent.main import serve  # noqa: PLC0415
+    from specedge.service import run  # noqa: PLC0415
+
+    settings = build(EdgeAgentSettings, nats_url=nats_url, draft=draft or bundled(BUNDLED_DRAFT),
+                     device=device, dtype=dtype, max_sessions=max_sessions, name=name, log_level=log_level)
+    run(functools.partial(serve, settings), settings.log_level)
+
+
+def main() -> None:
+    """The standalone `edge-agent` command (same options as `specedge edge-agent`)."""
+    typer.run(command)

@@ -1,0 +1,25 @@
+"""`specedge gateway`: command-line entry point (light; imports the service lazily)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge_gateway.settings import GatewaySettings
+
+
+def command(
+    nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    host: Annotated[str, typer.Option("--host", envvar="SPECEDGE_HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", envvar="SPECEDGE_PORT", help="Port to listen on.")] = 8000,
+    name: Name = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Run the gateway: the OpenAI-compatible HTTP API."""
+    from specedge_gateway.main import main  # noqa: PLC0415
+
+    main(build(GatewaySettings, nats_url=nats_url, redis_url=redis_url, host=host, port=port,
+               name=name, log_level=log_level))

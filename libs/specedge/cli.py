@@ -1,0 +1,93 @@
+"""The `specedge` command: one subcommand per role, plus `up` and `status`.
+
+Role subcommands (`gateway`, `scheduler`, `verifier`, `edge-agent`) come from the
+installed service distributions through the `specedge.commands` entry-point group, so
+an edge machine with only `edge-agent` installed gets only that subcommand. Each
+subcommand module is light; heavy imports happen inside the command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib.metadata import entry_points
+
+import typer
+
+from specedge.config import LogLevelOpt, NatsUrl
+
+app = typer.Typer(
+    name="specedge",
+    help="SpecEdge: speculative decoding with drafts on users' own GPUs. One subcommand per role.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def up(
+    nats_url: str | None = typer.Option(
+        None, "--nats-url", envvar="SPECEDGE_NATS_URL",
+        help="Use this NATS server instead of starting an embedded one."),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", envvar="SPECEDGE_REDIS_URL",
+        help="Use this Redis server instead of starting an embedded one."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="SPECEDGE_HOST", help="Gateway bind address."),
+    port: int = typer.Option(8000, "--port", envvar="SPECEDGE_PORT", help="Gateway port (0 picks a free one)."),
+    ready_timeout_s: float = typer.Option(
+        120.0, "--ready-timeout", envvar="SPECEDGE_READY_TIMEOUT", help="Seconds to wait for all services."),
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Run the whole system on this machine: nats-server, redis-server and the four services."""
+    from specedge.up import UpSettings, run_up  # noqa: PLC0415 - keep `--help` fast
+
+    raise SystemExit(run_up(UpSettings(
+        nats_url=nats_url, redis_url=redis_url, host=host, port=port,
+        ready_timeout_s=ready_timeout_s, log_level=log_level,
+    )))
+
+
+@app.command()
+def status(
+    nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    wait_s: float = typer.Option(0.5, "--wait", help="Seconds to collect answers."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the services registered on a NATS server."""
+    from specedge import bus, registry  # noqa: PLC0415
+
+    async def ask() -> list:
+        async with bus.connect(nats_url, name="specedge-status", initial_timeout_s=5) as nc:
+            return await registry.discover(nc, wait_s)
+
+    try:
+        found = asyncio.run(ask())
+    except ConnectionError as exc:
+        typer.echo(str(exc), err=True)
+        raise SystemExit(2) from None
+    if as_json:
+        typer.echo(json.dumps([{"role": a.role, "name": a.name, "instance_id": a.instance_id,
+                                "details": a.details} for a in found], indent=2))
+        return
+    for a in found:
+        extra = " ".join(f"{k}={v}" for k, v in sorted(a.details.items()))
+        typer.echo(f"{a.role:<11} {a.name:<32} {extra}")
+    if not found:
+        typer.echo("no services registered", err=True)
+
+
+def _add_role_commands() -> None:
+    for ep in sorted(entry_points(group="specedge.commands"), key=lambda e: e.name):
+        app.command(name=ep.name)(ep.load())
+
+
+_add_role_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

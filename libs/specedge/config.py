@@ -1,0 +1,71 @@
+"""Typed settings shared by the services, and the command-line options that fill them.
+
+Each service has one frozen pydantic settings model, built in its `main()` from the
+command line (every flag also reads a `SPECEDGE_…` environment variable) and passed down.
+No module reads the environment on import.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import typer
+from pydantic import BaseModel, ConfigDict, field_validator
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+NatsUrl = Annotated[str, typer.Option("--nats-url", envvar="SPECEDGE_NATS_URL", help="NATS server URL.")]
+RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="SPECEDGE_REDIS_URL", help="Redis server URL.")]
+Name = Annotated[
+    str | None,
+    typer.Option("--name", envvar="SPECEDGE_NAME", help="Human-readable instance name (default: generated)."),
+]
+LogLevelOpt = Annotated[
+    str, typer.Option("--log-level", envvar="SPECEDGE_LOG_LEVEL", help="debug, info, warning or error.")
+]
+
+
+class ServiceSettings(BaseModel):
+    """What every service needs: where NATS is, its name and how loudly to log."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nats_url: str = DEFAULT_NATS_URL
+    name: str | None = None
+    log_level: LogLevel = "info"
+    heartbeat_s: float = 2.0
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, value: str) -> str:
+        if not value.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(f"expected a nats://, tls://, ws:// or wss:// URL, got {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower() if isinstance(value, str) else value
+
+
+class RedisServiceSettings(ServiceSettings):
+    """A service that also keeps state in Redis."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+
+def build(settings_type: type[BaseModel], **values: object) -> BaseModel:
+    """Build settings from CLI values; a bad value is a usage error, not a traceback."""
+    try:
+        return settings_type(**values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None

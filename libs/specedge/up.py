@@ -1,0 +1,114 @@
+"""`specedge up`: the whole system on one machine.
+
+Starts (or connects to) nats-server and redis-server, starts the four services as child
+processes of the real `specedge` CLI, waits until all four are registered on the bus,
+prints where the gateway listens, and on Ctrl-C/SIGTERM — or if any child dies — stops
+everything, services first, servers last. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from pydantic import BaseModel, ConfigDict
+
+from specedge import bus, registry
+from specedge.launcher import Launcher, LauncherError, free_port
+from specedge.protocol import ROLES
+from specedge.service import setup_logging
+
+log = logging.getLogger("specedge.up")
+
+
+class UpSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nats_url: str | None = None
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ready_timeout_s: float = 120.0
+    log_level: str = "info"
+
+
+def service_commands(nats_url: str, redis_url: str, host: str, port: int) -> dict[str, list[str]]:
+    """The argv of each service, as an operator would type it."""
+    cli = [sys.executable, "-m", "specedge.cli"]
+    return {
+        "verifier": [*cli, "verifier", "--nats-url", nats_url, "--redis-url", redis_url],
+        "scheduler": [*cli, "scheduler", "--nats-url", nats_url, "--redis-url", redis_url],
+        "edge-agent": [*cli, "edge-agent", "--nats-url", nats_url],
+        "gateway": [*cli, "gateway", "--nats-url", nats_url, "--redis-url", redis_url,
+                    "--host", host, "--port", str(port)],
+    }
+
+
+async def wait_until_registered(nats_url: str, roles: tuple[str, ...], timeout_s: float,
+                                still_running) -> list:
+    """Poll discovery until every role has at least one live instance."""
+    async with bus.connect(nats_url, name="specedge-up", initial_timeout_s=10) as nc:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and still_running():
+            found = await registry.discover(nc, wait_s=0.3)
+            if {a.role for a in found} >= set(roles):
+                return found
+        missing = set(roles) - {a.role for a in await registry.discover(nc, wait_s=0.3)}
+        raise TimeoutError(f"not registered after {timeout_s:.0f}s: {', '.join(sorted(missing))}")
+
+
+def run_up(settings: UpSettings) -> int:
+    """Run until interrupted; returns the process exit code."""
+    setup_logging(settings.log_level)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    with Launcher() as launcher:
+        try:
+            nats_url = settings.nats_url or launcher.start_nats().url
+            redis_url = settings.redis_url or launcher.start_redis().url
+        except LauncherError as exc:
+            log.error("%s", exc)
+            return 2
+        port = settings.port or free_port(settings.host)
+        env = {**os.environ, "SPECEDGE_LOG_LEVEL": settings.log_level}
+        services = [launcher.spawn(role, argv, env=env)
+                    for role, argv in service_commands(nats_url, redis_url, settings.host, port).items()]
+
+        def all_running() -> bool:
+            return not stop.is_set() and all(s.alive() for s in services)
+
+        try:
+            found = asyncio.run(wait_until_registered(nats_url, ROLES, settings.ready_timeout_s, all_running))
+        except (TimeoutError, ConnectionError) as exc:
+            if not stop.is_set():
+                log.error("startup failed: %s", exc)
+            return 0 if stop.is_set() else 1
+        if not all_running():
+            return _report_exit(services, stop)
+        for a in found:
+            log.info("registered: %-10s %s", a.role, a.name)
+        # The one line a user (and the e2e test) looks for:
+        sys.stdout.write(
+            f"SpecEdge is up: gateway http://{settings.host}:{port} "
+            f"(OpenAI base URL http://{settings.host}:{port}/v1); nats {nats_url}; redis {redis_url}. "
+            "Ctrl-C stops everything.\n")
+        sys.stdout.flush()
+        while all_running():
+            stop.wait(0.2)
+        return _report_exit(services, stop)
+
+
+def _report_exit(services, stop: threading.Event) -> int:
+    if stop.is_set():
+        log.info("stopping all services")
+        return 0
+    dead = [f"{s.name} (exit {s.process.returncode})" for s in services if not s.alive()]
+    log.error("a service stopped unexpectedly: %s; stopping the rest", ", ".join(dead))
+    return 1

@@ -1,0 +1,313 @@
+"""Train the bundled tiny target/draft pair from scratch on the Python standard library.
+
+This script owns the bundled models in ``models/specedge-tiny-target`` and
+``models/specedge-tiny-draft``: their tokenizer, their architecture (Qwen3), their
+training data, the training itself and the model cards with measured quality. It is not
+part of CI; run it by hand (``make models``) and commit the result.
+
+Data: text every Python installation has — the standard library's modules (tests
+excluded), the bundled documentation text (``pydoc_data/topics.py``, ``*.txt``) and
+chat-formatted samples built from it (a function's docstring as the user turn, the
+function as the assistant turn), so that the chat endpoint gives on-topic answers.
+Files are split into train and held-out sets by a hash of their relative path.
+
+Training: a byte-level BPE tokenizer shared by both models; the target is trained with
+next-token cross-entropy; the draft is distilled from the target (KL to the target's
+next-token distribution plus a little cross-entropy), as a real draft/target pair is.
+
+Determinism: every random choice is seeded. On the same Python (stdlib) version, torch
+version and thread count the run repeats; across CPUs, float rounding can differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import logging
+import math
+import pathlib
+import sysconfig
+import time
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+log = logging.getLogger("train_tiny_pair")
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+VOCAB_SIZE = 4096
+SEQ_LEN = 256
+TARGET_ARCH = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+)
+DRAFT_ARCH = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def stdlib_files() -> list[pathlib.Path]:
+    """Standard-library sources and documentation text, tests and site-packages excluded."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [
+        f for f in root.rglob("*")
+        if f.suffix in (".py", ".txt") and f.is_file() and not skip & set(f.relative_to(root).parts)
+    ]
+    return sorted(files, key=lambda f: str(f.relative_to(root)))
+
+
+def is_held_out(path: pathlib.Path) -> bool:
+    """About 4% of files, chosen by a hash of the file name (stable across machines)."""
+    return hashlib.sha256(path.name.encode()).digest()[0] < 10
+
+
+def chat_samples(source: str) -> list[str]:
+    """Docstring -> function chat pairs from one module's source."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        doc = ast.get_docstring(node)
+        code = ast.get_source_segment(source, node)
+        if not doc or not code or len(code) > 3000 or len(doc) < 20:
+            continue
+        out.append(
+            f"<|im_start|>user\n{doc.strip()}<|im_end|>\n"
+            f"<|im_start|>assistant\n{code.strip()}<|im_end|>\n<|endoftext|>"
+        )
+    return out
+
+
+def load_corpus() -> tuple[list[str], list[str]]:
+    """(train documents, held-out documents)."""
+    train, held = [], []
+    for f in stdlib_files():
+        text = f.read_text(encoding="utf-8", errors="replace")
+        docs = [text + "<|endoftext|>"]
+        if f.suffix == ".py":
+            docs += chat_samples(text)
+        (held if is_held_out(f) else train).extend(docs)
+    return train, held
+
+
+# ------------------------------------------------------------------------ tokenizer
+
+
+def train_tokenizer(docs: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def token_stream(tok: PreTrainedTokenizerFast, docs: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(tok(d, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def make_config(tok: PreTrainedTokenizerFast, arch: dict) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+        **arch,
+    )
+
+
+def batches(stream: torch.Tensor, steps: int, batch: int, gen: torch.Generator):
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (batch,), generator=gen)
+        yield torch.stack([stream[s : s + SEQ_LEN] for s in starts.tolist()])
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 30) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) + peak * 0.05
+
+
+def train(model, stream, steps, batch, peak_lr, gen, teacher=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    model.train()
+    t0 = time.monotonic()
+    for step, x in enumerate(batches(stream, steps, batch, gen)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak_lr)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), x[:, 1:].reshape(-1))
+        loss = ce
+        if teacher is not None:
+            with torch.no_grad():
+                t_logp = F.log_softmax(teacher(input_ids=x).logits[:, :-1].float(), -1)
+            kl = F.kl_div(F.log_softmax(logits, -1), t_logp, log_target=True, reduction="batchmean") / x.shape[1]
+            loss = 0.8 * kl + 0.2 * ce
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 20 == 0 or step == steps - 1:
+            log.info("step %d/%d ce %.3f loss %.3f (%.0fs)",
+                     step + 1, steps, ce.item(), loss.item(), time.monotonic() - t0)
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate(target, draft, stream: torch.Tensor, n_seq: int = 48) -> dict:
+    """Held-out loss of each model and greedy next-token agreement draft vs target."""
+    seqs = stream[: n_seq * SEQ_LEN].view(n_seq, SEQ_LEN)
+    out = {"held_out_tokens": int(seqs[:, 1:].numel())}
+    argmax = {}
+    for name, model in (("target", target), ("draft", draft)):
+        losses = []
+        preds = []
+        for chunk in seqs.split(8):
+            logits = model(input_ids=chunk).logits[:, :-1].float()
+            targets = chunk[:, 1:].reshape(-1)
+            losses.append(F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets, reduction="sum"))
+            preds.append(logits.argmax(-1))
+        out[f"{name}_held_out_loss"] = round((sum(losses) / out["held_out_tokens"]).item(), 4)
+        argmax[name] = torch.cat(preds)
+    out["greedy_agreement"] = round((argmax["target"] == argmax["draft"]).float().mean().item(), 4)
+    return out
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def write_model(model, tok, out_dir: pathlib.Path, card: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(card)
+
+
+def model_card(name: str, role: str, model, metrics: dict, args, seconds: float) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    return f"""# {name}
+
+The bundled {role} model of SpecEdge: a tiny Qwen3-architecture causal LM trained from
+scratch on the Python standard library (sources, docstrings, bundled documentation text
+and docstring→function chat samples). It exists so that SpecEdge runs, tests and
+benchmarks with nothing downloaded; it is not a useful general-purpose model.
+
+- Architecture: Qwen3, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, \
+{cfg.num_attention_heads} heads ({cfg.num_key_value_heads} KV heads, head dim {cfg.head_dim}), \
+MLP {cfg.intermediate_size}, vocabulary {cfg.vocab_size}, tied embeddings, float32.
+- Parameters: {n_params:,}
+- Tokenizer: byte-level BPE, shared with the other model of the pair; ChatML chat template
+  (`<|im_start|>role ... <|im_end|>`), end of turn `<|im_end|>`.
+- Trained by `models/train_tiny_pair.py` (seed {args.seed}, {args.target_steps} target steps,
+  {args.draft_steps} draft distillation steps, batch {args.batch} × {SEQ_LEN} tokens) in
+  {seconds / 60:.1f} minutes on 2 CPU cores. Command: `make models`.
+
+## Measured quality (held-out stdlib files, {metrics['held_out_tokens']:,} positions)
+
+| metric | value |
+|---|---|
+| target held-out loss (nats/token) | {metrics['target_held_out_loss']} |
+| draft held-out loss (nats/token) | {metrics['draft_held_out_loss']} |
+| draft greedy next token == target greedy next token | {metrics['greedy_agreement'] * 100:.1f}% |
+| target params / draft params | {metrics['param_ratio']:.2f}× |
+| both models on disk | {metrics['disk_mb']:.1f} MB |
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--target-steps", type=int, default=600)
+    parser.add_argument("--draft-steps", type=int, default=350)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    t_start = time.monotonic()
+
+    train_docs, held_docs = load_corpus()
+    log.info("corpus: %d train docs, %d held-out docs", len(train_docs), len(held_docs))
+    tok = train_tokenizer(train_docs)
+    train_stream = token_stream(tok, train_docs)
+    held_stream = token_stream(tok, held_docs)
+    log.info("tokens: %d train, %d held out", len(train_stream), len(held_stream))
+
+    target = Qwen3ForCausalLM(make_config(tok, TARGET_ARCH))
+    train(target, train_stream, args.target_steps, args.batch, 2e-3, torch.Generator().manual_seed(args.seed))
+    torch.manual_seed(args.seed + 1)
+    draft = Qwen3ForCausalLM(make_config(tok, DRAFT_ARCH))
+    train(draft, train_stream, args.draft_steps, args.batch, 3e-3,
+          torch.Generator().manual_seed(args.seed + 1), teacher=target)
+
+    metrics = evaluate(target, draft, held_stream)
+    n_t = sum(p.numel() for p in target.parameters())
+    n_d = sum(p.numel() for p in draft.parameters())
+    metrics["param_ratio"] = n_t / n_d
+    seconds = time.monotonic() - t_start
+    dirs = {"target": args.out / "specedge-tiny-target", "draft": args.out / "specedge-tiny-draft"}
+    for role, model in (("target", target), ("draft", draft)):
+        write_model(model, tok, dirs[role], "")
+    metrics["disk_mb"] = sum(f.stat().st_size for d in dirs.values() for f in d.iterdir()) / 1e6
+    for role, model in (("target", target), ("draft", draft)):
+        (dirs[role] / "README.md").write_text(
+            model_card(dirs[role].name, role, model, metrics, args, seconds))
+    (args.out / "quality.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("done in %.0fs: %s", seconds, metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`specedge up` end to end: servers and four services come up, register, serve, and Ctrl-C
+leaves no process behind."""
+
+import json
+import re
+import signal
+import subprocess
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import SPECEDGE
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.e2e
+
+READY = re.compile(r"gateway (http://\S+) .*nats (nats://\S+);")
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
+    log_path = tmp_path / "up.log"
+    proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0"], env=cli_env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until the ready line (or exit)
+        match = READY.search(line)
+        assert match, f"no ready line; stdout={line!r}\n{log_path.read_text()}"
+        gateway, nats_url = match.groups()
+        children = descendants(proc.pid)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        for part in ("nats-server", "redis-server", " gateway ", " scheduler ", " verifier ", " edge-agent "):
+            assert part in names + " ", part
+
+        status = subprocess.run([*SPECEDGE, "status", "--nats-url", nats_url, "--json"], env=cli_env,
+                                capture_output=True, text=True, timeout=60)
+        roles = sorted(s["role"] for s in json.loads(status.stdout))
+        assert roles == ["edge-agent", "gateway", "scheduler", "verifier"], status.stderr
+
+        assert httpx.get(f"{gateway}/health").status_code == 200
+        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused")
+        assert [m.id for m in client.models.list()] == ["specedge-tiny-target"]
+    except BaseException:
+        proc.kill()
+        raise
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, log_path.read_text()
+    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+             10, "every child to exit")
+    log_text = log_path.read_text()
+    assert "Traceback" not in log_text, log_text
+    assert log_text.count("left the registry") == 4, log_text
+
+
+def test_up_with_external_servers_starts_only_the_services(nats_url, redis_url, cli_env, tmp_path):
+    log_path = tmp_path / "up.log"
+    proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0", "--nats-url", nats_url, "--redis-url", redis_url],
+                            env=cli_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=open(log_path, "wb"), text=True)
+    try:
+        line = proc.stdout.readline()
+        assert nats_url in line, log_path.read_text()
+        names = " ".join(" ".join(c.cmdline()) for c in descendants(proc.pid))
+        assert "nats-server" not in names and "redis-server" not in names
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log_path.read_text()

@@ -1,0 +1,48 @@
+"""Test helpers for driving the real CLI as processes and watching the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Sequence
+
+import nats
+
+from specedge import registry
+from specedge.protocol import ServiceAnnouncement
+from tests.conftest import SPECEDGE
+
+
+def start_cli(args: Sequence[str], env: dict[str, str], log_path) -> subprocess.Popen:
+    """Start `specedge ARGS` with stderr to a file (read it on failure)."""
+    return subprocess.Popen([*SPECEDGE, *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True)
+
+
+def discover(nats_url: str, wait_s: float = 0.3) -> list[ServiceAnnouncement]:
+    async def ask():
+        nc = await nats.connect(nats_url)
+        try:
+            return await registry.discover(nc, wait_s)
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def registered(nats_url: str, role: str, pid_hint: int | None = None) -> list[ServiceAnnouncement]:
+    found = [a for a in discover(nats_url) if a.role == role]
+    if pid_hint is not None:
+        found = [a for a in found if f"-{pid_hint}-" in a.instance_id]
+    return found

@@ -1,0 +1,74 @@
+"""The launcher starts real servers, they work, and stopping leaves nothing behind."""
+
+import asyncio
+import os
+import pathlib
+import sys
+import time
+
+import nats
+import psutil
+import pytest
+import redis
+
+from specedge.launcher import Launcher, LauncherError, embedded_servers, find_nats_server, find_redis_server
+
+
+def test_binaries_come_from_the_install_step():
+    assert os.access(find_nats_server(), os.X_OK)
+    assert os.access(find_redis_server(), os.X_OK)
+
+
+def test_servers_start_healthy_work_and_stop_cleanly():
+    with Launcher() as launcher:
+        nats_child = launcher.start_nats()
+        redis_child = launcher.start_redis()
+        pids = [nats_child.pid, redis_child.pid]
+        workdir = launcher.workdir
+        assert nats_child.url.startswith("nats://127.0.0.1:")
+
+        r = redis.Redis.from_url(redis_child.url)
+        r.set("k", "v")
+        assert r.get("k") == b"v"
+        r.close()
+
+        async def nats_round_trip() -> tuple[bytes, int]:
+            nc = await nats.connect(nats_child.url)
+            sub = await nc.subscribe("t")
+            await nc.publish("t", b"hello")
+            msg = await sub.next_msg(timeout=2)
+            info = await nc.jetstream().account_info()  # JetStream is enabled
+            await nc.close()
+            return msg.data, info.limits.max_streams
+
+        data, _ = asyncio.run(nats_round_trip())
+        assert data == b"hello"
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not pathlib.Path(workdir).exists()
+
+
+def test_given_urls_are_used_and_nothing_is_started(nats_url, redis_url):
+    with embedded_servers(nats_url, redis_url) as (n, r, launcher):
+        assert (n, r) == (nats_url, redis_url)
+        assert launcher.children == []
+
+
+def test_a_child_that_ignores_sigterm_is_killed(tmp_path):
+    ready = tmp_path / "ready"
+    script = (f"import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
+    with Launcher() as launcher:
+        child = launcher.spawn("stubborn", [sys.executable, "-c", script], quiet=True)
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        code = child.stop(grace_s=0.5)
+    assert code == -9
+
+
+def test_missing_binary_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("specedge.launcher._venv_bin", lambda: pathlib.Path("/nonexistent"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(LauncherError, match="nats-server not found"):
+        find_nats_server()

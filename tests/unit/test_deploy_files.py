@@ -1,0 +1,92 @@
+"""The compose file and Dockerfiles are consistent with the code (no Docker engine here).
+
+Checks what `docker compose config` would not: that every service command is a real
+`specedge` subcommand, every SPECEDGE_* variable is one a flag reads, every mounted file
+exists. When a `docker compose` plugin is present, its own validation runs too.
+"""
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from typer.main import get_command
+
+from specedge.cli import app
+from tests.conftest import REPO
+
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def cli_envvars() -> set[str]:
+    root = get_command(app)
+    names = set()
+    for command in root.commands.values():
+        for param in command.params:
+            envvar = getattr(param, "envvar", None)
+            if envvar:
+                names.add(envvar)
+    return names
+
+
+def test_every_service_runs_a_real_subcommand():
+    commands = set(get_command(app).commands)
+    roles = set()
+    for name, service in COMPOSE["services"].items():
+        assert "image" in service or "build" in service, name
+        cmd = service.get("command")
+        if cmd and cmd[0] == "specedge":
+            assert cmd[1] in commands, (name, cmd)
+            roles.add(cmd[1])
+    assert roles >= {"gateway", "scheduler", "verifier", "edge-agent"}
+
+
+def test_every_specedge_variable_is_read_by_a_flag():
+    known = cli_envvars()
+    for name, service in COMPOSE["services"].items():
+        for var in service.get("environment", {}):
+            if var.startswith("SPECEDGE_"):
+                assert var in known | {"SPECEDGE_MODELS_DIR"}, (name, var)
+
+
+def test_dependencies_and_mounted_files_exist():
+    for name, service in COMPOSE["services"].items():
+        for dep in service.get("depends_on", {}):
+            assert dep in COMPOSE["services"], (name, dep)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), (name, source)
+        build = service.get("build")
+        if build:
+            assert (REPO / build["context"] / build["dockerfile"]).exists()
+
+
+def test_gpu_verifier_reserves_a_gpu_in_the_gpu_profile():
+    gpu = COMPOSE["services"]["verifier-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+@pytest.mark.parametrize("dockerfile", ["deploy/Dockerfile", "deploy/Dockerfile.edge-agent"])
+def test_dockerfiles_copy_only_what_exists(dockerfile):
+    for line in (REPO / dockerfile).read_text().splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), source
+
+
+def test_edge_agent_image_has_no_server_side_code():
+    lines = (REPO / "deploy/Dockerfile.edge-agent").read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.startswith("#"))
+    assert "gateway" not in text and "scheduler" not in text and "redis" not in text.lower()
+
+
+@pytest.mark.skipif(
+    not shutil.which("docker")
+    or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
+    reason="no docker compose plugin on this machine")
+def test_docker_compose_config_validates():
+    result = subprocess.run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,44 @@
+"""Protocol messages: round trip, and every way decoding can fail is a ProtocolError."""
+
+import msgspec
+import pytest
+
+from specedge import protocol
+from specedge.protocol import ProtocolError, ServiceAnnouncement, ServiceLeave, decode, encode
+
+
+def announcement(**over) -> ServiceAnnouncement:
+    fields = dict(role="verifier", instance_id="verifier-h-1-abc", name="v1", version="0.1.0",
+                  heartbeat_s=2.0, details={"model": "tiny"})
+    fields.update(over)
+    return ServiceAnnouncement(**fields)
+
+
+def test_round_trip():
+    msg = announcement()
+    assert decode(encode(msg), ServiceAnnouncement) == msg
+    leave = ServiceLeave(role="edge-agent", instance_id="e")
+    assert decode(encode(leave), ServiceLeave) == leave
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xc1garbage", "malformed"),
+        (b"", "malformed"),
+        (msgspec.msgpack.encode({"role": "verifier"}), "invalid"),
+        (msgspec.msgpack.encode({**msgspec.structs.asdict(announcement()), "role": "root"}), "invalid"),
+        (msgspec.msgpack.encode([1, 2, 3]), "invalid"),
+        (msgspec.msgpack.encode({**msgspec.structs.asdict(announcement()), "v": 99}), "version"),
+        (b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "oversized"),
+    ],
+)
+def test_bad_bytes_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ProtocolError) as err:
+        decode(data, ServiceAnnouncement)
+    assert err.value.reason == reason
+
+
+def test_unknown_fields_from_a_newer_sender_are_ignored():
+    data = msgspec.msgpack.encode({**msgspec.structs.asdict(announcement()), "future": 1})
+    assert decode(data, ServiceAnnouncement) == announcement()

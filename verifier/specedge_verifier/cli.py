@@ -1,0 +1,34 @@
+"""`specedge verifier`: command-line entry point (light; torch is imported by the service)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated
+
+import typer
+
+from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.models import BUNDLED_TARGET, bundled
+from specedge_verifier.settings import VerifierSettings
+
+
+def command(
+    nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    target: Annotated[str | None, typer.Option(
+        "--target", envvar="SPECEDGE_TARGET",
+        help="Target model: a local path or a hub id (default: the bundled tiny target).")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", envvar="SPECEDGE_DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", envvar="SPECEDGE_DTYPE", help="auto, float32, float16 or bfloat16.")] = "auto",
+    name: Name = None,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Run a verifier: holds the target model and verifies batches of draft trees."""
+    from specedge.service import run  # noqa: PLC0415
+    from specedge_verifier.main import serve  # noqa: PLC0415
+
+    settings = build(VerifierSettings, nats_url=nats_url, redis_url=redis_url, name=name, log_level=log_level,
+                     target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype)
+    run(functools.partial(serve, settings), settings.log_level)
