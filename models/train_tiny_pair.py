@@ -102,15 +102,17 @@ def chat_samples(source: str) -> list[str]:
     return out
 
 
+def documents(path: pathlib.Path) -> list[str]:
+    """The training documents one file yields: its text, plus chat samples for a module."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [text + "<|endoftext|>"] + (chat_samples(text) if path.suffix == ".py" else [])
+
+
 def load_corpus() -> tuple[list[str], list[str]]:
     """(train documents, held-out documents)."""
     train, held = [], []
     for f in stdlib_files():
-        text = f.read_text(encoding="utf-8", errors="replace")
-        docs = [text + "<|endoftext|>"]
-        if f.suffix == ".py":
-            docs += chat_samples(text)
-        (held if is_held_out(f) else train).extend(docs)
+        (held if is_held_out(f) else train).extend(documents(f))
     return train, held
 
 

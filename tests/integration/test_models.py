@@ -67,8 +67,7 @@ def test_size_and_parameter_ratio(pair):
 def test_quality_on_held_out_text_matches_the_cards(pair):
     target, draft, tok, _ = pair
     train = load_training_script()
-    held = [f.read_text(encoding="utf-8", errors="replace") + "<|endoftext|>"
-            for f in train.stdlib_files() if train.is_held_out(f)]
+    held = [doc for f in train.stdlib_files() if train.is_held_out(f) for doc in train.documents(f)]
     stream = train.token_stream(tok, held)
     measured = train.evaluate(target, draft, stream)
     assert measured["target_held_out_loss"] < measured["draft_held_out_loss"] - 0.1
@@ -98,7 +97,7 @@ def test_engine_loader_refuses_clearly(tmp_path, monkeypatch):
         load_causal_lm(str(tmp_path / "gpt2"))
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         load_causal_lm(TARGET, dtype="float8")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_causal_lm("specedge/not-a-cached-model")
