@@ -2,6 +2,7 @@
 leaves no process behind."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -49,7 +50,7 @@ def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
         proc.kill()
         raise
 
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
     assert proc.wait(timeout=60) == 0, log_path.read_text()
     wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
              10, "every child to exit")
