@@ -50,6 +50,43 @@ class ServiceLeave(Message, frozen=True, kw_only=True):
     instance_id: str
 
 
+class DraftTreeMsg(Message, frozen=True, kw_only=True):
+    """A draft tree from an edge: drafted tokens below the root and their parents.
+
+    `parents[i]` is -1 (the root: the session's last committed token) or an earlier index.
+    `committed_len` is the committed length the tree extends; `cycle` counts verifications.
+    No masks, no floats: the receiver rebuilds the attention mask from `parents`.
+    """
+
+    session_id: str
+    cycle: int
+    committed_len: int
+    tokens: list[int]
+    parents: list[int]
+
+    def problem(self, vocab_size: int, max_nodes: int) -> str | None:
+        """Why this tree must be refused (a short reason for counters), or None if well formed."""
+        if len(self.tokens) != len(self.parents):
+            return "tree_shape"
+        if len(self.tokens) > max_nodes:
+            return "tree_too_large"
+        if any(not 0 <= t < vocab_size for t in self.tokens):
+            return "token_out_of_vocab"
+        if any(not -1 <= p < i for i, p in enumerate(self.parents)):
+            return "parent_not_before_child"
+        return None
+
+
+class VerifyResult(Message, frozen=True, kw_only=True):
+    """The target's verdict on one tree: the accepted drafted tokens, in order, and the bonus."""
+
+    session_id: str
+    cycle: int
+    committed_len: int  # before this result
+    accepted: list[int]
+    bonus: int
+
+
 M = TypeVar("M", bound=Message)
 
 _encoder = msgspec.msgpack.Encoder()

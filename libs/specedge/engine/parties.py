@@ -1,0 +1,239 @@
+"""The two parties of speculative decoding: the drafter (edge) and the verifier (server).
+
+`Verifier` holds the target model and per-session caches: it prefills a prompt, verifies
+a batch of draft trees from many sessions in one forward pass, applies the acceptance
+rule and keeps only the accepted path's cache entries. `Drafter` holds the draft model:
+it grows draft trees, and while a tree is out for verification it drafts the next one
+proactively from its best guess of the result — pass by pass, so the work can be
+abandoned at any moment — reusing it on a hit and dropping it on a miss.
+
+They exchange only `protocol.DraftTreeMsg` and `protocol.VerifyResult`: token ids and
+parent indices one way, accepted token ids and the bonus token the other. Neither knows
+how the messages travel (in process, with a simulated delay, or over NATS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedModel
+
+from specedge.engine.acceptance import accept
+from specedge.engine.runner import ForwardRequest, ModelRunner
+from specedge.engine.sampling import SamplingParams
+from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
+from specedge.protocol import DraftTreeMsg, VerifyResult
+
+
+class StaleMessageError(ValueError):
+    """A tree or result for another cycle or committed length than the session's current one."""
+
+
+@dataclass
+class _TargetSession:
+    committed: list[int]
+    params: SamplingParams
+    cycle: int = 0
+
+
+class Verifier:
+    """Target-side: prefill, batched tree verification, acceptance, cache compaction."""
+
+    def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
+                 max_tree_nodes: int = 256) -> None:
+        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len,
+                                  max_scratch=max(max_tree_nodes + 1, 256))
+        self.vocab_size = model.config.vocab_size
+        self.max_tree_nodes = max_tree_nodes
+        self.sessions: dict[str, _TargetSession] = {}
+        self.forward_passes = 0
+
+    def open(self, session_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Prefill all prompt tokens but the last, which becomes the first tree's root."""
+        if not prompt:
+            raise ValueError("the prompt must have at least one token")
+        self.runner.open(session_id)
+        self.runner.prefill(session_id, prompt[:-1])
+        self.forward_passes += -(-(len(prompt) - 1) // self.runner.prefill_chunk)
+        self.sessions[session_id] = _TargetSession(list(prompt), params)
+
+    def close(self, session_id: str) -> None:
+        self.runner.evict(session_id)
+        self.sessions.pop(session_id, None)
+
+    def verify(self, trees: list[DraftTreeMsg]) -> list[VerifyResult]:
+        """Verify the trees of several sessions in one target forward pass."""
+        for tree in trees:
+            session = self.sessions[tree.session_id]
+            if (tree.cycle, tree.committed_len) != (session.cycle, len(session.committed)):
+                raise StaleMessageError(f"tree for cycle {tree.cycle} at length {tree.committed_len}; "
+                                        f"session is at cycle {session.cycle}, length {len(session.committed)}")
+            if (reason := tree.problem(self.vocab_size, self.max_tree_nodes)) is not None:
+                raise ValueError(f"malformed tree: {reason}")
+        requests = [
+            ForwardRequest(t.session_id, [self.sessions[t.session_id].committed[-1], *t.tokens],
+                           [-1, *(p + 1 for p in t.parents)])
+            for t in trees
+        ]
+        logits = self.runner.forward(requests)
+        self.forward_passes += 1
+        results = []
+        for tree, request, node_logits in zip(trees, requests, logits, strict=True):
+            session = self.sessions[tree.session_id]
+            path, bonus = accept(request.tokens, request.parents, node_logits, session.params,
+                                 root_position=len(session.committed) - 1)
+            self.runner.commit(tree.session_id, [0, *path])
+            accepted = [request.tokens[i] for i in path]
+            results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
+                                        committed_len=len(session.committed), accepted=accepted, bonus=bonus))
+            session.committed += [*accepted, bonus]
+            session.cycle += 1
+        return results
+
+
+@dataclass
+class BuiltTree:
+    """A draft tree with where its nodes sit in the drafter's scratch cache."""
+
+    tree: DraftTree
+    root_scratch: int
+    node_scratch: list[int]
+
+
+@dataclass
+class _Proactive:
+    """A tree being drafted ahead, from a guessed result."""
+
+    guess_path: list[int]   # drafted node indices of the current tree
+    guess_bonus: int
+    job: TreeJob
+    steps: Iterator[int]
+    done: bool = False
+
+
+@dataclass
+class _DraftSession:
+    committed: list[int]
+    cycle: int = 0
+    current: BuiltTree | None = None
+    proactive: _Proactive | None = None
+    hits: int = 0
+    attempts: int = 0
+
+
+@dataclass
+class DrafterStats:
+    forward_passes: int = 0
+    proactive_hits: int = 0
+    proactive_attempts: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Drafter:
+    """Edge-side: draft trees with the draft model, and proactive drafting while waiting."""
+
+    def __init__(self, model: PreTrainedModel, params: TreeParams, max_sessions: int = 8,
+                 max_len: int = 4096) -> None:
+        scratch = 2 * (params.depth * params.beams + 2) + 8  # current tree + proactive tree
+        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len, max_scratch=max(scratch, 256))
+        self.params = params
+        self.sessions: dict[str, _DraftSession] = {}
+        self.stats = DrafterStats()
+
+    def open(self, session_id: str, prompt: list[int]) -> None:
+        self.runner.open(session_id)
+        self.runner.prefill(session_id, prompt[:-1])
+        self.sessions[session_id] = _DraftSession(list(prompt))
+
+    def close(self, session_id: str) -> None:
+        self.runner.evict(session_id)
+        self.sessions.pop(session_id, None)
+
+    def _grow(self, session_id: str, root: int, root_parent: int) -> tuple[TreeJob, Iterator[int]]:
+        job = TreeJob(session_id, root, root_parent)
+        return job, grow_trees(self.runner, [job], self.params)
+
+    def _counted(self, steps: Iterator[int]) -> Iterator[int]:
+        for step in steps:
+            self.stats.forward_passes += 1
+            yield step
+
+    @staticmethod
+    def _built(job: TreeJob) -> BuiltTree:
+        tree = job.tree()
+        return BuiltTree(tree, job.root_scratch, [job.scratch_index(g) for g in tree.grown_index])
+
+    def draft(self, session_id: str) -> DraftTreeMsg:
+        """The tree to send now: the proactive one if it was a hit, else a fresh one."""
+        session = self.sessions[session_id]
+        if session.current is None:
+            job, steps = self._grow(session_id, session.committed[-1], -1)
+            for _ in self._counted(steps):
+                pass
+            session.current = self._built(job)
+        tree = session.current.tree
+        return DraftTreeMsg(session_id=session_id, cycle=session.cycle, committed_len=len(session.committed),
+                            tokens=list(tree.tokens), parents=list(tree.parents))
+
+    def start_proactive(self, session_id: str) -> None:
+        """Begin drafting the next tree from the guessed result of the tree just sent."""
+        session = self.sessions[session_id]
+        built = session.current
+        path, bonus = built.tree.guess_next_root()
+        if bonus < 0:
+            return
+        leaf_scratch = built.node_scratch[path[-1]] if path else built.root_scratch
+        job, steps = self._grow(session_id, bonus, leaf_scratch)
+        session.proactive = _Proactive(path, bonus, job, self._counted(steps))
+        session.attempts += 1
+        self.stats.proactive_attempts += 1
+
+    def proactive_step(self, session_id: str) -> bool:
+        """Run one more proactive draft pass; False when there is nothing left to do."""
+        proactive = self.sessions[session_id].proactive
+        if proactive is None or proactive.done:
+            return False
+        if next(proactive.steps, None) is None:
+            proactive.done = True
+        return not proactive.done
+
+    def on_result(self, result: VerifyResult) -> bool:
+        """Apply a verification result; returns whether the proactive guess was a hit."""
+        session = self.sessions[result.session_id]
+        if (result.cycle, result.committed_len) != (session.cycle, len(session.committed)):
+            raise StaleMessageError(f"result for cycle {result.cycle}; session is at cycle {session.cycle}")
+        built = session.current
+        path = _walk(built.tree, result.accepted)
+        scratch_path = [built.root_scratch, *(built.node_scratch[i] for i in path)]
+        proactive, session.proactive = session.proactive, None
+        hit = proactive is not None and proactive.guess_path == path and proactive.guess_bonus == result.bonus
+        session.committed += [*result.accepted, result.bonus]
+        session.cycle += 1
+        if hit:
+            for _ in proactive.steps:  # finish the tree if the result came before it was done
+                pass
+            ahead = self._built(proactive.job)
+            keep = [ahead.root_scratch, *ahead.node_scratch]
+            self.runner.commit(result.session_id, scratch_path, keep)
+            session.current = BuiltTree(ahead.tree, 0, list(range(1, len(keep))))
+            session.hits += 1
+            self.stats.proactive_hits += 1
+        else:
+            self.runner.commit(result.session_id, scratch_path)
+            session.current = None
+        return hit
+
+
+def _walk(tree: DraftTree, accepted: list[int]) -> list[int]:
+    """The drafted node indices whose tokens are `accepted`, from the root down."""
+    children = {}
+    for i in range(len(tree) - 1, -1, -1):
+        children[(tree.parents[i], tree.tokens[i])] = i
+    path, node = [], -1
+    for token in accepted:
+        node = children.get((node, token))
+        if node is None:
+            raise ValueError("the result accepts tokens that are not a path of the tree")
+        path.append(node)
+    return path

@@ -1,0 +1,257 @@
+"""The model runner: per-session KV caches and one batched forward over token trees.
+
+Owns the KV cache of many sessions at once and the forward pass that serves prefill,
+draft-tree growth and tree verification alike. It does not know what a draft is or how
+tokens are accepted — the tree builder and the acceptance rule are separate.
+
+Cache layout (slot-based). Each session holds one slot of `max_len` positions per layer:
+
+    [0, prefix_len)                       committed tokens, contiguous, in order
+    [prefix_len, prefix_len + n_scratch)  the *scratch tree*: tokens processed but not yet
+                                          committed (a draft tree, a verification tree)
+
+Scratch node i has a parent (a scratch index, or -1 for "the end of the prefix"), a
+depth (0 for parent -1) and the absolute position `prefix_len + depth` used for RoPE.
+A forward appends new scratch nodes for any number of sessions — each with its own cache
+length and its own tree — in one pass: every new node attends to its session's whole
+prefix and to its scratch ancestors (itself included). `commit()` then moves a chosen
+root-to-node path to the end of the prefix (contiguous) and can keep a subtree hanging
+below it as the new scratch (proactive drafting reuses it); everything else is dropped.
+
+The forward reuses the Hugging Face modules of the model (embeddings, norms, projections,
+MLPs, rotary embedding) and replaces only attention's cache handling, so its logits match
+`model(input_ids)` to float tolerance. Supported: Qwen3, Qwen2 and Llama families.
+Gathering the batch's slots costs one copy of their K/V per layer per pass; a paged
+attention kernel would avoid it and is the obvious next step on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+
+class CacheFullError(RuntimeError):
+    """No free slot, or a session's slot has no room for the tokens asked."""
+
+
+@dataclass
+class SessionCache:
+    """Bookkeeping of one session's slot (the K/V tensors live in the runner)."""
+
+    slot: int
+    ancestors: torch.Tensor  # [max_scratch, max_scratch] bool: row i marks i's ancestors and i
+    prefix_len: int = 0
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+
+    @property
+    def n_scratch(self) -> int:
+        return len(self.parents)
+
+    def _append(self, parent: int) -> None:
+        index = len(self.parents)
+        if not -1 <= parent < index:
+            raise ValueError(f"parent {parent} of scratch node {index} is not an earlier node")
+        self.parents.append(parent)
+        self.depths.append(0 if parent < 0 else self.depths[parent] + 1)
+        if parent < 0:
+            self.ancestors[index].zero_()
+        else:
+            self.ancestors[index] = self.ancestors[parent]
+        self.ancestors[index, index] = True
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """New scratch nodes for one session: tokens and parents (scratch indices or -1)."""
+
+    session_id: str
+    tokens: list[int]
+    parents: list[int]
+
+
+class ModelRunner:
+    """KV caches for up to `max_sessions` sessions of up to `max_len` tokens each."""
+
+    def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
+                 max_scratch: int = 512, prefill_chunk: int = 256) -> None:
+        if prefill_chunk > max_scratch:
+            raise ValueError("prefill_chunk must fit in max_scratch")
+        self.model = model
+        self.config = model.config
+        self.max_sessions, self.max_len = max_sessions, max_len
+        self.max_scratch, self.prefill_chunk = max_scratch, prefill_chunk
+        first = model.model.layers[0].self_attn
+        self.head_dim = first.head_dim
+        n_kv = self.config.num_key_value_heads
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        shape = (max_sessions, n_kv, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
+        self.sessions: dict[str, SessionCache] = {}
+        self._free_slots = list(range(max_sessions - 1, -1, -1))
+
+    # -- sessions -------------------------------------------------------------------
+
+    def open(self, session_id: str) -> SessionCache:
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id!r} is already open")
+        if not self._free_slots:
+            raise CacheFullError(f"all {self.max_sessions} cache slots are in use")
+        ancestors = torch.zeros(self.max_scratch, self.max_scratch, dtype=torch.bool)
+        cache = self.sessions[session_id] = SessionCache(slot=self._free_slots.pop(), ancestors=ancestors)
+        return cache
+
+    def evict(self, session_id: str) -> None:
+        """Forget a session and free its slot (no-op if unknown)."""
+        cache = self.sessions.pop(session_id, None)
+        if cache is not None:
+            self._free_slots.append(cache.slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def free_positions(self, session_id: str) -> int:
+        cache = self.sessions[session_id]
+        return self.max_len - cache.prefix_len - cache.n_scratch
+
+    # -- forward --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, requests: list[ForwardRequest]) -> list[torch.Tensor]:
+        """One forward pass over new scratch nodes of several sessions.
+
+        Returns, per request, the logits of its new nodes: [len(tokens), vocab] (float32).
+        """
+        caches = [self.sessions[r.session_id] for r in requests]
+        for r, c in zip(requests, caches, strict=True):
+            if len(r.tokens) != len(r.parents) or not r.tokens:
+                raise ValueError("each request needs as many parents as tokens, and at least one")
+            if c.n_scratch + len(r.tokens) > self.max_scratch:
+                raise CacheFullError(f"scratch tree of {r.session_id!r} would exceed {self.max_scratch} nodes")
+            if c.prefix_len + c.n_scratch + len(r.tokens) > self.max_len:
+                raise CacheFullError(f"session {r.session_id!r} would exceed {self.max_len} positions")
+            if any(not -1 <= p < c.n_scratch + j for j, p in enumerate(r.parents)):
+                raise ValueError(f"request for {r.session_id!r}: every parent must be -1 or an earlier node")
+        n_new = [len(r.tokens) for r in requests]
+        batch, width = len(requests), max(n_new)
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        write_slot, write_pos = [], []
+        spans = []  # (prefix_len, first new scratch index) per request
+        for b, (r, c) in enumerate(zip(requests, caches, strict=True)):
+            first = c.n_scratch
+            for parent in r.parents:
+                c._append(parent)
+            input_ids[b, : n_new[b]] = torch.tensor(r.tokens)
+            positions[b, : n_new[b]] = c.prefix_len + torch.tensor(c.depths[first:])
+            write_slot += [c.slot] * n_new[b]
+            write_pos += range(c.prefix_len + first, c.prefix_len + first + n_new[b])
+            spans.append((c.prefix_len, first))
+        length = max(c.prefix_len + c.n_scratch for c in caches)
+        mask = torch.zeros(batch, width, length, dtype=torch.bool)
+        for b, c in enumerate(caches):
+            prefix, first = spans[b]
+            end = first + n_new[b]
+            mask[b, : n_new[b], :prefix] = True
+            mask[b, : n_new[b], prefix : prefix + end] = c.ancestors[first:end, :end]
+        valid = torch.arange(width)[None, :] < torch.tensor(n_new)[:, None]
+        mask[..., 0] |= ~valid  # padding rows attend somewhere (no NaN); their output is dropped
+
+        dev = self.device
+        input_ids, positions, mask, valid = (t.to(dev) for t in (input_ids, positions, mask, valid))
+        slots = torch.tensor([c.slot for c in caches], device=dev)
+        write_slot_t = torch.tensor(write_slot, device=dev)
+        write_pos_t = torch.tensor(write_pos, device=dev)
+        logits = self._forward(input_ids, positions, mask[:, None], valid, slots, write_slot_t, write_pos_t, length)
+        return [logits[b, : n_new[b]].float() for b in range(batch)]
+
+    def _forward(self, input_ids, positions, mask, valid, slots, write_slot, write_pos, length) -> torch.Tensor:
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(hidden, positions)
+        batch, width, _ = hidden.shape
+        for index, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, width, -1, self.head_dim)
+            k = attn.k_proj(x).view(batch, width, -1, self.head_dim)
+            v = attn.v_proj(x).view(batch, width, -1, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = _apply_rope(q, k, cos, sin)
+            # Store the new keys/values in each session's slot, then attend over the slots.
+            self.k_cache[index][write_slot, :, write_pos] = k.transpose(1, 2)[valid]
+            self.v_cache[index][write_slot, :, write_pos] = v.transpose(1, 2)[valid]
+            keys = self.k_cache[index][slots, :, :length]
+            values = self.v_cache[index][slots, :, :length]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                 enable_gqa=True)
+            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(inner.norm(hidden))
+
+    # -- committing -------------------------------------------------------------------
+
+    def commit(self, session_id: str, path: list[int], keep: list[int] = ()) -> None:
+        """Move scratch `path` (a chain from a depth-0 node) to the end of the prefix.
+
+        `keep` lists scratch nodes of a subtree hanging below the path's last node (or
+        below the prefix end when the path is empty); they stay as the new scratch tree,
+        in the given order (parents first). Everything else in scratch is dropped.
+        """
+        c = self.sessions[session_id]
+        for i, node in enumerate(path):
+            expected = path[i - 1] if i else -1
+            if c.parents[node] != expected:
+                raise ValueError(f"commit path is not a chain from the prefix end at node {node}")
+        moved = list(path) + list(keep)
+        if moved:
+            src = torch.tensor(moved, device=self.device) + c.prefix_len
+            dst = torch.arange(len(moved), device=self.device) + c.prefix_len
+            for cache in (*self.k_cache, *self.v_cache):
+                cache[c.slot, :, dst] = cache[c.slot, :, src]  # advanced indexing reads a copy first
+        attach = path[-1] if path else -1
+        new_index = {old: new for new, old in enumerate(keep)}
+        old_parents = c.parents
+        c.prefix_len += len(path)
+        c.parents, c.depths = [], []
+        for old in keep:
+            parent = old_parents[old]
+            if parent == attach:
+                c._append(-1)
+            elif parent in new_index and new_index[parent] < new_index[old]:
+                c._append(new_index[parent])
+            else:
+                raise ValueError(f"kept node {old} does not hang below the committed path")
+
+    def rollback_scratch(self, session_id: str) -> None:
+        """Drop every scratch node (nothing committed)."""
+        self.commit(session_id, [])
+
+    def prefill(self, session_id: str, tokens: list[int]) -> torch.Tensor | None:
+        """Commit `tokens` to the session's prefix in chunks; returns the last token's logits."""
+        last = None
+        for start in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[start : start + self.prefill_chunk]
+            last = self.forward([ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1)))])[0][-1]
+            self.commit(session_id, list(range(len(chunk))))
+        return last
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

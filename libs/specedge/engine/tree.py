@@ -1,0 +1,186 @@
+"""Budgeted best-first draft trees (SpecExec style), grown one draft forward pass at a time.
+
+Start at the root (the last committed token). Every node that has been through the draft
+model offers its top-`branch` next tokens as candidates, scored by cumulative draft
+log-probability. Each pass takes the best `beams` candidates (never deeper than `depth`,
+and none that can no longer make the best `budget`), runs them through the draft model in
+one forward pass — which computes their KV entries and their own candidates — and
+repeats, at most `depth` passes after the root's. The tree is then the best `budget`
+nodes by score; scores only fall along a path, so that set contains every kept node's
+ancestors. Every kept node has its draft KV computed, the last level included, so
+nothing is missing whichever path the target accepts; and the last level's logits give
+proactive drafting its next token.
+
+Candidate selection is the pure `TreeGrowth` class; `grow_trees` drives it with a
+`ModelRunner` for any number of sessions at once (one batched forward per pass).
+The output is compact: drafted token ids and parent indices (-1 = the root), parents first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from specedge.engine.runner import ForwardRequest, ModelRunner
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    budget: int = 32   # drafted nodes at most
+    depth: int = 4     # levels below the root at most (= draft passes after the root's)
+    branch: int = 16   # candidates per expanded node (top-k)
+    beams: int = 32    # nodes added per pass at most
+
+    def __post_init__(self) -> None:
+        if min(self.budget, self.depth, self.branch, self.beams) < 0:
+            raise ValueError("tree parameters must be >= 0")
+
+
+@dataclass
+class DraftTree:
+    """Drafted nodes below a root: tokens, parents (-1 = root, else an earlier index), scores."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    next_tokens: list[int] = field(default_factory=list)  # draft argmax after each node
+    root_next_token: int = -1
+    grown_index: list[int] = field(default_factory=list)   # index in the growth (scratch order)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def depths(self) -> list[int]:
+        out: list[int] = []
+        for p in self.parents:
+            out.append(0 if p < 0 else out[p] + 1)
+        return [d + 1 for d in out]
+
+    def likely_path(self) -> list[int]:
+        """The draft's best guess at what the target accepts: follow the best-scored child."""
+        best_child: dict[int, int] = {}
+        for i, p in enumerate(self.parents):
+            if p not in best_child or self.scores[i] > self.scores[best_child[p]]:
+                best_child[p] = i
+        path, node = [], -1
+        while node in best_child:
+            node = best_child[node]
+            path.append(node)
+        return path
+
+    def guess_next_root(self) -> tuple[list[int], int]:
+        """(guessed accepted path, guessed bonus token) for proactive drafting."""
+        path = self.likely_path()
+        return path, (self.next_tokens[path[-1]] if path else self.root_next_token)
+
+
+class TreeGrowth:
+    """Pure candidate bookkeeping for one tree: which nodes to add next."""
+
+    def __init__(self, params: TreeParams) -> None:
+        self.params = params
+        self.tree = DraftTree()
+        self._heap: list[tuple[float, int, int, int]] = []  # (-score, tiebreak, parent, token)
+        self._depth: list[int] = []
+        self._counter = 0
+
+    def offer(self, parent: int, logprobs: torch.Tensor) -> None:
+        """Record the candidates after `parent` (-1 = root) from its draft log-probs [V]."""
+        parent_depth = self._depth[parent] if parent >= 0 else 0
+        top = torch.topk(logprobs, min(self.params.branch, logprobs.shape[-1]))
+        if parent >= 0:
+            self.tree.next_tokens[parent] = int(top.indices[0])
+        else:
+            self.tree.root_next_token = int(top.indices[0]) if top.indices.numel() else -1
+        if parent_depth >= self.params.depth:
+            return
+        base = self.tree.scores[parent] if parent >= 0 else 0.0
+        for lp, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            self._counter += 1
+            heapq.heappush(self._heap, (-(base + lp), self._counter, parent, token))
+
+    def take(self) -> list[int]:
+        """Add the best candidates for the next pass; returns the new node indices."""
+        budget = self.params.budget
+        scores = self.tree.scores
+        threshold = sorted(scores, reverse=True)[budget - 1] if budget and len(scores) >= budget else None
+        added = []
+        while self._heap and len(added) < self.params.beams and budget:
+            if threshold is not None and -self._heap[0][0] <= threshold:
+                break  # nothing left can make the best `budget`
+            neg_score, _, parent, token = heapq.heappop(self._heap)
+            self.tree.tokens.append(token)
+            self.tree.parents.append(parent)
+            self.tree.scores.append(-neg_score)
+            self.tree.next_tokens.append(-1)
+            self._depth.append(self._depth[parent] + 1 if parent >= 0 else 1)
+            added.append(len(self.tree) - 1)
+        return added
+
+    def result(self) -> DraftTree:
+        """The best `budget` nodes grown so far, parents first, as a compact tree."""
+        grown = self.tree
+        order = sorted(range(len(grown)), key=lambda i: (-grown.scores[i], i))[: self.params.budget]
+        keep = sorted(order)
+        new_index = {old: new for new, old in enumerate(keep)}
+        return DraftTree(
+            tokens=[grown.tokens[i] for i in keep],
+            parents=[new_index[grown.parents[i]] if grown.parents[i] >= 0 else -1 for i in keep],
+            scores=[grown.scores[i] for i in keep],
+            next_tokens=[grown.next_tokens[i] for i in keep],
+            root_next_token=grown.root_next_token,
+            grown_index=keep,
+        )
+
+
+@dataclass
+class TreeJob:
+    """One session's tree being grown. The root sits at scratch index `root_scratch`."""
+
+    session_id: str
+    root_token: int
+    root_parent: int = -1  # scratch index the root hangs below (-1 = prefix end)
+    growth: TreeGrowth | None = None
+    root_scratch: int = -1
+
+    def scratch_index(self, grown: int) -> int:
+        """Scratch index of a node by its growth index (`DraftTree.grown_index`)."""
+        return self.root_scratch + 1 + grown
+
+    def tree(self) -> DraftTree:
+        return self.growth.result()
+
+
+def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> Iterator[int]:
+    """Grow one tree per job, one batched draft forward pass per step; yields the pass number.
+
+    A generator, so a caller can stop between passes (proactive drafting is abandoned
+    this way); the trees grown so far are valid at every yield.
+    """
+    for job in jobs:
+        job.growth = TreeGrowth(params)
+        job.root_scratch = runner.sessions[job.session_id].n_scratch
+    logits = runner.forward([ForwardRequest(j.session_id, [j.root_token], [j.root_parent]) for j in jobs])
+    for job, out in zip(jobs, logits, strict=True):
+        job.growth.offer(-1, torch.log_softmax(out[-1], -1))
+    yield 0
+    for step in range(1, params.depth + 1):
+        work = [(job, job.growth.take()) for job in jobs]
+        work = [(job, added) for job, added in work if added]
+        if not work:
+            return
+        requests = []
+        for job, added in work:
+            tree = job.growth.tree
+            parents = [job.scratch_index(tree.parents[i]) if tree.parents[i] >= 0 else job.root_scratch
+                       for i in added]
+            requests.append(ForwardRequest(job.session_id, [tree.tokens[i] for i in added], parents))
+        logits = runner.forward(requests)
+        for (job, added), out in zip(work, logits, strict=True):
+            logprobs = torch.log_softmax(out, -1)
+            for row, node in enumerate(added):
+                job.growth.offer(node, logprobs[row])
+        yield step
