@@ -1,0 +1,116 @@
+"""The acceptance rule: table-driven greedy cases, a slow reference it must equal on random
+trees, and a statistical test that sampled tokens follow the target distribution."""
+
+import random
+
+import pytest
+import torch
+
+from specedge.engine.acceptance import accept
+from specedge.engine.sampling import SamplingParams, filtered_probs, uniform
+
+V = 8
+GREEDY = SamplingParams()
+
+
+def one_hot_logits(argmaxes: list[int]) -> torch.Tensor:
+    logits = torch.zeros(len(argmaxes), V)
+    logits[torch.arange(len(argmaxes)), torch.tensor(argmaxes)] = 5.0
+    return logits
+
+
+# tree: root(0) -> 1:a=3 -> 2:b=4 -> 3:c=5 ; root -> 4:d=6
+TOKENS = [1, 3, 4, 5, 6]
+PARENTS = [-1, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    ("name", "tokens", "parents", "target_argmax", "path", "bonus"),
+    [
+        ("full accept", TOKENS, PARENTS, [3, 4, 5, 7, 0], [1, 2, 3], 7),
+        ("early reject", TOKENS, PARENTS, [3, 2, 5, 7, 0], [1], 2),
+        ("reject at root", TOKENS, PARENTS, [1, 4, 5, 7, 0], [], 1),
+        ("other branch", TOKENS, PARENTS, [6, 4, 5, 7, 2], [4], 2),
+        ("empty tree", [1], [-1], [6], [], 6),
+    ],
+)
+def test_greedy_table(name, tokens, parents, target_argmax, path, bonus):
+    assert accept(tokens, parents, one_hot_logits(target_argmax), GREEDY, root_position=10) == (path, bonus)
+
+
+def reference_accept(tokens, parents, logits, params, root_position):
+    """Slow, obviously-correct version: draw lazily, walk, per node in pure Python."""
+    def depth(i):
+        return 0 if i == 0 else depth(parents[i]) + 1
+
+    def draw(i):
+        row = logits[i].tolist()
+        if params.greedy:
+            return max(range(len(row)), key=lambda t: (row[t], -t))
+        probs = filtered_probs(logits[i : i + 1], params)[0].tolist()
+        u = uniform(params.seed, root_position + depth(i) + 1)
+        acc = 0.0
+        total = sum(probs)
+        for t, p in enumerate(probs):
+            acc += p
+            if acc > u * total:
+                return t
+        return len(probs) - 1
+
+    node, path = 0, []
+    while True:
+        token = draw(node)
+        kids = [i for i in range(1, len(tokens)) if parents[i] == node and tokens[i] == token]
+        if not kids:
+            return path, token
+        node = kids[0]
+        path.append(node)
+
+
+def random_tree(rng: random.Random, n: int):
+    tokens, parents = [rng.randrange(V)], [-1]
+    for i in range(1, n):
+        tokens.append(rng.randrange(V))
+        parents.append(rng.randrange(i))
+    return tokens, parents
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.8, seed=3),
+                                    SamplingParams(temperature=1.3, top_p=0.7, top_k=5, seed=11)])
+def test_equals_slow_reference_on_random_trees(params):
+    rng = random.Random(0)
+    for trial in range(300):
+        tokens, parents = random_tree(rng, rng.randrange(1, 24))
+        logits = torch.randn(len(tokens), V, generator=torch.Generator().manual_seed(trial)) * 2
+        # Make acceptance likely: often let the target agree with some child.
+        assert accept(tokens, parents, logits, params, 100 + trial) == \
+            reference_accept(tokens, parents, logits, params, 100 + trial)
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+    """Chi-square: bonus tokens drawn at many positions match softmax(logits / T) filtered."""
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=6, seed=1234)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    expected = filtered_probs(logits, params)[0]
+    n = 20000
+    counts = torch.zeros(V)
+    for position in range(n):
+        _, bonus = accept([0], [-1], logits, params, root_position=position)
+        counts[bonus] += 1
+    support = expected > 0
+    assert counts[~support].sum() == 0  # filtered tokens are never drawn
+    chi2 = (((counts - n * expected) ** 2) / (n * expected))[support].sum().item()
+    dof = int(support.sum()) - 1
+    assert chi2 < 20.5, (chi2, dof)  # 99.9th percentile of chi2 with <= 5 dof is 20.5
+
+
+def test_draft_is_irrelevant_to_the_output_distribution():
+    """Whatever the tree proposes, the token committed at each position is the same draw."""
+    params = SamplingParams(temperature=1.0, seed=7)
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(1))
+    alone = accept([0], [-1], logits, params, root_position=41)[1]
+    tree_logits = logits.repeat(3, 1)
+    for child_token in range(V):
+        path, bonus = accept([0, child_token, 2], [-1, 0, 1], tree_logits, params, root_position=41)
+        first = [child_token] if path else [bonus]
+        assert first == [alone]

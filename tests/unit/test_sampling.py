@@ -1,0 +1,45 @@
+"""Counter-based sampling: same (seed, position) -> same token; filters behave."""
+
+import pytest
+import torch
+
+from specedge.engine.sampling import SamplingParams, filtered_probs, sample, uniform
+
+
+def test_uniform_is_a_function_of_seed_and_position():
+    assert uniform(1, 5) == uniform(1, 5)
+    assert len({uniform(1, p) for p in range(1000)}) == 1000
+    assert uniform(1, 5) != uniform(2, 5)
+    values = torch.tensor([uniform(9, p) for p in range(20000)])
+    assert 0 <= values.min() and values.max() < 1
+    assert abs(values.mean().item() - 0.5) < 0.01
+
+
+def test_greedy_is_argmax_and_first_index_on_ties():
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0]])
+    assert sample(logits, SamplingParams(), [0]).tolist() == [1]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert (filtered_probs(logits, SamplingParams(temperature=1, top_k=2))[0] > 0).tolist() == \
+        [True, True, False, False, False]
+    p = torch.softmax(logits[0], -1)
+    top_p = float(p[0] + p[1] / 2)  # nucleus must include token 1 to reach it
+    assert (filtered_probs(logits, SamplingParams(temperature=1, top_p=top_p))[0] > 0).tolist() == \
+        [True, True, False, False, False]
+    assert torch.allclose(filtered_probs(logits, SamplingParams(temperature=1)).sum(), torch.tensor(1.0).double())
+
+
+def test_same_position_same_token_across_batches():
+    params = SamplingParams(temperature=1.0, seed=5)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    together = sample(logits, params, [10, 11, 12, 13]).tolist()
+    apart = [sample(logits[i : i + 1], params, [10 + i]).item() for i in range(4)]
+    assert together == apart
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
+def test_bad_parameters_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
