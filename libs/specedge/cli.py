@@ -77,6 +77,48 @@ def status(
         typer.echo("no services registered", err=True)
 
 
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", help="The prompt text."),
+    mode: str = typer.Option("specedge", "--mode", help="autoregressive, server-only or specedge."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the target's chat template to the prompt."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Most new tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely (0 = all)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same output in every mode)."),
+    target: str | None = typer.Option(None, "--target", envvar="SPECEDGE_TARGET",
+                                      help="Target model path or hub id (default: bundled tiny target)."),
+    draft: str | None = typer.Option(None, "--draft", envvar="SPECEDGE_DRAFT",
+                                     help="Draft model path or hub id (default: bundled tiny draft)."),
+    budget: int = typer.Option(32, "--budget", min=0, help="Draft tree: most nodes."),
+    depth: int = typer.Option(4, "--depth", min=0, help="Draft tree: most levels (draft passes)."),
+    branch: int = typer.Option(16, "--branch", min=1, help="Draft tree: candidates per expanded node."),
+    beams: int = typer.Option(32, "--beams", min=1, help="Draft tree: nodes added per draft pass."),
+    rtt_ms: float = typer.Option(0.0, "--rtt-ms", min=0.0, help="specedge mode: simulated round trip."),
+    device: str = typer.Option("auto", "--device", envvar="SPECEDGE_DEVICE", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", envvar="SPECEDGE_DTYPE",
+                              help="auto, float32, float16 or bfloat16."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and statistics."),
+) -> None:
+    """Generate text in one process, without services, in any of the three modes."""
+    from specedge.engine.cli_generate import GenerateSettings, run_generate  # noqa: PLC0415
+    from specedge.engine.loading import ModelLoadError  # noqa: PLC0415
+
+    try:
+        settings = GenerateSettings(
+            prompt=prompt, mode=mode, chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, target=target, draft=draft, budget=budget, depth=depth, branch=branch,
+            beams=beams, rtt_ms=rtt_ms, device=device, dtype=dtype)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        typer.echo(run_generate(settings, as_json))
+    except ModelLoadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
 def _add_role_commands() -> None:
     for ep in sorted(entry_points(group="specedge.commands"), key=lambda e: e.name):
         app.command(name=ep.name)(ep.load())

@@ -42,8 +42,9 @@ class Verifier:
 
     def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
                  max_tree_nodes: int = 256) -> None:
-        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len,
-                                  max_scratch=max(max_tree_nodes + 1, 256))
+        """`max_len`: the most committed tokens (prompt + output) a session may reach."""
+        scratch = max(max_tree_nodes + 1, 256)
+        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len + scratch, max_scratch=scratch)
         self.vocab_size = model.config.vocab_size
         self.max_tree_nodes = max_tree_nodes
         self.sessions: dict[str, _TargetSession] = {}
@@ -135,8 +136,9 @@ class Drafter:
 
     def __init__(self, model: PreTrainedModel, params: TreeParams, max_sessions: int = 8,
                  max_len: int = 4096) -> None:
-        scratch = 2 * (params.depth * params.beams + 2) + 8  # current tree + proactive tree
-        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len, max_scratch=max(scratch, 256))
+        """`max_len`: the most committed tokens (prompt + output) a session may reach."""
+        scratch = max(2 * (params.depth * params.beams + 2), 256)  # the tree out + the one drafted ahead
+        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len + scratch, max_scratch=scratch)
         self.params = params
         self.sessions: dict[str, _DraftSession] = {}
         self.stats = DrafterStats()
