@@ -117,3 +117,38 @@ def test_capacity_eviction_and_bad_requests(model):
     with pytest.raises(ValueError, match="earlier node"):
         runner.forward([ForwardRequest("c", [1, 2], [-1, 5])])
     assert runner.sessions["c"].n_scratch == 0  # a refused request changes nothing
+
+
+def test_long_prompt_prefill_in_chunks_matches_transformers(model):
+    ids = torch.randint(0, 4096, (600,), generator=torch.Generator().manual_seed(5)).tolist()
+    runner = ModelRunner(model, max_sessions=1, max_len=1024, prefill_chunk=256)
+    runner.open("p")
+    last = runner.prefill("p", ids)
+    assert runner.sessions["p"].prefix_len == 600
+    torch.testing.assert_close(last, hf_logits(model, ids)[-1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_other_families_load_and_match_transformers(family, tmp_path):
+    """Qwen2 (biased q/k/v, no q/k norm) and Llama load through the engine and run exactly."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoModelForCausalLM as Auto
+
+    from specedge.engine.loading import load_causal_lm
+
+    config = AutoConfig.for_model(family, vocab_size=4096, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512)
+    torch.manual_seed(0)
+    Auto.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET)).save_pretrained(tmp_path)
+    loaded = load_causal_lm(str(tmp_path))
+    assert loaded.model.config.model_type == family
+    ids = list(range(10, 40))
+    runner = ModelRunner(loaded.model, max_sessions=1, max_len=128)
+    runner.open("f")
+    runner.prefill("f", ids[:20])
+    out = runner.forward([ForwardRequest("f", ids[20:25] + [3], [-1, 0, 1, 2, 3, 1])])[0]
+    reference = hf_logits(loaded.model, ids[:25])
+    torch.testing.assert_close(out[:5], reference[20:25], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[5], hf_logits(loaded.model, ids[:22] + [3])[-1], atol=ATOL, rtol=0)
