@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,6 +36,16 @@ class UpSettings(BaseModel):
     port: int = 8000
     ready_timeout_s: float = 120.0
     log_level: str = "info"
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def service_commands(nats_url: str, redis_url: str, host: str, port: int) -> dict[str, list[str]]:
@@ -69,6 +80,10 @@ def run_up(settings: UpSettings) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
+    if settings.port and not port_is_free(settings.host, settings.port):
+        log.error("cannot start: %s:%d is already in use; pass --port N (or --port 0 for any free port)",
+                  settings.host, settings.port)
+        return 2
     with Launcher() as launcher:
         try:
             nats_url = settings.nats_url or launcher.start_nats().url

@@ -72,3 +72,16 @@ def test_up_with_external_servers_starts_only_the_services(nats_url, redis_url, 
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log_path.read_text()
+
+
+def test_up_refuses_a_busy_port_with_a_clear_message(cli_env):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([*SPECEDGE, "up", "--port", str(port)], env=cli_env, capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"127.0.0.1:{port} is already in use" in done.stderr and "Traceback" not in done.stderr

@@ -15,7 +15,7 @@ how the messages travel (in process, with a simulated delay, or over NATS).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
@@ -119,16 +119,15 @@ class _DraftSession:
     cycle: int = 0
     current: BuiltTree | None = None
     proactive: _Proactive | None = None
-    hits: int = 0
-    attempts: int = 0
 
 
 @dataclass
 class DrafterStats:
+    """Counters since the drafter started (draft passes include proactive ones)."""
+
     forward_passes: int = 0
     proactive_hits: int = 0
     proactive_attempts: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Drafter:
@@ -188,7 +187,6 @@ class Drafter:
         leaf_scratch = built.node_scratch[path[-1]] if path else built.root_scratch
         job, steps = self._grow(session_id, bonus, leaf_scratch)
         session.proactive = _Proactive(path, bonus, job, self._counted(steps))
-        session.attempts += 1
         self.stats.proactive_attempts += 1
 
     def proactive_step(self, session_id: str) -> bool:
@@ -219,7 +217,6 @@ class Drafter:
             keep = [ahead.root_scratch, *ahead.node_scratch]
             self.runner.commit(result.session_id, scratch_path, keep)
             session.current = BuiltTree(ahead.tree, 0, list(range(1, len(keep))))
-            session.hits += 1
             self.stats.proactive_hits += 1
         else:
             self.runner.commit(result.session_id, scratch_path)
