@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from edge_agent.settings import EdgeAgentSettings
-from specedge.config import LogLevelOpt, Name, NatsUrl, build
+from specedge.config import Device, Dtype, LogLevelOpt, Name, NatsUrl, build
 from specedge.models import BUNDLED_DRAFT, bundled
 
 
@@ -17,10 +17,8 @@ def command(
     draft: Annotated[str | None, typer.Option(
         "--draft", envvar="SPECEDGE_DRAFT",
         help="Draft model: a local path or a hub id (default: the bundled tiny draft).")] = None,
-    device: Annotated[str, typer.Option(
-        "--device", envvar="SPECEDGE_DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        "--dtype", envvar="SPECEDGE_DTYPE", help="auto, float32, float16 or bfloat16.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     max_sessions: Annotated[int, typer.Option(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")] = 4,
     name: Name = None,

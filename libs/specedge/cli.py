@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 import typer
 
-from specedge.config import LogLevelOpt, NatsUrl
+from specedge.config import Device, Dtype, LogLevelOpt, NatsUrl
 
 app = typer.Typer(
     name="specedge",
@@ -96,9 +96,8 @@ def generate(
     branch: int = typer.Option(16, "--branch", min=1, help="Draft tree: candidates per expanded node."),
     beams: int = typer.Option(32, "--beams", min=1, help="Draft tree: nodes added per draft pass."),
     rtt_ms: float = typer.Option(0.0, "--rtt-ms", min=0.0, help="specedge mode: simulated round trip."),
-    device: str = typer.Option("auto", "--device", envvar="SPECEDGE_DEVICE", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", envvar="SPECEDGE_DTYPE",
-                              help="auto, float32, float16 or bfloat16."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and statistics."),
 ) -> None:
     """Generate text in one process, without services, in any of the three modes."""

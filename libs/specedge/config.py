@@ -22,6 +22,10 @@ Name = Annotated[
     str | None,
     typer.Option("--name", envvar="SPECEDGE_NAME", help="Human-readable instance name (default: generated)."),
 ]
+Device = Annotated[
+    str, typer.Option("--device", envvar="SPECEDGE_DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
+]
+Dtype = Annotated[str, typer.Option("--dtype", envvar="SPECEDGE_DTYPE", help="auto, float32, float16 or bfloat16.")]
 LogLevelOpt = Annotated[
     str, typer.Option("--log-level", envvar="SPECEDGE_LOG_LEVEL", help="debug, info, warning or error.")
 ]

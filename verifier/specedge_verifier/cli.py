@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.config import Device, Dtype, LogLevelOpt, Name, NatsUrl, RedisUrl, build
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_verifier.settings import VerifierSettings
 
@@ -18,10 +18,8 @@ def command(
     target: Annotated[str | None, typer.Option(
         "--target", envvar="SPECEDGE_TARGET",
         help="Target model: a local path or a hub id (default: the bundled tiny target).")] = None,
-    device: Annotated[str, typer.Option(
-        "--device", envvar="SPECEDGE_DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        "--dtype", envvar="SPECEDGE_DTYPE", help="auto, float32, float16 or bfloat16.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:

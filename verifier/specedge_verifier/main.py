@@ -5,14 +5,12 @@ Verification itself arrives with the speculative-core and distributed-system iss
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
 from specedge import bus, registry
-from specedge.engine.loading import ModelLoadError, load_causal_lm
-from specedge.models import model_id
-from specedge.service import Lifecycle, StartupError
+from specedge.engine.loading import load_for_service
+from specedge.service import Lifecycle
 from specedge.state import connect_redis
 from specedge_verifier.settings import VerifierSettings
 
@@ -20,15 +18,8 @@ log = logging.getLogger("specedge_verifier")
 
 
 async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
-    try:
-        target = await asyncio.to_thread(load_causal_lm, settings.target, settings.device, settings.dtype)
-    except ModelLoadError as exc:
-        raise StartupError(str(exc)) from None
-    me = registry.announcement(
-        "verifier", settings.name, settings.heartbeat_s,
-        model=model_id(settings.target), tokenizer_fingerprint=target.tokenizer_fingerprint,
-        device=str(target.device), dtype=str(target.dtype).removeprefix("torch."),
-    )
+    target = await load_for_service(settings.target, settings.device, settings.dtype)
+    me = registry.announcement("verifier", settings.name, settings.heartbeat_s, **target.registry_details())
     async with contextlib.AsyncExitStack() as stack:
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
         await stack.enter_async_context(connect_redis(settings.redis_url))

@@ -7,6 +7,7 @@ a clear error, not a download.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pathlib
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import logging as hf_logging
 
-from specedge.models import tokenizer_fingerprint
+from specedge.models import model_id, tokenizer_fingerprint
+from specedge.service import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,19 @@ class LoadedModel:
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def registry_details(self) -> dict[str, str]:
+        """What a service announces about its model on the bus."""
+        return {"model": model_id(self.source), "tokenizer_fingerprint": self.tokenizer_fingerprint,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+async def load_for_service(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load off the event loop; a model that cannot be loaded is a one-line `StartupError`."""
+    try:
+        return await asyncio.to_thread(load_causal_lm, source, device, dtype)
+    except ModelLoadError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def pick_device(device: str = "auto") -> torch.device:
