@@ -11,11 +11,13 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from specedge import bus, registry
 from specedge.service import StartupError
 from specedge.state import connect_redis
+from specedge_gateway.openai_api import OpenAIError, openai_error_handler, validation_error_handler
 from specedge_gateway.settings import GatewaySettings
 
 log = logging.getLogger("specedge_gateway")
@@ -36,6 +38,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield
 
     app = FastAPI(title="SpecEdge", version="0.1.0", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(OpenAIError, openai_error_handler)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

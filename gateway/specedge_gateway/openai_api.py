@@ -1,0 +1,192 @@
+"""The public OpenAI-compatible schema, its errors, and the one conversion to internal terms.
+
+Owns what a client may send to `/v1/chat/completions` and `/v1/completions`, how a bad
+request is answered (HTTP 400 with OpenAI's error envelope, never FastAPI's 422), and
+`to_generation()`, the single function that turns a public request into the gateway's
+internal `GenerationSpec`. It knows nothing about sessions, NATS or tokenizers.
+
+SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (with the
+`openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["specedge", "server-only", "autoregressive"]
+MAX_STOP_SEQUENCES = 4
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 becomes OpenAI's 400, naming the first offending parameter."""
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    return error_response(400, message, param=param, code="invalid_value")
+
+
+async def openai_error_handler(request: Request, exc: OpenAIError) -> JSONResponse:
+    return exc.response()
+
+
+class SpecEdgeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = "specedge"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _SamplingFields(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored, as most servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    specedge: SpecEdgeOptions = Field(default_factory=SpecEdgeOptions)
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _usage_needs_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("exactly one prompt is supported")
+            value = value[0]
+        return value
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A request in the gateway's own terms (what the session machinery needs)."""
+
+    model: str
+    messages: list[dict[str, str]] | None   # chat: apply the chat template
+    prompt: str | None                      # completions: the raw prompt
+    max_tokens: int | None                  # None: up to the context limit
+    temperature: float
+    top_p: float
+    seed: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    mode: Mode
+
+
+def to_generation(request: ChatCompletionRequest | CompletionRequest) -> GenerationSpec:
+    """The one conversion from the public schema to internal terms."""
+    if isinstance(request, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        prompt = None
+        max_tokens = request.max_completion_tokens or request.max_tokens
+    else:
+        messages, prompt, max_tokens = None, request.prompt, request.max_tokens
+    return GenerationSpec(
+        model=request.model,
+        messages=messages,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=0 if request.seed is None else request.seed,
+        stop=list(request.stop or []),
+        stream=request.stream,
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        mode=request.specedge.mode,
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

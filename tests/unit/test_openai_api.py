@@ -1,0 +1,90 @@
+"""The public OpenAI schema: what is accepted, what is refused (400, OpenAI envelope), and
+the one conversion to internal terms."""
+
+import pytest
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from specedge_gateway.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    openai_error_handler,
+    to_generation,
+    validation_error_handler,
+)
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(OpenAIError, openai_error_handler)
+    return app
+
+
+def test_chat_request_converts_with_openai_defaults():
+    spec = to_generation(ChatCompletionRequest(**CHAT))
+    assert spec.messages == [{"role": "user", "content": "hi"}] and spec.prompt is None
+    assert (spec.temperature, spec.top_p, spec.seed, spec.stop, spec.mode) == (1.0, 1.0, 0, [], "specedge")
+    assert spec.max_tokens is None and not spec.stream and not spec.include_usage
+
+
+def test_max_completion_tokens_wins_and_parts_are_joined():
+    spec = to_generation(ChatCompletionRequest(
+        model="m", max_tokens=5, max_completion_tokens=9, stop="\n", stream=True,
+        stream_options={"include_usage": True}, specedge={"mode": "server-only"},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]))
+    assert (spec.max_tokens, spec.stop, spec.include_usage, spec.mode) == (9, ["\n"], True, "server-only")
+    assert spec.messages[0]["content"] == "ab"
+
+
+def test_completion_request_takes_one_prompt():
+    assert to_generation(CompletionRequest(model="m", prompt=["x"], temperature=0)).prompt == "x"
+    with pytest.raises(ValidationError, match="exactly one prompt"):
+        CompletionRequest(model="m", prompt=["x", "y"])
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stream_options": {"include_usage": True}}, None),
+        ({"specedge": {"mode": "telepathy"}}, "specedge.mode"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ],
+)
+def test_invalid_requests_get_400_in_the_openai_envelope(change, param):
+    app = make_app()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatCompletionRequest) -> dict:
+        return {"ok": True}
+
+    response = TestClient(app).post("/v1/chat/completions", json={**CHAT, **change})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"] is not None and error["param"].startswith(param.split(".")[0])
+
+
+def test_malformed_json_is_a_400_too():
+    app = make_app()
+
+    @app.post("/v1/completions")
+    async def complete(request: CompletionRequest) -> dict:
+        return {}
+
+    response = TestClient(app).post("/v1/completions", content=b"{not json",
+                                    headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
