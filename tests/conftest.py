@@ -7,10 +7,13 @@ example to restart it) start their own `Launcher`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import sys
+import warnings
 
+import psutil
 import pytest
 
 from specedge.launcher import Launcher
@@ -35,6 +38,20 @@ def nats_url(servers) -> str:
 @pytest.fixture(scope="session")
 def redis_url(servers) -> str:
     return servers["redis_url"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """A test that fails half-way must not leave its services running for the next ones."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    for proc in me.children(recursive=True):
+        if proc.pid not in before:
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    warnings.warn(f"killing leftover process {proc.pid}: {' '.join(proc.cmdline())}", stacklevel=1)
+                    proc.kill()
 
 
 @pytest.fixture
