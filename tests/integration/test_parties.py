@@ -1,0 +1,61 @@
+"""The drafter and verifier parties: batching across sessions, stale messages, proactive hits."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from specedge.engine.generate import generate
+from specedge.engine.parties import Drafter, StaleMessageError, Verifier
+from specedge.engine.sampling import SamplingParams
+from specedge.engine.tree import TreeParams
+from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
+from specedge.protocol import DraftTreeMsg
+
+
+@pytest.fixture(scope="module")
+def models():
+    return (AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval(),
+            AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_DRAFT)).eval())
+
+
+def prompts(n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 4096, (5 + 7 * i,), generator=gen).tolist() for i in range(n)]
+
+
+def test_verifying_several_sessions_at_once_equals_one_by_one(models):
+    target, draft = models
+    drafter = Drafter(draft, TreeParams(budget=12, depth=3, branch=4, beams=6))
+    trees = []
+    for i, ids in enumerate(prompts(4)):
+        drafter.open(f"s{i}", ids)
+        trees.append(drafter.draft(f"s{i}"))
+    together = Verifier(target)
+    apart = Verifier(target)
+    for i, ids in enumerate(prompts(4)):
+        together.open(f"s{i}", ids, SamplingParams())
+        apart.open(f"s{i}", ids, SamplingParams())
+    assert together.verify(trees) == [apart.verify([t])[0] for t in trees]
+    assert together.forward_passes < apart.forward_passes
+
+
+def test_stale_and_malformed_trees_are_refused_without_changing_the_session(models):
+    target, _ = models
+    verifier = Verifier(target, max_tree_nodes=8)
+    verifier.open("s", prompts(1)[0], SamplingParams())
+    good = DraftTreeMsg(session_id="s", cycle=0, committed_len=5, tokens=[7], parents=[-1])
+    with pytest.raises(StaleMessageError):
+        verifier.verify([DraftTreeMsg(session_id="s", cycle=1, committed_len=5, tokens=[7], parents=[-1])])
+    for bad in ([[7, 8], [-1, 1]], [[99999], [-1]], [[1] * 9, [-1] * 9]):
+        with pytest.raises(ValueError, match="malformed tree"):
+            verifier.verify([DraftTreeMsg(session_id="s", cycle=0, committed_len=5, tokens=bad[0], parents=bad[1])])
+    assert verifier.verify([good])[0].cycle == 0  # the session is intact
+
+
+def test_a_draft_equal_to_the_target_is_always_accepted_and_proactive_always_hits(models):
+    target, _ = models
+    params = TreeParams(budget=8, depth=3, branch=2, beams=4)
+    out = generate("specedge", Verifier(target), Drafter(target, params), prompts(1)[0], SamplingParams(),
+                   max_new_tokens=40, eos_ids=set())
+    assert out.tokens_per_verify[:-1] == [params.depth + 1] * (len(out.tokens_per_verify) - 1)
+    assert out.proactive_hit_rate == 1.0
