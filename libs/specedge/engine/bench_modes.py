@@ -4,8 +4,9 @@
                                           [--budget 32] [--depth 4] [--rtt-ms 0]
 
 Prints a Markdown table: per mode, mean (± std) tokens per verification, target forward
-passes per generated token, proactive hit rate and wall time per token; and checks on
-the way that every mode produced the same tokens. Results belong in docs/benchmarks.md.
+passes per generated token, proactive hit rate, wall time per token and server busy time
+per token (verification, plus drafting where the draft runs on the server: server-only);
+and checks on the way that every mode produced the same tokens. Results belong in docs/benchmarks.md.
 This is the in-process benchmark of the speculative core; the service-level benchmark
 (`specedge bench`) is separate.
 """
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     drafter = Drafter(draft.model, TreeParams(args.budget, args.depth, args.branch, args.beams),
                       max_sessions=1, max_len=longest)
     eos = set(target.model.generation_config.eos_token_id)
-    rows: dict[str, dict[str, list[float]]] = {m: {"tpv": [], "passes": [], "hit": [], "ms": []} for m in MODES}
+    rows: dict[str, dict[str, list[float]]] = {m: {"tpv": [], "passes": [], "hit": [], "ms": [], "server_ms": []}
+                                         for m in MODES}
     outputs: dict[str, list[list[int]]] = {m: [] for m in MODES}
     started = time.perf_counter()
     for i, ids in enumerate(prompts):
@@ -85,25 +87,28 @@ def main(argv: list[str] | None = None) -> int:
             rows[mode]["tpv"].append(out.mean_tokens_per_verify)
             rows[mode]["passes"].append(out.target_forward_passes / n)
             rows[mode]["ms"].append(1000 * out.elapsed_s / n)
+            rows[mode]["server_ms"].append(1000 * out.server_busy_s / n)
             if out.proactive_hit_rate is not None:
                 rows[mode]["hit"].append(out.proactive_hit_rate)
             outputs[mode].append(out.token_ids)
         log.info("prompt %d/%d done (%.0fs)", i + 1, len(prompts), time.perf_counter() - started)
     identical = outputs["autoregressive"] == outputs["server-only"] == outputs["specedge"]
     base_ms = statistics.fmean(rows["autoregressive"]["ms"])
+    base_server = statistics.fmean(rows["autoregressive"]["server_ms"])
     lines = [
         f"{len(prompts)} prompts ({args.categories or 'all categories'}), {args.max_tokens} new tokens, greedy; "
         f"tree budget {args.budget}, depth {args.depth}, branch {args.branch}, beams {args.beams}; "
         f"simulated RTT {args.rtt_ms} ms; outputs identical across modes: {identical}",
         "",
         "| mode | tokens per verify | target passes per token | proactive hit rate | wall ms per token "
-        "| speed vs autoregressive |",
-        "|---|---|---|---|---|---|",
+        "| wall speed vs AR | server busy ms per token | server throughput vs AR |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         r = rows[mode]
         lines.append(f"| {mode} | {mean_std(r['tpv'])} | {mean_std(r['passes'])} | {mean_std(r['hit'])} "
-                     f"| {mean_std(r['ms'])} | {base_ms / statistics.fmean(r['ms']):.2f}× |")
+                     f"| {mean_std(r['ms'])} | {base_ms / statistics.fmean(r['ms']):.2f}× "
+                     f"| {mean_std(r['server_ms'])} | {base_server / statistics.fmean(r['server_ms']):.2f}× |")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0 if identical else 1
 

@@ -29,6 +29,7 @@ MODES: tuple[Mode, ...] = ("autoregressive", "server-only", "specedge")
 
 @dataclass
 class GenerationResult:
+    mode: Mode
     token_ids: list[int]                                   # generated ids only
     tokens_per_verify: list[int] = field(default_factory=list)  # accepted + bonus, per verification
     target_forward_passes: int = 0                          # decode passes (prefill excluded)
@@ -37,7 +38,14 @@ class GenerationResult:
     proactive_attempts: int = 0
     wire_bytes_to_verifier: int = 0
     wire_bytes_to_edge: int = 0
+    verify_busy_s: float = 0.0                              # target time in verification
+    draft_busy_s: float = 0.0                               # draft time (proactive included)
     elapsed_s: float = 0.0
+
+    @property
+    def server_busy_s(self) -> float:
+        """Server-side work: verification, plus drafting when the draft runs on the server."""
+        return self.verify_busy_s + (self.draft_busy_s if self.mode == "server-only" else 0.0)
 
     @property
     def num_verifies(self) -> int:
@@ -79,7 +87,8 @@ def generate(mode: Mode, verifier: Verifier, drafter: Drafter | None, prompt: li
     start = time.perf_counter()
     draft_passes0 = drafter.stats.forward_passes if drafter else 0
     out = _Output(max_new_tokens, eos_ids)
-    stats = GenerationResult(token_ids=out.tokens)
+    stats = GenerationResult(mode=mode, token_ids=out.tokens)
+    busy0, draft_busy0 = verifier.busy_s, drafter.stats.busy_s if drafter else 0.0
     verifier.open(session_id, prompt, params)
     passes0 = verifier.forward_passes  # exclude prefill
     try:
@@ -105,8 +114,10 @@ def generate(mode: Mode, verifier: Verifier, drafter: Drafter | None, prompt: li
         if drafter is not None:
             drafter.close(session_id)
     stats.target_forward_passes = verifier.forward_passes - passes0
+    stats.verify_busy_s = verifier.busy_s - busy0
     if drafter is not None:
         stats.draft_forward_passes = drafter.stats.forward_passes - draft_passes0
+        stats.draft_busy_s = drafter.stats.busy_s - draft_busy0
     stats.elapsed_s = time.perf_counter() - start
     return stats
 

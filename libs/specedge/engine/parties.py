@@ -14,6 +14,7 @@ how the messages travel (in process, with a simulated delay, or over NATS).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class Verifier:
         self.max_tree_nodes = max_tree_nodes
         self.sessions: dict[str, _TargetSession] = {}
         self.forward_passes = 0
+        self.busy_s = 0.0  # time spent verifying (not prefilling)
 
     def open(self, session_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Prefill all prompt tokens but the last, which becomes the first tree's root."""
@@ -77,6 +79,7 @@ class Verifier:
                            [-1, *(p + 1 for p in t.parents)])
             for t in trees
         ]
+        started = time.perf_counter()
         logits = self.runner.forward(requests)
         self.forward_passes += 1
         results = []
@@ -90,6 +93,7 @@ class Verifier:
                                         committed_len=len(session.committed), accepted=accepted, bonus=bonus))
             session.committed += [*accepted, bonus]
             session.cycle += 1
+        self.busy_s += time.perf_counter() - started
         return results
 
 
@@ -126,6 +130,7 @@ class DrafterStats:
     """Counters since the drafter started (draft passes include proactive ones)."""
 
     forward_passes: int = 0
+    busy_s: float = 0.0  # time in draft forward passes (proactive included)
     proactive_hits: int = 0
     proactive_attempts: int = 0
 
@@ -156,7 +161,12 @@ class Drafter:
         return job, grow_trees(self.runner, [job], self.params)
 
     def _counted(self, steps: Iterator[int]) -> Iterator[int]:
-        for step in steps:
+        while True:
+            started = time.perf_counter()
+            step = next(steps, None)
+            self.stats.busy_s += time.perf_counter() - started
+            if step is None:
+                return
             self.stats.forward_passes += 1
             yield step
 
