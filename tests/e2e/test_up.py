@@ -26,8 +26,10 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
     log_path = tmp_path / "up.log"
+    # Its own process group, so that SIGINT to the group is exactly a terminal's Ctrl-C.
     proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0"], env=cli_env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True)
+                            stdout=subprocess.PIPE, stderr=open(log_path, "wb"), text=True,
+                            start_new_session=True)
     try:
         line = proc.stdout.readline()  # blocks until the ready line (or exit)
         match = READY.search(line)
