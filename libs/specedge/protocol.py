@@ -87,6 +87,52 @@ class VerifyResult(Message, frozen=True, kw_only=True):
     bonus: int
 
 
+class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """How the target draws tokens; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+class PrefillRequest(Message, frozen=True, kw_only=True):
+    """Open a session on a verifier: its prompt (every token committed so far) and sampling."""
+
+    session_id: str
+    tokens: list[int]
+    sampling: SamplingSpec = SamplingSpec()
+
+
+class PrefillReply(Message, frozen=True, kw_only=True):
+    session_id: str
+    committed_len: int = 0
+    error: str | None = None  # a short reason when the session could not be opened
+
+
+class VerifyBatchRequest(Message, frozen=True, kw_only=True):
+    """Trees of several sessions for one forward pass."""
+
+    batch_id: str
+    trees: list[DraftTreeMsg]
+
+
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    reason: str  # bounded vocabulary, used as a counter label
+
+
+class VerifyBatchReply(Message, frozen=True, kw_only=True):
+    batch_id: str
+    results: list[VerifyResult] = []
+    rejected: list[Rejection] = []
+    forward_ms: float = 0.0
+
+
+class CloseSession(Message, frozen=True, kw_only=True):
+    session_id: str
+
+
 M = TypeVar("M", bound=Message)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -33,3 +33,18 @@ REGISTRY_ANNOUNCE_ALL = f"{PREFIX}.registry.announce.>"
 REGISTRY_LEAVE_ALL = f"{PREFIX}.registry.leave.>"
 REGISTRY_DISCOVER = f"{PREFIX}.registry.discover"
 """Request subject: every live service answers with its announcement."""
+
+
+def verifier_prefill(instance_id: str) -> str:
+    """Request to one verifier: prefill a session's prompt (reply: `PrefillReply`)."""
+    return f"{PREFIX}.verifier.{_token(instance_id)}.prefill"
+
+
+def verifier_verify(instance_id: str) -> str:
+    """Request to one verifier: verify a batch of trees in one pass (reply: `VerifyBatchReply`)."""
+    return f"{PREFIX}.verifier.{_token(instance_id)}.verify"
+
+
+def verifier_close(instance_id: str) -> str:
+    """To one verifier: forget a session and free its cache."""
+    return f"{PREFIX}.verifier.{_token(instance_id)}.close"

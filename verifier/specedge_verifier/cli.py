@@ -20,6 +20,10 @@ def command(
         help="Target model: a local path or a hub id (default: the bundled tiny target).")] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    max_sessions: Annotated[int, typer.Option(
+        "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="KV cache slots (sessions held at once).")] = 8,
+    max_len: Annotated[int, typer.Option(
+        "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -28,5 +32,6 @@ def command(
     from specedge_verifier.main import serve  # noqa: PLC0415
 
     settings = build(VerifierSettings, nats_url=nats_url, redis_url=redis_url, name=name, log_level=log_level,
-                     target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype)
+                     target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
+                     max_sessions=max_sessions, max_len=max_len)
     run(functools.partial(serve, settings), settings.log_level)

@@ -1,7 +1,5 @@
-"""The verifier process: load the target model, connect, register, wait for work, drain.
-
-Verification itself arrives with the speculative-core and distributed-system issues.
-"""
+"""The verifier process: load the target model, connect, serve prefill/verify/close
+requests on its own subjects, register, drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,8 +8,10 @@ import logging
 
 from specedge import bus, registry
 from specedge.engine.loading import load_for_service
+from specedge.engine.parties import Verifier
 from specedge.service import Lifecycle
 from specedge.state import connect_redis
+from specedge_verifier.handlers import VerifierService
 from specedge_verifier.settings import VerifierSettings
 
 log = logging.getLogger("specedge_verifier")
@@ -19,9 +19,13 @@ log = logging.getLogger("specedge_verifier")
 
 async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
     target = await load_for_service(settings.target, settings.device, settings.dtype)
-    me = registry.announcement("verifier", settings.name, settings.heartbeat_s, **target.registry_details())
+    me = registry.announcement("verifier", settings.name, settings.heartbeat_s,
+                               max_sessions=str(settings.max_sessions), max_len=str(settings.max_len),
+                               **target.registry_details())
     async with contextlib.AsyncExitStack() as stack:
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
         await stack.enter_async_context(connect_redis(settings.redis_url))
+        verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len)
+        await VerifierService(nc, me.instance_id, verifier).subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
         await life.serve_until_stopped()

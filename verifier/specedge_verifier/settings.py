@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from specedge.config import RedisServiceSettings
 
 
@@ -9,3 +11,5 @@ class VerifierSettings(RedisServiceSettings):
     target: str
     device: str = "auto"
     dtype: str = "auto"
+    max_sessions: int = Field(default=8, ge=1, le=4096)
+    max_len: int = Field(default=4096, ge=16)  # most committed tokens per session

@@ -65,14 +65,23 @@ class Verifier:
         self.runner.evict(session_id)
         self.sessions.pop(session_id, None)
 
+    def problem(self, tree: DraftTreeMsg) -> str | None:
+        """Why this tree cannot be verified now (a short reason), or None."""
+        session = self.sessions.get(tree.session_id)
+        if session is None:
+            return "unknown_session"
+        if (tree.cycle, tree.committed_len) != (session.cycle, len(session.committed)):
+            return "stale_cycle"
+        return tree.problem(self.vocab_size, self.max_tree_nodes)
+
     def verify(self, trees: list[DraftTreeMsg]) -> list[VerifyResult]:
-        """Verify the trees of several sessions in one target forward pass."""
+        """Verify the trees of several sessions in one target forward pass (all must be valid)."""
+        if len({t.session_id for t in trees}) != len(trees):
+            raise ValueError("one tree per session per batch")
         for tree in trees:
-            session = self.sessions[tree.session_id]
-            if (tree.cycle, tree.committed_len) != (session.cycle, len(session.committed)):
-                raise StaleMessageError(f"tree for cycle {tree.cycle} at length {tree.committed_len}; "
-                                        f"session is at cycle {session.cycle}, length {len(session.committed)}")
-            if (reason := tree.problem(self.vocab_size, self.max_tree_nodes)) is not None:
+            if (reason := self.problem(tree)) == "stale_cycle":
+                raise StaleMessageError(f"tree for cycle {tree.cycle} at length {tree.committed_len} is stale")
+            if reason is not None:
                 raise ValueError(f"malformed tree: {reason}")
         requests = [
             ForwardRequest(t.session_id, [self.sessions[t.session_id].committed[-1], *t.tokens],
