@@ -21,6 +21,8 @@ def command(
     dtype: Dtype = "auto",
     max_sessions: Annotated[int, typer.Option(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")] = 4,
+    max_len: Annotated[int, typer.Option(
+        "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -29,7 +31,8 @@ def command(
     from specedge.service import run  # noqa: PLC0415
 
     settings = build(EdgeAgentSettings, nats_url=nats_url, draft=draft or bundled(BUNDLED_DRAFT),
-                     device=device, dtype=dtype, max_sessions=max_sessions, name=name, log_level=log_level)
+                     device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, name=name,
+                     log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from edge_agent.handlers import EdgeService
 from edge_agent.settings import EdgeAgentSettings
 from specedge import bus, registry
 from specedge.engine.loading import load_for_service
+from specedge.engine.parties import Drafter
+from specedge.engine.tree import TreeParams
 from specedge.service import Lifecycle
 
 log = logging.getLogger("edge_agent")
@@ -24,5 +27,7 @@ async def serve(settings: EdgeAgentSettings, life: Lifecycle) -> None:
     async with contextlib.AsyncExitStack() as stack:
         # An edge may start before the server side is reachable: wait for NATS forever.
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id, initial_timeout_s=None))
+        drafter = Drafter(draft.model, TreeParams(), max_sessions=settings.max_sessions, max_len=settings.max_len)
+        await EdgeService(nc, me.instance_id, drafter).subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
         await life.serve_until_stopped()

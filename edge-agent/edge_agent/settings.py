@@ -12,3 +12,4 @@ class EdgeAgentSettings(ServiceSettings):
     device: str = "auto"
     dtype: str = "auto"
     max_sessions: int = Field(default=4, ge=1, le=1024)
+    max_len: int = Field(default=4096, ge=16)  # most tokens (prompt + output) per session

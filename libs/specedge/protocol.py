@@ -129,6 +129,17 @@ class VerifyBatchReply(Message, frozen=True, kw_only=True):
     forward_ms: float = 0.0
 
 
+class DraftAssign(Message, frozen=True, kw_only=True):
+    """Draft for a session: all its committed tokens and the tree shape to grow."""
+
+    session_id: str
+    tokens: list[int]
+    budget: int = 32
+    depth: int = 4
+    branch: int = 16
+    beams: int = 32
+
+
 class CloseSession(Message, frozen=True, kw_only=True):
     session_id: str
 

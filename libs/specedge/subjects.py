@@ -48,3 +48,26 @@ def verifier_verify(instance_id: str) -> str:
 def verifier_close(instance_id: str) -> str:
     """To one verifier: forget a session and free its cache."""
     return f"{PREFIX}.verifier.{_token(instance_id)}.close"
+
+
+def edge_assign(instance_id: str) -> str:
+    """To one edge agent: draft for a new session (`DraftAssign`)."""
+    return f"{PREFIX}.edge.{_token(instance_id)}.assign"
+
+
+def edge_result(instance_id: str) -> str:
+    """To one edge agent: a verification result for one of its sessions (`VerifyResult`)."""
+    return f"{PREFIX}.edge.{_token(instance_id)}.result"
+
+
+def edge_close(instance_id: str) -> str:
+    """To one edge agent: stop drafting for a session (`CloseSession`)."""
+    return f"{PREFIX}.edge.{_token(instance_id)}.close"
+
+
+def drafts(instance_id: str) -> str:
+    """From one edge agent: its draft trees (`DraftTreeMsg`). Only that edge may publish here."""
+    return f"{PREFIX}.drafts.{_token(instance_id)}"
+
+
+DRAFTS_ALL = f"{PREFIX}.drafts.*"

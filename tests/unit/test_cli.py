@@ -30,7 +30,8 @@ def test_top_level_lists_every_role_and_up():
         ("scheduler", ["--nats-url", "--redis-url", "--name", "--log-level"]),
         ("verifier", ["--nats-url", "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--name", "--log-level"]),
-        ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--name", "--log-level"]),
+        ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--name",
+                        "--log-level"]),
         ("up", ["--nats-url", "--redis-url", "--host", "--port", "--ready-timeout", "--log-level"]),
     ],
 )

@@ -129,6 +129,7 @@ class _Proactive:
 @dataclass
 class _DraftSession:
     committed: list[int]
+    params: TreeParams
     cycle: int = 0
     current: BuiltTree | None = None
     proactive: _Proactive | None = None
@@ -156,10 +157,14 @@ class Drafter:
         self.sessions: dict[str, _DraftSession] = {}
         self.stats = DrafterStats()
 
-    def open(self, session_id: str, prompt: list[int]) -> None:
+    def open(self, session_id: str, prompt: list[int], params: TreeParams | None = None) -> None:
+        """Prefill the prompt but its last token; `params` (default: the drafter's) shape this session's trees."""
+        params = params or self.params
+        if params.depth * params.beams > self.params.depth * self.params.beams:
+            raise ValueError("tree parameters beyond what this drafter's cache was sized for")
         self.runner.open(session_id)
         self.runner.prefill(session_id, prompt[:-1])
-        self.sessions[session_id] = _DraftSession(list(prompt))
+        self.sessions[session_id] = _DraftSession(list(prompt), params)
 
     def close(self, session_id: str) -> None:
         self.runner.evict(session_id)
@@ -167,7 +172,7 @@ class Drafter:
 
     def _grow(self, session_id: str, root: int, root_parent: int) -> tuple[TreeJob, Iterator[int]]:
         job = TreeJob(session_id, root, root_parent)
-        return job, grow_trees(self.runner, [job], self.params)
+        return job, grow_trees(self.runner, [job], self.sessions[session_id].params)
 
     def _counted(self, steps: Iterator[int]) -> Iterator[int]:
         while True:

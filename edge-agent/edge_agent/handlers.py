@@ -1,0 +1,120 @@
+"""The edge agent's face on the bus: draft for assigned sessions, proactively.
+
+Owns, per session: prefill on assignment, publishing each draft tree on the edge's own
+drafts subject, and — while a tree is out for verification — proactive drafting one
+draft pass at a time off the event loop, so a result is picked up within one pass.
+On a result it applies it (reusing the proactive tree on a hit) and publishes the next
+tree. Malformed or stale messages are refused with a reason and counted, never fatal.
+The draft engine is `specedge.engine.parties.Drafter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from specedge import protocol, subjects
+from specedge.engine.parties import Drafter, StaleMessageError
+from specedge.engine.runner import CacheFullError
+from specedge.engine.tree import TreeParams
+from specedge.protocol import CloseSession, DraftAssign, ProtocolError, VerifyResult
+
+log = logging.getLogger("edge_agent")
+
+
+class EdgeService:
+    def __init__(self, nc: Client, instance_id: str, drafter: Drafter) -> None:
+        self.nc, self.instance_id, self.drafter = nc, instance_id, drafter
+        self.rejected: Counter[str] = Counter()
+        self._lock = asyncio.Lock()  # the draft model runs one pass at a time
+        self._drafting_ahead: set[str] = set()  # sessions whose proactive drafting may continue
+        self._tasks: set[asyncio.Task] = set()
+
+    async def subscribe(self) -> None:
+        await self.nc.subscribe(subjects.edge_assign(self.instance_id), cb=self.on_assign)
+        await self.nc.subscribe(subjects.edge_result(self.instance_id), cb=self.on_result)
+        await self.nc.subscribe(subjects.edge_close(self.instance_id), cb=self.on_close)
+        await self.nc.flush()
+
+    def _reject(self, reason: str, what: str) -> None:
+        self.rejected[reason] += 1
+        log.warning("rejected %s: %s (%d so far)", what, reason, self.rejected[reason])
+
+    async def on_assign(self, msg: Msg) -> None:
+        try:
+            assign = protocol.decode(msg.data, DraftAssign)
+            params = TreeParams(assign.budget, assign.depth, assign.branch, assign.beams)
+        except (ProtocolError, ValueError) as exc:
+            self._reject(getattr(exc, "reason", "bad_params"), "an assignment")
+            return
+        async with self._lock:
+            self.drafter.close(assign.session_id)
+            try:
+                await asyncio.to_thread(self.drafter.open, assign.session_id, assign.tokens, params)
+            except (CacheFullError, ValueError) as exc:
+                self.drafter.close(assign.session_id)
+                self._reject("cannot_open", f"session {assign.session_id[:16]} ({exc})")
+                return
+        await self._send_next(assign.session_id)
+
+    async def on_result(self, msg: Msg) -> None:
+        try:
+            result = protocol.decode(msg.data, VerifyResult)
+        except ProtocolError as exc:
+            self._reject(exc.reason, "a result")
+            return
+        if result.session_id not in self.drafter.sessions:
+            self._reject("unknown_session", "a result")
+            return
+        self._stop_proactive(result.session_id)
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self.drafter.on_result, result)
+            except (StaleMessageError, ValueError) as exc:
+                self._reject("stale_or_bad_result", f"a result for {result.session_id[:16]} ({exc})")
+                return
+        await self._send_next(result.session_id)
+
+    async def on_close(self, msg: Msg) -> None:
+        try:
+            close = protocol.decode(msg.data, CloseSession)
+        except ProtocolError as exc:
+            self._reject(exc.reason, "a close request")
+            return
+        self._stop_proactive(close.session_id)
+        async with self._lock:
+            self.drafter.close(close.session_id)
+
+    async def _send_next(self, session_id: str) -> None:
+        async with self._lock:
+            if session_id not in self.drafter.sessions:
+                return
+            tree = await asyncio.to_thread(self.drafter.draft, session_id)
+            self.drafter.start_proactive(session_id)
+        await self.nc.publish(subjects.drafts(self.instance_id), protocol.encode(tree))
+        self._drafting_ahead.add(session_id)
+        task = asyncio.create_task(self._draft_ahead(session_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _draft_ahead(self, session_id: str) -> None:
+        """Proactive drafting, one pass at a time, until done or told to stop.
+
+        Stopping is a flag checked between passes, never a cancellation: a pass already
+        running in its thread finishes before anything else touches the draft model.
+        """
+        while session_id in self._drafting_ahead:
+            async with self._lock:
+                if session_id not in self._drafting_ahead or session_id not in self.drafter.sessions:
+                    return
+                more = await asyncio.to_thread(self.drafter.proactive_step, session_id)
+            if not more:
+                return
+            await asyncio.sleep(0)  # let a waiting result take the lock
+
+    def _stop_proactive(self, session_id: str) -> None:
+        self._drafting_ahead.discard(session_id)
