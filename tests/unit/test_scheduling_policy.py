@@ -1,0 +1,84 @@
+"""The scheduler's pure policy: assignment, draft checks, FIFO batches, edge loss."""
+
+import pytest
+
+from specedge.protocol import DraftTreeMsg
+from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
+
+
+def tree(session: str, cycle: int = 0, length: int = 10) -> DraftTreeMsg:
+    return DraftTreeMsg(session_id=session, cycle=cycle, committed_len=length, tokens=[1], parents=[-1])
+
+
+def policy() -> SchedulingPolicy:
+    p = SchedulingPolicy(max_batch=2, edge_timeout_s=5)
+    p.verifier_seen("v1", capacity=2, now=0)
+    p.verifier_seen("v2", capacity=1, now=0)
+    p.edge_seen("e1", capacity=1, now=0)
+    return p
+
+
+def test_least_loaded_assignment_and_capacity():
+    p = policy()
+    a = p.assign("s1", 10)
+    assert (a.verifier, a.edge) == ("v1", "e1")
+    b = p.assign("s2", 10)
+    assert b.edge is None  # the only edge is full: drafted server-side
+    p.assign("s3", 10)
+    with pytest.raises(NoCapacityError):
+        p.assign("s4", 10)
+    p.finish("s1")
+    assert p.assign("s4", 10).edge == "e1"
+
+
+def test_drafts_are_checked_against_the_session():
+    p = policy()
+    p.assign("s1", 10)
+    assert p.draft_arrived(tree("ghost"), "e1") == "unknown_session"
+    assert p.draft_arrived(tree("s1"), "e9") == "not_the_sessions_edge"
+    assert p.draft_arrived(tree("s1", cycle=3), "e1") == "stale_cycle"
+    assert p.draft_arrived(tree("s1"), "e1") is None
+    assert p.draft_arrived(tree("s1"), "e1") == "duplicate_draft"
+    assert p.next_batch("v1") == [tree("s1")]
+    p.verified("s1", new_tokens=3)
+    assert p.draft_arrived(tree("s1", cycle=1, length=13), "e1") is None
+
+
+def test_batches_are_fifo_and_bounded():
+    p = SchedulingPolicy(max_batch=2)
+    p.verifier_seen("v", capacity=8, now=0)
+    for i in range(3):
+        p.edge_seen(f"e{i}", capacity=1, now=0)
+        p.assign(f"s{i}", 5)
+    for i in (2, 0, 1):
+        assert p.draft_arrived(tree(f"s{i}", length=5), p.sessions[f"s{i}"].edge) is None
+    assert [t.session_id for t in p.next_batch("v")] == ["s2", "s0"]
+    assert [t.session_id for t in p.next_batch("v")] == ["s1"]
+    assert p.next_batch("v") == []
+
+
+def test_a_silent_edge_expires_and_its_sessions_continue_server_side():
+    p = policy()
+    p.assign("s1", 10)
+    p.edge_seen("e1", capacity=1, now=3)
+    assert p.expire_edges(now=7) == {}
+    assert p.expire_edges(now=9) == {"e1": ["s1"]}
+    assert p.sessions["s1"].edge is None
+    queued = p.server_side_trees()
+    assert [(t.session_id, t.tokens) for t in queued] == [("s1", [])]
+    assert p.server_side_trees() == []  # one in flight at a time
+    assert p.next_batch("v1") == queued
+    p.requeue(queued)
+    assert len(p.server_side_trees()) == 1
+
+
+def test_policy_imports_neither_nats_nor_redis_and_light_services_never_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, specedge_scheduler.policy; "
+            "heavy = {'nats', 'redis', 'torch'} & set(sys.modules); assert not heavy, heavy; "
+            "import specedge_scheduler.main, specedge_gateway.app, specedge_gateway.openai_api; "
+            "assert 'torch' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
