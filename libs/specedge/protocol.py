@@ -140,6 +140,34 @@ class DraftAssign(Message, frozen=True, kw_only=True):
     beams: int = 32
 
 
+class SessionOpen(Message, frozen=True, kw_only=True):
+    """A new generation: prompt tokens, sampling and when to stop."""
+
+    session_id: str
+    tokens: list[int]
+    sampling: SamplingSpec = SamplingSpec()
+    max_new_tokens: int
+    eos_ids: list[int] = []
+    use_edge: bool = True  # False: drafted server-side from the start
+
+
+class SessionOpened(Message, frozen=True, kw_only=True):
+    session_id: str
+    verifier: str = ""
+    edge: str | None = None
+    error: str | None = None
+
+
+class TokenEvent(Message, frozen=True, kw_only=True):
+    """Newly committed output tokens; `index` is the output position of the first one."""
+
+    session_id: str
+    index: int
+    tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (end of turn) or "length"
+
+
 class CloseSession(Message, frozen=True, kw_only=True):
     session_id: str
 

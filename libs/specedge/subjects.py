@@ -71,3 +71,15 @@ def drafts(instance_id: str) -> str:
 
 
 DRAFTS_ALL = f"{PREFIX}.drafts.*"
+
+
+SESSIONS_OPEN = f"{PREFIX}.sessions.open"
+"""Request (queue group `schedulers`): open a session (`SessionOpen` -> `SessionOpened`)."""
+
+SESSIONS_CLOSE = f"{PREFIX}.sessions.close"
+"""A session's caller is gone or done: stop generating (`CloseSession`)."""
+
+
+def session_tokens(session_id: str) -> str:
+    """Committed tokens of one session, in order (`TokenEvent`), for its gateway."""
+    return f"{PREFIX}.session.{_token(session_id)}.tokens"

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import functools
+from typing import Annotated
 
-from specedge.config import LogLevelOpt, Name, NatsUrl, RedisServiceSettings, RedisUrl, build
+import typer
+
+from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge_scheduler.settings import SchedulerSettings
 
 
 def command(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", envvar="SPECEDGE_MAX_BATCH", help="Most trees verified in one pass.")] = 8,
+    edge_timeout: Annotated[float, typer.Option(
+        "--edge-timeout", envvar="SPECEDGE_EDGE_TIMEOUT",
+        help="Seconds without a heartbeat before an edge's sessions continue server-side.")] = 6.0,
+    budget: Annotated[int, typer.Option(
+        "--budget", envvar="SPECEDGE_BUDGET", help="Draft tree size edges are asked for.")] = 32,
+    depth: Annotated[int, typer.Option(
+        "--depth", envvar="SPECEDGE_DEPTH", help="Draft tree depth edges are asked for.")] = 4,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -17,5 +30,6 @@ def command(
     from specedge.service import run  # noqa: PLC0415
     from specedge_scheduler.main import serve  # noqa: PLC0415
 
-    settings = build(RedisServiceSettings, nats_url=nats_url, redis_url=redis_url, name=name, log_level=log_level)
+    settings = build(SchedulerSettings, nats_url=nats_url, redis_url=redis_url, max_batch=max_batch,
+                     edge_timeout_s=edge_timeout, budget=budget, depth=depth, name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

@@ -1,26 +1,31 @@
-"""The scheduler process: connections, presence, shutdown.
-
-For now it connects to NATS and Redis, registers and waits; the admission and batching
-loops arrive with the distributed-system issue.
-"""
+"""The scheduler process: connections, the dispatch loop, presence, shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
 from specedge import bus, registry
-from specedge.config import RedisServiceSettings
 from specedge.service import Lifecycle
 from specedge.state import connect_redis
+from specedge_scheduler.policy import SchedulingPolicy
+from specedge_scheduler.service import SchedulerService
+from specedge_scheduler.settings import SchedulerSettings
 
 log = logging.getLogger("specedge_scheduler")
 
 
-async def serve(settings: RedisServiceSettings, life: Lifecycle) -> None:
+async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
     me = registry.announcement("scheduler", settings.name, settings.heartbeat_s)
     async with contextlib.AsyncExitStack() as stack:
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
         await stack.enter_async_context(connect_redis(settings.redis_url))
+        policy = SchedulingPolicy(max_batch=settings.max_batch, edge_timeout_s=settings.edge_timeout_s)
+        shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
+        service = SchedulerService(nc, policy, shape)
+        await service.subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
+        dispatch = asyncio.create_task(service.run(life.stop))
         await life.serve_until_stopped()
+        await dispatch

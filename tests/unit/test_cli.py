@@ -27,7 +27,8 @@ def test_top_level_lists_every_role_and_up():
     ("role", "flags"),
     [
         ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--name", "--log-level"]),
-        ("scheduler", ["--nats-url", "--redis-url", "--name", "--log-level"]),
+        ("scheduler", ["--nats-url", "--redis-url", "--max-batch", "--edge-timeout", "--budget", "--depth", "--name",
+                       "--log-level"]),
         ("verifier", ["--nats-url", "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--name",

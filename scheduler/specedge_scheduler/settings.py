@@ -1,0 +1,14 @@
+"""Typed settings of the scheduler, built in `cli.command` and passed down."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from specedge.config import RedisServiceSettings
+
+
+class SchedulerSettings(RedisServiceSettings):
+    max_batch: int = Field(default=8, ge=1, le=1024)
+    edge_timeout_s: float = Field(default=6.0, gt=0)
+    budget: int = Field(default=32, ge=0)
+    depth: int = Field(default=4, ge=0)

@@ -1,0 +1,99 @@
+"""Scheduler, verifier and edge agent as real processes over real NATS: a session opened
+on the bus streams exactly the target's greedy output, and survives its edge being killed."""
+
+import asyncio
+import signal
+import uuid
+
+import nats
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specedge import protocol, subjects
+from specedge.models import BUNDLED_TARGET, bundled
+from specedge.protocol import SessionOpen, SessionOpened, TokenEvent
+from tests.helpers import registered, start_cli, wait_for
+
+
+@pytest.fixture
+def stack(nats_url, redis_url, cli_env, tmp_path):
+    procs = {
+        "verifier": start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url, "--max-len", "1024"],
+                              cli_env, tmp_path / "verifier.log"),
+        "edge-agent": start_cli(["edge-agent", "--nats-url", nats_url, "--max-len", "1024"], cli_env,
+                                tmp_path / "edge.log"),
+        "scheduler": start_cli(["scheduler", "--nats-url", nats_url, "--redis-url", redis_url, "--edge-timeout", "2",
+                                "--budget", "16", "--depth", "3"], cli_env, tmp_path / "scheduler.log"),
+    }
+    for role, proc in procs.items():
+        wait_for(lambda r=role, p=proc: registered(nats_url, r, p.pid), 60, role)
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+    for log in tmp_path.glob("*.log"):
+        assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def prompt_and_reference(text: str, new_tokens: int) -> tuple[list[int], list[int], list[int]]:
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    target = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      tokenize=False), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = target.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens)[0, len(ids):]
+    return ids, out.tolist(), list(target.generation_config.eos_token_id)
+
+
+async def open_session(nc, request: SessionOpen) -> SessionOpened:
+    for _ in range(40):  # the scheduler learns of verifiers and edges from their heartbeats
+        reply = protocol.decode((await nc.request(subjects.SESSIONS_OPEN, protocol.encode(request),
+                                                  timeout=30)).data, SessionOpened)
+        if reply.error is None or "no verifier" not in reply.error:
+            return reply
+        await asyncio.sleep(0.25)
+    return reply
+
+
+async def collect(sub, on_first=None) -> tuple[list[int], list[TokenEvent]]:
+    tokens, events = [], []
+    while True:
+        event = protocol.decode((await sub.next_msg(timeout=60)).data, TokenEvent)
+        assert event.index == len(tokens)  # nothing lost, nothing repeated
+        tokens += event.tokens
+        events.append(event)
+        if len(events) == 1 and on_first:
+            on_first()
+        if event.finished:
+            return tokens, events
+
+
+async def test_a_session_streams_exactly_the_target_output(stack, nats_url):
+    ids, reference, eos = prompt_and_reference("Write a function that merges two sorted lists.", 48)
+    nc = await nats.connect(nats_url)
+    sid = uuid.uuid4().hex
+    sub = await nc.subscribe(subjects.session_tokens(sid))
+    await asyncio.sleep(2.5)  # one heartbeat, so the scheduler knows the edge
+    opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=48, eos_ids=eos))
+    assert opened.error is None and opened.edge is not None
+    tokens, events = await collect(sub)
+    assert tokens == reference
+    assert len(events) < len(tokens)  # several tokens per verification: it speculated
+    assert events[-1].finish_reason in ("length", "stop")
+    await nc.close()
+
+
+async def test_killing_the_edge_mid_generation_loses_and_repeats_nothing(stack, nats_url, tmp_path):
+    ids, reference, eos = prompt_and_reference("Return the sum of a list of numbers.", 160)
+    nc = await nats.connect(nats_url)
+    sid = uuid.uuid4().hex
+    sub = await nc.subscribe(subjects.session_tokens(sid))
+    await asyncio.sleep(2.5)
+    opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=160, eos_ids=eos))
+    assert opened.edge is not None
+    tokens, events = await collect(sub, on_first=lambda: stack["edge-agent"].kill())
+    assert tokens == reference
+    assert "continue with server-side drafting" in (tmp_path / "scheduler.log").read_text()
+    await nc.close()
