@@ -1,33 +1,52 @@
 """The FastAPI application: routes and the lifespan that owns NATS, Redis and presence.
 
-The OpenAI endpoints arrive with the distributed-system issue; for now the gateway
-answers `/health` (503 until a verifier is registered) and `/v1/models`.
+Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streaming or not),
+`GET /v1/models`, `GET /health` (503 until a verifier is registered). Request checking
+and the error envelope live in `openai_api`, a generation's life in `sessions`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from specedge import bus, registry
+from specedge.models import model_id
 from specedge.service import StartupError
 from specedge.state import connect_redis
-from specedge_gateway.openai_api import OpenAIError, openai_error_handler, validation_error_handler
+from specedge_gateway.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationSpec,
+    OpenAIError,
+    openai_error_handler,
+    to_generation,
+    usage,
+    validation_error_handler,
+)
+from specedge_gateway.sessions import generate
 from specedge_gateway.settings import GatewaySettings
+from specedge_gateway.text import TextCodec
 
 log = logging.getLogger("specedge_gateway")
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
+    codec = TextCodec(settings.tokenizer)
+    served_model = model_id(settings.tokenizer)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         me = registry.announcement("gateway", settings.name, settings.heartbeat_s,
-                                   url=f"http://{settings.host}:{settings.port}")
+                                   url=f"http://{settings.host}:{settings.port}", model=served_model)
         async with contextlib.AsyncExitStack() as stack:
             try:
                 app.state.nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
@@ -40,6 +59,93 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="SpecEdge", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OpenAIError, openai_error_handler)
+
+    def prepare(spec: GenerationSpec) -> tuple[list[int], int]:
+        if spec.model != served_model:
+            raise OpenAIError(404, f"model {spec.model!r} does not exist; this server serves {served_model!r}",
+                              "not_found_error", "model", "model_not_found")
+        if spec.mode == "server-only":
+            raise OpenAIError(400, "mode 'server-only' is not available in the services yet; "
+                              "use 'specedge' or 'autoregressive'", param="specedge.mode")
+        prompt = codec.chat_prompt(spec.messages) if spec.messages is not None else spec.prompt
+        ids = codec.encode(prompt)
+        room = settings.max_context - len(ids)
+        if not ids or room < 1:
+            raise OpenAIError(400, f"the prompt is {len(ids)} tokens; the context holds {settings.max_context}",
+                              param="messages" if spec.messages is not None else "prompt",
+                              code="context_length_exceeded")
+        wanted = spec.max_tokens or min(settings.default_max_tokens, room)
+        if wanted > room:
+            raise OpenAIError(400, f"max_tokens {wanted} exceeds the {room} tokens left in the context",
+                              param="max_tokens", code="context_length_exceeded")
+        return ids, wanted
+
+    async def respond(request: Request, spec: GenerationSpec, chat: bool):
+        ids, max_new = prepare(spec)
+        pieces = generate(request.app.state.nc, codec, spec, ids, max_new)
+        name = "chatcmpl" if chat else "cmpl"
+        ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": ident, "created": created, "model": served_model}
+        if not spec.stream:
+            text, last = [], None
+            async for piece in pieces:
+                text.append(piece.text)
+                last = piece
+            content = "".join(text)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": content},
+                       "finish_reason": last.finish_reason} if chat else
+                      {"index": 0, "text": content, "finish_reason": last.finish_reason, "logprobs": None})
+            return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                    "usage": usage(len(ids), last.completion_tokens)}
+        first = await anext(pieces)  # errors before the first token are still plain HTTP errors
+        return StreamingResponse(stream(first, pieces, head, chat, len(ids), spec.include_usage),
+                                 media_type="text/event-stream")
+
+    async def stream(first, pieces, head, chat, prompt_tokens, include_usage) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant"} if role else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            body = {**head, "object": kind, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body)}\n\n"
+
+        if chat:
+            yield chunk(None, None, role=True)
+        last = first
+        try:
+            piece = first
+            while True:
+                if piece.text:
+                    yield chunk(piece.text, None)
+                last = piece
+                if piece.finish_reason is not None:
+                    break
+                piece = await anext(pieces)
+        except OpenAIError as exc:
+            error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            return
+        finally:
+            await pieces.aclose()  # a client that went away closes its session
+        yield chunk(None, last.finish_reason)
+        if include_usage:
+            totals = usage(prompt_tokens, last.completion_tokens)
+            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': totals})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await respond(request, to_generation(body), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await respond(request, to_generation(body), chat=False)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

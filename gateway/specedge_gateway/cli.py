@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.models import BUNDLED_TARGET, bundled
 from specedge_gateway.settings import GatewaySettings
 
 
@@ -15,6 +16,11 @@ def command(
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
     host: Annotated[str, typer.Option("--host", envvar="SPECEDGE_HOST", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", envvar="SPECEDGE_PORT", help="Port to listen on.")] = 8000,
+    tokenizer: Annotated[str | None, typer.Option(
+        "--tokenizer", envvar="SPECEDGE_TOKENIZER",
+        help="The target model's folder, for its tokenizer and chat template (default: the bundled target).")] = None,
+    max_context: Annotated[int, typer.Option(
+        "--max-context", envvar="SPECEDGE_MAX_CONTEXT", help="Most prompt + output tokens per request.")] = 4096,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -22,4 +28,5 @@ def command(
     from specedge_gateway.main import main  # noqa: PLC0415
 
     main(build(GatewaySettings, nats_url=nats_url, redis_url=redis_url, host=host, port=port,
-               name=name, log_level=log_level))
+               tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context, name=name,
+               log_level=log_level))

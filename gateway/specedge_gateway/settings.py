@@ -10,3 +10,6 @@ from specedge.config import RedisServiceSettings
 class GatewaySettings(RedisServiceSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    tokenizer: str  # the target model's folder: its tokenizer and chat template
+    max_context: int = Field(default=4096, ge=16)  # prompt + output tokens per request
+    default_max_tokens: int = Field(default=256, ge=1)

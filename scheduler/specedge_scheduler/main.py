@@ -25,6 +25,7 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
         service = SchedulerService(nc, policy, shape)
         await service.subscribe()
+        await service.refresh()
         await stack.enter_async_context(registry.presence(nc, me))
         dispatch = asyncio.create_task(service.run(life.stop))
         await life.serve_until_stopped()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from specedge import protocol, subjects
+from specedge import protocol, registry, subjects
 from specedge.protocol import (
     CloseSession,
     DraftAssign,
@@ -77,11 +77,18 @@ class SchedulerService:
 
     async def on_announce(self, msg: Msg) -> None:
         try:
-            ann = protocol.decode(msg.data, ServiceAnnouncement)
-            capacity = int(ann.details.get("max_sessions", "0"))
+            self._seen(protocol.decode(msg.data, ServiceAnnouncement))
         except (ProtocolError, ValueError):
             self._reject("bad_announcement", "an announcement")
-            return
+
+    async def refresh(self) -> None:
+        """Ask the bus who is there now (at start, and when no verifier is known)."""
+        for ann in await registry.discover(self.nc, wait_s=0.3):
+            with contextlib.suppress(ValueError):
+                self._seen(ann)
+
+    def _seen(self, ann: ServiceAnnouncement) -> None:
+        capacity = int(ann.details.get("max_sessions", "0"))
         now = time.monotonic()
         if ann.role == "verifier":
             self.policy.verifier_seen(ann.instance_id, capacity, now)
@@ -115,7 +122,11 @@ class SchedulerService:
         sid = request.session_id
         try:
             subjects.session_tokens(sid)  # the id must be usable in a subject
-            assignment = self.policy.assign(sid, len(request.tokens), use_edge=request.use_edge)
+            try:
+                assignment = self.policy.assign(sid, len(request.tokens), use_edge=request.use_edge)
+            except NoCapacityError:
+                await self.refresh()  # a verifier may have started since our last heartbeat from it
+                assignment = self.policy.assign(sid, len(request.tokens), use_edge=request.use_edge)
         except (ValueError, NoCapacityError) as exc:
             await msg.respond(protocol.encode(SessionOpened(session_id=sid, error=str(exc))))
             return

@@ -26,7 +26,8 @@ def test_top_level_lists_every_role_and_up():
 @pytest.mark.parametrize(
     ("role", "flags"),
     [
-        ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--name", "--log-level"]),
+        ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--tokenizer", "--max-context", "--name",
+                     "--log-level"]),
         ("scheduler", ["--nats-url", "--redis-url", "--max-batch", "--edge-timeout", "--budget", "--depth", "--name",
                        "--log-level"]),
         ("verifier", ["--nats-url", "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",

@@ -1,0 +1,78 @@
+"""One generation as the gateway sees it: open a session on the bus, turn its committed
+tokens into text pieces, stop on a stop string, close it when the caller goes away.
+
+Owns the gateway's side of a session's life; HTTP formatting is `app.py`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.client import Client
+
+from specedge import protocol, subjects
+from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent
+from specedge_gateway.openai_api import GenerationSpec, OpenAIError
+from specedge_gateway.text import IncrementalText, TextCodec
+
+log = logging.getLogger("specedge_gateway")
+
+
+@dataclass
+class Piece:
+    text: str
+    finish_reason: str | None = None  # set on the last piece
+    completion_tokens: int = 0        # tokens committed so far
+
+
+async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
+                   max_new_tokens: int, token_timeout_s: float = 60.0) -> AsyncIterator[Piece]:
+    """Text pieces of one generation, in order; the last one carries the finish reason."""
+    sid = uuid.uuid4().hex
+    sub = await nc.subscribe(subjects.session_tokens(sid))
+    request = SessionOpen(
+        session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=codec.eos_ids,
+        sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed),
+        use_edge=spec.mode == "specedge")
+    finished = False
+    try:
+        try:
+            reply = await nc.request(subjects.SESSIONS_OPEN, protocol.encode(request), timeout=30)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            raise OpenAIError(503, "no scheduler is available; try again shortly", "server_error",
+                              code="unavailable") from None
+        opened = protocol.decode(reply.data, SessionOpened)
+        if opened.error:
+            status = 429 if "room" in opened.error else 503
+            raise OpenAIError(status, f"cannot start the generation: {opened.error}", "server_error",
+                              code="unavailable")
+        text = IncrementalText(codec, spec.stop)
+        count = 0
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=token_timeout_s)
+            except nats.errors.TimeoutError:
+                raise OpenAIError(503, "the generation stalled", "server_error", code="timeout") from None
+            event = protocol.decode(msg.data, TokenEvent)
+            if event.index != count:
+                log.error("session %s: token event at %d, expected %d", sid, event.index, count)
+                raise OpenAIError(500, "token stream out of order", "server_error")
+            count += len(event.tokens)
+            piece = text.add(event.tokens)
+            if text.stopped:
+                yield Piece(piece, "stop", count)
+                return
+            if event.finished:
+                finished = True
+                yield Piece(piece + text.flush(), event.finish_reason or "stop", count)
+                return
+            if piece:
+                yield Piece(piece, None, count)
+    finally:
+        await sub.unsubscribe()
+        if not finished:  # stop string, error or the client went away: free the session now
+            await nc.publish(subjects.SESSIONS_CLOSE, protocol.encode(CloseSession(session_id=sid)))

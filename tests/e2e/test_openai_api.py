@@ -1,0 +1,104 @@
+"""The stack through its public API with the official `openai` client: exact greedy output,
+streaming and not, concurrent clients, multi-turn, and OpenAI-style errors."""
+
+import asyncio
+import re
+import signal
+import subprocess
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specedge.models import BUNDLED_TARGET, bundled
+from tests.conftest import SPECEDGE
+
+pytestmark = pytest.mark.e2e
+MODEL = "specedge-tiny-target"
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECEDGE_")}
+    proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    match = re.search(r"gateway (http://\S+) ", line)
+    assert match, line
+    yield match.group(1)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def reference():
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+
+    def greedy(messages: list[dict], max_tokens: int) -> str:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(ids, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens)[0, len(ids):]
+        return tok.decode(out, skip_special_tokens=True)
+
+    return greedy
+
+
+def test_non_streaming_and_streaming_chat_equal_the_target_alone(gateway, reference):
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Write a function that reverses a string."}]
+    expected = reference(messages, 40)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.completion_tokens <= 40 and reply.choices[0].finish_reason in ("length", "stop")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # streamed, not one burst
+
+
+def test_completions_and_multi_turn(gateway, reference):
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    done = client.completions.create(model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=16)
+    assert done.choices[0].text and done.object == "text_completion"
+    turns = [{"role": "user", "content": "Sort a list."}]
+    first = client.chat.completions.create(model=MODEL, messages=turns, temperature=0, max_tokens=24)
+    turns += [{"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "Now in reverse."}]
+    second = client.chat.completions.create(model=MODEL, messages=turns, temperature=0, max_tokens=24)
+    assert second.choices[0].message.content == reference(turns, 24)
+
+
+def test_eight_concurrent_streaming_clients(gateway, reference):
+    client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    questions = [f"Write a function number {i} that parses a line." for i in range(8)]
+
+    async def ask(q: str) -> str:
+        stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
+                                                      temperature=0, max_tokens=24, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def all_of_them():
+        return await asyncio.gather(*(ask(q) for q in questions))
+
+    answers = asyncio.run(all_of_them())
+    assert answers == [reference([{"role": "user", "content": q}], 24) for q in questions]
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [({"n": 2}, 400), ({"temperature": 9}, 400), ({"model": "gpt-9"}, 404), ({"messages": []}, 400)],
+)
+def test_invalid_requests_get_openai_errors(gateway, change, status):
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **change}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(**body)
+    assert err.value.status_code == status
+    assert set(err.value.body) >= {"message", "type", "param", "code"}
