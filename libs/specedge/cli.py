@@ -35,6 +35,7 @@ def up(
         help="Use this Redis server instead of starting an embedded one."),
     host: str = typer.Option("127.0.0.1", "--host", envvar="SPECEDGE_HOST", help="Gateway bind address."),
     port: int = typer.Option(8000, "--port", envvar="SPECEDGE_PORT", help="Gateway port (0 picks a free one)."),
+    edges: int = typer.Option(2, "--edges", min=0, envvar="SPECEDGE_EDGES", help="Edge agents to start."),
     ready_timeout_s: float = typer.Option(
         120.0, "--ready-timeout", envvar="SPECEDGE_READY_TIMEOUT", help="Seconds to wait for all services."),
     log_level: LogLevelOpt = "info",
@@ -43,7 +44,7 @@ def up(
     from specedge.up import UpSettings, run_up  # noqa: PLC0415 - keep `--help` fast
 
     raise SystemExit(run_up(UpSettings(
-        nats_url=nats_url, redis_url=redis_url, host=host, port=port,
+        nats_url=nats_url, redis_url=redis_url, host=host, port=port, edges=edges,
         ready_timeout_s=ready_timeout_s, log_level=log_level,
     )))
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from specedge import bus, registry
 from specedge.launcher import Launcher, LauncherError, free_port
+from specedge.models import BUNDLED_TARGET
 from specedge.protocol import ROLES
 from specedge.service import setup_logging
 
@@ -34,6 +35,7 @@ class UpSettings(BaseModel):
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    edges: int = 2
     ready_timeout_s: float = 120.0
     log_level: str = "info"
 
@@ -48,16 +50,18 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def service_commands(nats_url: str, redis_url: str, host: str, port: int) -> dict[str, list[str]]:
+def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges: int) -> dict[str, list[str]]:
     """The argv of each service, as an operator would type it."""
     cli = [sys.executable, "-m", "specedge.cli"]
-    return {
+    commands = {
         "verifier": [*cli, "verifier", "--nats-url", nats_url, "--redis-url", redis_url],
         "scheduler": [*cli, "scheduler", "--nats-url", nats_url, "--redis-url", redis_url],
-        "edge-agent": [*cli, "edge-agent", "--nats-url", nats_url],
-        "gateway": [*cli, "gateway", "--nats-url", nats_url, "--redis-url", redis_url,
-                    "--host", host, "--port", str(port)],
     }
+    for i in range(edges):
+        commands[f"edge-agent-{i + 1}"] = [*cli, "edge-agent", "--nats-url", nats_url, "--name", f"edge-{i + 1}"]
+    commands["gateway"] = [*cli, "gateway", "--nats-url", nats_url, "--redis-url", redis_url,
+                           "--host", host, "--port", str(port)]
+    return commands
 
 
 async def wait_until_registered(nats_url: str, roles: tuple[str, ...], timeout_s: float,
@@ -93,14 +97,15 @@ def run_up(settings: UpSettings) -> int:
             return 2
         port = settings.port or free_port(settings.host)
         env = {**os.environ, "SPECEDGE_LOG_LEVEL": settings.log_level}
-        services = [launcher.spawn(role, argv, env=env)
-                    for role, argv in service_commands(nats_url, redis_url, settings.host, port).items()]
+        commands = service_commands(nats_url, redis_url, settings.host, port, settings.edges)
+        services = [launcher.spawn(role, argv, env=env) for role, argv in commands.items()]
 
         def all_running() -> bool:
             return not stop.is_set() and all(s.alive() for s in services)
 
         try:
-            found = asyncio.run(wait_until_registered(nats_url, ROLES, settings.ready_timeout_s, all_running))
+            roles = ROLES if settings.edges else tuple(r for r in ROLES if r != "edge-agent")
+            found = asyncio.run(wait_until_registered(nats_url, roles, settings.ready_timeout_s, all_running))
         except (TimeoutError, ConnectionError) as exc:
             if not stop.is_set():
                 log.error("startup failed: %s", exc)
@@ -109,11 +114,14 @@ def run_up(settings: UpSettings) -> int:
             return _report_exit(services, stop)
         for a in found:
             log.info("registered: %-10s %s", a.role, a.name)
-        # The one line a user (and the e2e test) looks for:
+        # The one line a user (and the e2e test) looks for, then how to talk to it:
+        base = f"http://{settings.host}:{port}"
         sys.stdout.write(
-            f"SpecEdge is up: gateway http://{settings.host}:{port} "
-            f"(OpenAI base URL http://{settings.host}:{port}/v1); nats {nats_url}; redis {redis_url}. "
-            "Ctrl-C stops everything.\n")
+            f"SpecEdge is up: gateway {base} (OpenAI base URL {base}/v1); nats {nats_url}; redis {redis_url}. "
+            "Ctrl-C stops everything.\n"
+            f"Try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{BUNDLED_TARGET}\", \"messages\": "
+            f"[{{\"role\": \"user\", \"content\": \"Sort a list.\"}}], \"max_tokens\": 48}}'\n")
         sys.stdout.flush()
         while all_running():
             stop.wait(0.2)

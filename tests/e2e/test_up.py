@@ -43,7 +43,7 @@ def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
         status = subprocess.run([*SPECEDGE, "status", "--nats-url", nats_url, "--json"], env=cli_env,
                                 capture_output=True, text=True, timeout=60)
         roles = sorted(s["role"] for s in json.loads(status.stdout))
-        assert roles == ["edge-agent", "gateway", "scheduler", "verifier"], status.stderr
+        assert roles == ["edge-agent", "edge-agent", "gateway", "scheduler", "verifier"], status.stderr
 
         assert httpx.get(f"{gateway}/health").status_code == 200
         client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused")
@@ -58,7 +58,7 @@ def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
              10, "every child to exit")
     log_text = log_path.read_text()
     assert "Traceback" not in log_text, log_text
-    assert log_text.count("left the registry") == 4, log_text
+    assert log_text.count("left the registry") == 5, log_text  # gateway, scheduler, verifier, 2 edges
 
 
 def test_up_with_external_servers_starts_only_the_services(nats_url, redis_url, cli_env, tmp_path):

@@ -34,7 +34,7 @@ def test_top_level_lists_every_role_and_up():
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--name",
                         "--log-level"]),
-        ("up", ["--nats-url", "--redis-url", "--host", "--port", "--ready-timeout", "--log-level"]),
+        ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--ready-timeout", "--log-level"]),
     ],
 )
 def test_each_flag_is_documented_with_its_env_var(role, flags):
