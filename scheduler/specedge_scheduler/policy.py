@@ -25,6 +25,7 @@ class Worker:
     instance_id: str
     capacity: int
     last_seen: float
+    fingerprint: str = ""  # tokenizer fingerprint: an edge drafts only for a verifier with the same
     sessions: set[str] = field(default_factory=set)
 
     @property
@@ -64,14 +65,16 @@ class SchedulingPolicy:
 
     # -- membership ---------------------------------------------------------------
 
-    def verifier_seen(self, instance_id: str, capacity: int, now: float) -> None:
+    def verifier_seen(self, instance_id: str, capacity: int, now: float, fingerprint: str = "") -> None:
         worker = self.verifiers.setdefault(instance_id, Worker(instance_id, capacity, now))
-        worker.capacity, worker.last_seen = capacity, now
+        worker.capacity, worker.last_seen, worker.fingerprint = capacity, now, fingerprint
         self._queues.setdefault(instance_id, deque())
 
-    def edge_seen(self, instance_id: str, capacity: int, now: float) -> None:
+    def edge_seen(self, instance_id: str, capacity: int, now: float, fingerprint: str = "") -> bool:
+        """Record an edge's heartbeat; False if its tokenizer matches no verifier's (it gets no work)."""
         worker = self.edges.setdefault(instance_id, Worker(instance_id, capacity, now))
-        worker.capacity, worker.last_seen = capacity, now
+        worker.capacity, worker.last_seen, worker.fingerprint = capacity, now, fingerprint
+        return not self.verifiers or any(v.fingerprint == fingerprint for v in self.verifiers.values())
 
     def edge_gone(self, instance_id: str) -> list[str]:
         """Forget an edge; returns its sessions, now drafted server-side."""
@@ -96,7 +99,8 @@ class SchedulingPolicy:
         if not verifiers:
             raise NoCapacityError("no verifier has room for another session")
         verifier = max(verifiers, key=lambda w: (w.free, w.instance_id))
-        edges = [w for w in self.edges.values() if w.free > 0] if use_edge else []
+        edges = [w for w in self.edges.values()
+                 if use_edge and w.free > 0 and w.fingerprint == verifier.fingerprint]
         edge = max(edges, key=lambda w: (w.free, w.instance_id)) if edges else None
         verifier.sessions.add(session_id)
         if edge is not None:

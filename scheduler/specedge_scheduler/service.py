@@ -89,11 +89,16 @@ class SchedulerService:
 
     def _seen(self, ann: ServiceAnnouncement) -> None:
         capacity = int(ann.details.get("max_sessions", "0"))
+        fingerprint = ann.details.get("tokenizer_fingerprint", "")
         now = time.monotonic()
         if ann.role == "verifier":
-            self.policy.verifier_seen(ann.instance_id, capacity, now)
+            self.policy.verifier_seen(ann.instance_id, capacity, now, fingerprint)
         elif ann.role == "edge-agent":
-            self.policy.edge_seen(ann.instance_id, capacity, now)
+            new = ann.instance_id not in self.policy.edges
+            if not self.policy.edge_seen(ann.instance_id, capacity, now, fingerprint) and new:
+                log.warning("edge %s (%s) refused: its draft model's tokenizer (%s) differs from every "
+                            "verifier's target tokenizer; it will get no sessions",
+                            ann.name, ann.details.get("model", "?"), fingerprint)
         self._wake.set()
 
     async def on_leave(self, msg: Msg) -> None:

@@ -31,6 +31,14 @@ def test_least_loaded_assignment_and_capacity():
     assert p.assign("s4", 10).edge == "e1"
 
 
+def test_an_edge_with_another_tokenizer_gets_no_sessions():
+    p = SchedulingPolicy()
+    p.verifier_seen("v", capacity=4, now=0, fingerprint="abc")
+    assert p.edge_seen("good", capacity=4, now=0, fingerprint="abc")
+    assert not p.edge_seen("alien", capacity=9, now=0, fingerprint="xyz")
+    assert {p.assign(f"s{i}", 5).edge for i in range(3)} == {"good"}
+
+
 def test_drafts_are_checked_against_the_session():
     p = policy()
     p.assign("s1", 10)
