@@ -97,3 +97,26 @@ async def test_killing_the_edge_mid_generation_loses_and_repeats_nothing(stack, 
     assert tokens == reference
     assert "continue with server-side drafting" in (tmp_path / "scheduler.log").read_text()
     await nc.close()
+
+
+async def test_two_verifiers_share_sessions_and_every_output_is_exact(stack, nats_url, redis_url, cli_env, tmp_path):
+    second = start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url, "--max-len", "1024",
+                        "--max-sessions", "8"], cli_env, tmp_path / "verifier2.log")
+    try:
+        await asyncio.to_thread(wait_for, lambda: registered(nats_url, "verifier", second.pid), 60, "verifier 2")
+        questions = [f"Write a function that checks item {i}." for i in range(4)]
+        cases = [prompt_and_reference(q, 24) for q in questions]
+        nc = await nats.connect(nats_url)
+        await asyncio.sleep(2.5)
+        sids = [uuid.uuid4().hex for _ in cases]
+        subs = [await nc.subscribe(subjects.session_tokens(sid)) for sid in sids]
+        opened = [await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=24, eos_ids=eos))
+                  for sid, (ids, _, eos) in zip(sids, cases, strict=True)]
+        assert all(o.error is None for o in opened)
+        assert len({o.verifier for o in opened}) == 2  # both verifiers hold sessions
+        results = await asyncio.gather(*(collect(sub) for sub in subs))
+        assert [tokens for tokens, _ in results] == [reference for _, reference, _ in cases]
+        await nc.close()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=20) == 0
