@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -33,6 +34,9 @@ class EdgeService:
         self._lock = asyncio.Lock()  # the draft model runs one pass at a time
         self._drafting_ahead: set[str] = set()  # sessions whose proactive drafting may continue
         self._tasks: set[asyncio.Task] = set()
+        self._sent_at: dict[str, float] = {}
+        # (round trip ms from a tree leaving to its result arriving, the verifier's forward ms)
+        self.round_trips: deque[tuple[float, float]] = deque(maxlen=10_000)
 
     async def subscribe(self) -> None:
         await self.nc.subscribe(subjects.edge_assign(self.instance_id), cb=self.on_assign)
@@ -70,6 +74,9 @@ class EdgeService:
         if result.session_id not in self.drafter.sessions:
             self._reject("unknown_session", "a result")
             return
+        sent = self._sent_at.pop(result.session_id, None)
+        if sent is not None:
+            self.round_trips.append((1000 * (time.monotonic() - sent), result.verify_ms))
         self._stop_proactive(result.session_id)
         async with self._lock:
             try:
@@ -95,6 +102,7 @@ class EdgeService:
                 return
             tree = await asyncio.to_thread(self.drafter.draft, session_id)
             self.drafter.start_proactive(session_id)
+        self._sent_at[session_id] = time.monotonic()
         await self.nc.publish(subjects.drafts(self.instance_id), protocol.encode(tree))
         self._drafting_ahead.add(session_id)
         task = asyncio.create_task(self._draft_ahead(session_id))

@@ -85,6 +85,7 @@ class VerifyResult(Message, frozen=True, kw_only=True):
     committed_len: int  # before this result
     accepted: list[int]
     bonus: int
+    verify_ms: float = 0.0  # the verifier's forward pass for the batch this tree was in
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,3 +19,11 @@ def test_bench_verify_writes_its_grid(tmp_path, capsys):
     grid = json.loads(out.read_text())
     assert {(c["batch"], c["nodes"]) for c in grid["ms"]} == {(1, 1), (1, 4), (2, 1), (2, 4)}
     assert all(c["ms"] > 0 for c in grid["ms"])
+
+
+def test_bench_plane_runs_over_real_services(capsys):
+    from edge_agent import bench_plane
+
+    assert bench_plane.main(["--num-prompts", "1", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "message-plane overhead per cycle" in out and "| in process, `specedge` mode |" in out

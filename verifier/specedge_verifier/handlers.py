@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -104,6 +105,7 @@ class VerifierService:
             started = time.perf_counter()
             results = await asyncio.to_thread(self.verifier.verify, good) if good else []
             forward_ms = 1000 * (time.perf_counter() - started)
+            results = [msgspec.structs.replace(r, verify_ms=forward_ms) for r in results]
         await self._reply(msg, VerifyBatchReply(batch_id=request.batch_id, results=results, rejected=rejected,
                                                 forward_ms=forward_ms))
 
