@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -22,7 +22,7 @@ from specedge import protocol, subjects
 from specedge.engine.parties import Drafter, StaleMessageError
 from specedge.engine.runner import CacheFullError
 from specedge.engine.tree import TreeParams
-from specedge.protocol import CloseSession, DraftAssign, ProtocolError, VerifyResult
+from specedge.protocol import CloseSession, DraftAssign, ProtocolError, Rejections, VerifyResult
 
 log = logging.getLogger("edge_agent")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("edge_agent")
 class EdgeService:
     def __init__(self, nc: Client, instance_id: str, drafter: Drafter) -> None:
         self.nc, self.instance_id, self.drafter = nc, instance_id, drafter
-        self.rejected: Counter[str] = Counter()
+        self.reject = Rejections(log)
         self._lock = asyncio.Lock()  # the draft model runs one pass at a time
         self._drafting_ahead: set[str] = set()  # sessions whose proactive drafting may continue
         self._tasks: set[asyncio.Task] = set()
@@ -44,16 +44,12 @@ class EdgeService:
         await self.nc.subscribe(subjects.edge_close(self.instance_id), cb=self.on_close)
         await self.nc.flush()
 
-    def _reject(self, reason: str, what: str) -> None:
-        self.rejected[reason] += 1
-        log.warning("rejected %s: %s (%d so far)", what, reason, self.rejected[reason])
-
     async def on_assign(self, msg: Msg) -> None:
         try:
             assign = protocol.decode(msg.data, DraftAssign)
             params = TreeParams(assign.budget, assign.depth, assign.branch, assign.beams)
         except (ProtocolError, ValueError) as exc:
-            self._reject(getattr(exc, "reason", "bad_params"), "an assignment")
+            self.reject(getattr(exc, "reason", "bad_params"), "an assignment")
             return
         async with self._lock:
             self.drafter.close(assign.session_id)
@@ -61,7 +57,7 @@ class EdgeService:
                 await asyncio.to_thread(self.drafter.open, assign.session_id, assign.tokens, params)
             except (CacheFullError, ValueError) as exc:
                 self.drafter.close(assign.session_id)
-                self._reject("cannot_open", f"session {assign.session_id[:16]} ({exc})")
+                self.reject("cannot_open", f"session {assign.session_id[:16]} ({exc})")
                 return
         await self._send_next(assign.session_id)
 
@@ -69,10 +65,10 @@ class EdgeService:
         try:
             result = protocol.decode(msg.data, VerifyResult)
         except ProtocolError as exc:
-            self._reject(exc.reason, "a result")
+            self.reject(exc.reason, "a result")
             return
         if result.session_id not in self.drafter.sessions:
-            self._reject("unknown_session", "a result")
+            self.reject("unknown_session", "a result")
             return
         sent = self._sent_at.pop(result.session_id, None)
         if sent is not None:
@@ -82,7 +78,7 @@ class EdgeService:
             try:
                 await asyncio.to_thread(self.drafter.on_result, result)
             except (StaleMessageError, ValueError) as exc:
-                self._reject("stale_or_bad_result", f"a result for {result.session_id[:16]} ({exc})")
+                self.reject("stale_or_bad_result", f"a result for {result.session_id[:16]} ({exc})")
                 return
         await self._send_next(result.session_id)
 
@@ -90,7 +86,7 @@ class EdgeService:
         try:
             close = protocol.decode(msg.data, CloseSession)
         except ProtocolError as exc:
-            self._reject(exc.reason, "a close request")
+            self.reject(exc.reason, "a close request")
             return
         self._stop_proactive(close.session_id)
         async with self._lock:

@@ -7,6 +7,8 @@ parsing, and raises `ProtocolError` with a reason that is safe to log and to cou
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Literal, TypeVar
 
 import msgspec
@@ -199,3 +201,15 @@ def decode(data: bytes, kind: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     if message.v != PROTOCOL_VERSION:
         raise ProtocolError("version", f"got v{message.v}, speak v{PROTOCOL_VERSION}")
     return message
+
+
+class Rejections:
+    """Refused messages, counted by reason and logged without their contents."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.counts: Counter[str] = Counter()
+        self._log = logger
+
+    def __call__(self, reason: str, what: str) -> None:
+        self.counts[reason] += 1
+        self._log.warning("rejected %s: %s (%d so far)", what, reason, self.counts[reason])

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 
 from nats.aio.client import Client
@@ -30,6 +29,7 @@ from specedge.protocol import (
     PrefillReply,
     PrefillRequest,
     ProtocolError,
+    Rejections,
     ServiceAnnouncement,
     ServiceLeave,
     SessionOpen,
@@ -55,7 +55,7 @@ class SchedulerService:
                  request_timeout_s: float = 30.0) -> None:
         self.nc, self.policy, self.draft_shape = nc, policy, draft_shape
         self.request_timeout_s = request_timeout_s
-        self.rejected: Counter[str] = Counter()
+        self.reject = Rejections(log)
         self._outputs: dict[str, _Output] = {}
         self._busy: set[str] = set()
         self._wake = asyncio.Event()
@@ -69,17 +69,13 @@ class SchedulerService:
         await self.nc.subscribe(subjects.DRAFTS_ALL, cb=self.on_draft)
         await self.nc.flush()
 
-    def _reject(self, reason: str, what: str) -> None:
-        self.rejected[reason] += 1
-        log.warning("rejected %s: %s (%d so far)", what, reason, self.rejected[reason])
-
     # -- membership ---------------------------------------------------------------------
 
     async def on_announce(self, msg: Msg) -> None:
         try:
             self._seen(protocol.decode(msg.data, ServiceAnnouncement))
         except (ProtocolError, ValueError):
-            self._reject("bad_announcement", "an announcement")
+            self.reject("bad_announcement", "an announcement")
 
     async def refresh(self) -> None:
         """Ask the bus who is there now (at start, and when no verifier is known)."""
@@ -105,7 +101,7 @@ class SchedulerService:
         try:
             leave = protocol.decode(msg.data, ServiceLeave)
         except ProtocolError:
-            self._reject("bad_leave", "a leave message")
+            self.reject("bad_leave", "a leave message")
             return
         if leave.role == "edge-agent":
             self._fall_back(leave.instance_id, self.policy.edge_gone(leave.instance_id))
@@ -121,7 +117,7 @@ class SchedulerService:
         try:
             request = protocol.decode(msg.data, SessionOpen)
         except ProtocolError as exc:
-            self._reject(exc.reason, "a session request")
+            self.reject(exc.reason, "a session request")
             await msg.respond(protocol.encode(SessionOpened(session_id="", error=exc.reason)))
             return
         sid = request.session_id
@@ -158,7 +154,7 @@ class SchedulerService:
         try:
             close = protocol.decode(msg.data, CloseSession)
         except ProtocolError as exc:
-            self._reject(exc.reason, "a close request")
+            self.reject(exc.reason, "a close request")
             return
         await self._end(close.session_id)
 
@@ -180,10 +176,10 @@ class SchedulerService:
         try:
             tree = protocol.decode(msg.data, DraftTreeMsg)
         except ProtocolError as exc:
-            self._reject(exc.reason, f"a draft from {edge}")
+            self.reject(exc.reason, f"a draft from {edge}")
             return
         if (reason := self.policy.draft_arrived(tree, edge)) is not None:
-            self._reject(reason, f"a draft from {edge}")
+            self.reject(reason, f"a draft from {edge}")
             return
         self._wake.set()
 
@@ -220,7 +216,7 @@ class SchedulerService:
             self._busy.discard(verifier)
             self._wake.set()
         for rejection in reply.rejected:
-            self._reject(rejection.reason, f"a tree verified by {verifier}")
+            self.reject(rejection.reason, f"a tree verified by {verifier}")
         self.policy.requeue([t for t in batch if t.session_id in {r.session_id for r in reply.rejected}])
         for result in reply.results:
             await self._deliver(result)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 
 import msgspec
 from nats.aio.client import Client
@@ -27,6 +26,7 @@ from specedge.protocol import (
     PrefillRequest,
     ProtocolError,
     Rejection,
+    Rejections,
     VerifyBatchReply,
     VerifyBatchRequest,
 )
@@ -39,7 +39,7 @@ class VerifierService:
 
     def __init__(self, nc: Client, instance_id: str, verifier: Verifier) -> None:
         self.nc, self.instance_id, self.verifier = nc, instance_id, verifier
-        self.rejected: Counter[str] = Counter()
+        self.reject = Rejections(log)
         self._model_lock = asyncio.Lock()  # one forward pass at a time
 
     async def subscribe(self) -> None:
@@ -47,10 +47,6 @@ class VerifierService:
         await self.nc.subscribe(subjects.verifier_verify(self.instance_id), cb=self.on_verify)
         await self.nc.subscribe(subjects.verifier_close(self.instance_id), cb=self.on_close)
         await self.nc.flush()
-
-    def _reject(self, reason: str, what: str) -> None:
-        self.rejected[reason] += 1
-        log.warning("rejected %s: %s (%d so far)", what, reason, self.rejected[reason])
 
     async def _reply(self, msg: Msg, message: protocol.Message) -> None:
         if msg.reply:
@@ -60,18 +56,18 @@ class VerifierService:
         try:
             request = protocol.decode(msg.data, PrefillRequest)
         except ProtocolError as exc:
-            self._reject(exc.reason, "a prefill request")
+            self.reject(exc.reason, "a prefill request")
             await self._reply(msg, PrefillReply(session_id="", error=exc.reason))
             return
         if not request.tokens or any(not 0 <= t < self.verifier.vocab_size for t in request.tokens):
-            self._reject("bad_prompt", "a prefill request")
+            self.reject("bad_prompt", "a prefill request")
             await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_prompt"))
             return
         s = request.sampling
         try:
             params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
         except ValueError:
-            self._reject("bad_sampling", "a prefill request")
+            self.reject("bad_sampling", "a prefill request")
             await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_sampling"))
             return
         async with self._model_lock:
@@ -88,7 +84,7 @@ class VerifierService:
         try:
             request = protocol.decode(msg.data, VerifyBatchRequest)
         except ProtocolError as exc:
-            self._reject(exc.reason, "a verify request")
+            self.reject(exc.reason, "a verify request")
             rejection = Rejection(session_id="", reason=exc.reason)
             await self._reply(msg, VerifyBatchReply(batch_id="", rejected=[rejection]))
             return
@@ -100,7 +96,7 @@ class VerifierService:
                 if reason is None:
                     good.append(tree)
                 else:
-                    self._reject(reason, f"a tree for session {tree.session_id[:16]}")
+                    self.reject(reason, f"a tree for session {tree.session_id[:16]}")
                     rejected.append(Rejection(session_id=tree.session_id, reason=reason))
             started = time.perf_counter()
             results = await asyncio.to_thread(self.verifier.verify, good) if good else []
@@ -113,7 +109,7 @@ class VerifierService:
         try:
             request = protocol.decode(msg.data, CloseSession)
         except ProtocolError as exc:
-            self._reject(exc.reason, "a close request")
+            self.reject(exc.reason, "a close request")
             return
         async with self._model_lock:
             self.verifier.close(request.session_id)
