@@ -62,10 +62,7 @@ class EdgeService:
         await self._send_next(assign.session_id)
 
     async def on_result(self, msg: Msg) -> None:
-        try:
-            result = protocol.decode(msg.data, VerifyResult)
-        except ProtocolError as exc:
-            self.reject(exc.reason, "a result")
+        if (result := self.reject.decode(msg.data, VerifyResult, "a result")) is None:
             return
         if result.session_id not in self.drafter.sessions:
             self.reject("unknown_session", "a result")
@@ -83,10 +80,7 @@ class EdgeService:
         await self._send_next(result.session_id)
 
     async def on_close(self, msg: Msg) -> None:
-        try:
-            close = protocol.decode(msg.data, CloseSession)
-        except ProtocolError as exc:
-            self.reject(exc.reason, "a close request")
+        if (close := self.reject.decode(msg.data, CloseSession, "a close request")) is None:
             return
         self._stop_proactive(close.session_id)
         async with self._lock:

@@ -213,3 +213,11 @@ class Rejections:
     def __call__(self, reason: str, what: str) -> None:
         self.counts[reason] += 1
         self._log.warning("rejected %s: %s (%d so far)", what, reason, self.counts[reason])
+
+    def decode(self, data: bytes, kind: type[M], what: str) -> M | None:
+        """`decode()`, counting and logging a refusal instead of raising (None then)."""
+        try:
+            return decode(data, kind)
+        except ProtocolError as exc:
+            self(exc.reason, what)
+            return None

@@ -151,10 +151,7 @@ class SchedulerService:
         self._wake.set()
 
     async def on_close(self, msg: Msg) -> None:
-        try:
-            close = protocol.decode(msg.data, CloseSession)
-        except ProtocolError as exc:
-            self.reject(exc.reason, "a close request")
+        if (close := self.reject.decode(msg.data, CloseSession, "a close request")) is None:
             return
         await self._end(close.session_id)
 
@@ -173,10 +170,7 @@ class SchedulerService:
 
     async def on_draft(self, msg: Msg) -> None:
         edge = msg.subject.rsplit(".", 1)[-1]
-        try:
-            tree = protocol.decode(msg.data, DraftTreeMsg)
-        except ProtocolError as exc:
-            self.reject(exc.reason, f"a draft from {edge}")
+        if (tree := self.reject.decode(msg.data, DraftTreeMsg, f"a draft from {edge}")) is None:
             return
         if (reason := self.policy.draft_arrived(tree, edge)) is not None:
             self.reject(reason, f"a draft from {edge}")

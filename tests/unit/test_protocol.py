@@ -42,3 +42,14 @@ def test_bad_bytes_are_rejected_with_a_reason(data, reason):
 def test_unknown_fields_from_a_newer_sender_are_ignored():
     data = msgspec.msgpack.encode({**msgspec.structs.asdict(announcement()), "future": 1})
     assert decode(data, ServiceAnnouncement) == announcement()
+
+
+def test_rejections_count_by_reason_and_never_raise(caplog):
+    import logging
+
+    reject = protocol.Rejections(logging.getLogger("test"))
+    assert reject.decode(b"\xc1", ServiceLeave, "a leave") is None
+    assert reject.decode(encode(ServiceLeave(role="gateway", instance_id="g")), ServiceLeave, "a leave") is not None
+    reject("stale_cycle", "a tree")
+    assert dict(reject.counts) == {"malformed": 1, "stale_cycle": 1}
+    assert "rejected a leave: malformed" in caplog.text

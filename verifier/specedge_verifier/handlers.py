@@ -106,10 +106,7 @@ class VerifierService:
                                                 forward_ms=forward_ms))
 
     async def on_close(self, msg: Msg) -> None:
-        try:
-            request = protocol.decode(msg.data, CloseSession)
-        except ProtocolError as exc:
-            self.reject(exc.reason, "a close request")
+        if (request := self.reject.decode(msg.data, CloseSession, "a close request")) is None:
             return
         async with self._model_lock:
             self.verifier.close(request.session_id)
