@@ -46,3 +46,20 @@ def registered(nats_url: str, role: str, pid_hint: int | None = None) -> list[Se
     if pid_hint is not None:
         found = [a for a in found if f"-{pid_hint}-" in a.instance_id]
     return found
+
+
+async def record_session(redis_url: str, session_id: str, tokens: list[int], **kwargs) -> None:
+    """Create a session's Redis record, as the scheduler does before the verifier prefills it."""
+    from specedge.protocol import SamplingSpec
+    from specedge.state import SessionStore, connect_redis
+
+    async with connect_redis(redis_url) as client:
+        await SessionStore(client).create(session_id, tokens, kwargs.pop("sampling", SamplingSpec()), **kwargs)
+
+
+async def committed_tokens(redis_url: str, session_id: str) -> list[int] | None:
+    from specedge.state import SessionStore, connect_redis
+
+    async with connect_redis(redis_url) as client:
+        record = await SessionStore(client).load(session_id)
+    return None if record is None else record.tokens

@@ -23,6 +23,13 @@ def command(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")] = 4,
     max_len: Annotated[int, typer.Option(
         "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
+    user: Annotated[str, typer.Option(
+        "--user", envvar="SPECEDGE_USER",
+        help="Draft only for this user's requests (the user an API key maps to). Default: the shared pool.")] = "",
+    server_side: Annotated[bool, typer.Option(
+        "--server-side", envvar="SPECEDGE_SERVER_SIDE",
+        help="Run as the operator's server-side drafter: used for mode server-only and when no edge is free.")]
+    = False,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -31,7 +38,8 @@ def command(
     from specedge.service import run  # noqa: PLC0415
 
     settings = build(EdgeAgentSettings, nats_url=nats_url, draft=draft or bundled(BUNDLED_DRAFT),
-                     device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, name=name,
+                     device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, user=user,
+                     server_side=server_side, name=name,
                      log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)
 

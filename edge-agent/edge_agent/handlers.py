@@ -4,7 +4,9 @@ Owns, per session: prefill on assignment, publishing each draft tree on the edge
 drafts subject, and — while a tree is out for verification — proactive drafting one
 draft pass at a time off the event loop, so a result is picked up within one pass.
 On a result it applies it (reusing the proactive tree on a hit) and publishes the next
-tree. Malformed or stale messages are refused with a reason and counted, never fatal.
+tree to the scheduler that owns the session. Malformed or stale messages are refused with
+a reason and counted, never fatal. If the server side refuses this edge altogether (its
+draft tokenizer differs from the target's), it says why and the agent stops.
 The draft engine is `specedge.engine.parties.Drafter`.
 """
 
@@ -22,14 +24,17 @@ from specedge import protocol, subjects
 from specedge.engine.parties import Drafter, StaleMessageError
 from specedge.engine.runner import CacheFullError
 from specedge.engine.tree import TreeParams
-from specedge.protocol import CloseSession, DraftAssign, ProtocolError, Rejections, VerifyResult
+from specedge.protocol import CloseSession, DraftAssign, EdgeRefused, ProtocolError, Rejections, VerifyResult
 
 log = logging.getLogger("edge_agent")
 
 
 class EdgeService:
-    def __init__(self, nc: Client, instance_id: str, drafter: Drafter) -> None:
+    def __init__(self, nc: Client, instance_id: str, drafter: Drafter, stop: asyncio.Event | None = None) -> None:
         self.nc, self.instance_id, self.drafter = nc, instance_id, drafter
+        self.stop = stop or asyncio.Event()  # set when the server side refuses this edge
+        self.refused: EdgeRefused | None = None
+        self._scheduler: dict[str, str] = {}  # session -> the scheduler collecting its drafts
         self.reject = Rejections(log)
         self._lock = asyncio.Lock()  # the draft model runs one pass at a time
         self._drafting_ahead: set[str] = set()  # sessions whose proactive drafting may continue
@@ -42,12 +47,21 @@ class EdgeService:
         await self.nc.subscribe(subjects.edge_assign(self.instance_id), cb=self.on_assign)
         await self.nc.subscribe(subjects.edge_result(self.instance_id), cb=self.on_result)
         await self.nc.subscribe(subjects.edge_close(self.instance_id), cb=self.on_close)
+        await self.nc.subscribe(subjects.edge_refused(self.instance_id), cb=self.on_refused)
         await self.nc.flush()
+
+    async def on_refused(self, msg: Msg) -> None:
+        if (refused := self.reject.decode(msg.data, EdgeRefused, "a refusal")) is None:
+            return
+        log.error("the server side refuses this edge (%s): %s", refused.reason, refused.message)
+        self.refused = refused
+        self.stop.set()
 
     async def on_assign(self, msg: Msg) -> None:
         try:
             assign = protocol.decode(msg.data, DraftAssign)
             params = TreeParams(assign.budget, assign.depth, assign.branch, assign.beams)
+            subjects.drafts(self.instance_id, assign.scheduler)  # a usable subject token
         except (ProtocolError, ValueError) as exc:
             self.reject(getattr(exc, "reason", "bad_params"), "an assignment")
             return
@@ -59,6 +73,7 @@ class EdgeService:
                 self.drafter.close(assign.session_id)
                 self.reject("cannot_open", f"session {assign.session_id[:16]} ({exc})")
                 return
+        self._scheduler[assign.session_id] = assign.scheduler
         await self._send_next(assign.session_id)
 
     async def on_result(self, msg: Msg) -> None:
@@ -83,6 +98,8 @@ class EdgeService:
         if (close := self.reject.decode(msg.data, CloseSession, "a close request")) is None:
             return
         self._stop_proactive(close.session_id)
+        self._scheduler.pop(close.session_id, None)
+        self._sent_at.pop(close.session_id, None)
         async with self._lock:
             self.drafter.close(close.session_id)
 
@@ -93,7 +110,7 @@ class EdgeService:
             tree = await asyncio.to_thread(self.drafter.draft, session_id)
             self.drafter.start_proactive(session_id)
         self._sent_at[session_id] = time.monotonic()
-        await self.nc.publish(subjects.drafts(self.instance_id), protocol.encode(tree))
+        await self.nc.publish(subjects.drafts(self.instance_id, self._scheduler[session_id]), protocol.encode(tree))
         self._drafting_ahead.add(session_id)
         task = asyncio.create_task(self._draft_ahead(session_id))
         self._tasks.add(task)

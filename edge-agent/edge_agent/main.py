@@ -15,7 +15,7 @@ from specedge import bus, registry
 from specedge.engine.loading import load_for_service
 from specedge.engine.parties import Drafter
 from specedge.engine.tree import TreeParams
-from specedge.service import Lifecycle
+from specedge.service import Lifecycle, StartupError
 
 log = logging.getLogger("edge_agent")
 
@@ -23,11 +23,15 @@ log = logging.getLogger("edge_agent")
 async def serve(settings: EdgeAgentSettings, life: Lifecycle) -> None:
     draft = await load_for_service(settings.draft, settings.device, settings.dtype)
     me = registry.announcement("edge-agent", settings.name, settings.heartbeat_s,
-                               max_sessions=str(settings.max_sessions), **draft.registry_details())
+                               max_sessions=str(settings.max_sessions), user=settings.user, pool=settings.pool,
+                               **draft.registry_details())
     async with contextlib.AsyncExitStack() as stack:
         # An edge may start before the server side is reachable: wait for NATS forever.
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id, initial_timeout_s=None))
         drafter = Drafter(draft.model, TreeParams(), max_sessions=settings.max_sessions, max_len=settings.max_len)
-        await EdgeService(nc, me.instance_id, drafter).subscribe()
+        service = EdgeService(nc, me.instance_id, drafter, stop=life.stop)
+        await service.subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
         await life.serve_until_stopped()
+    if service.refused is not None:
+        raise StartupError(f"refused by the server side ({service.refused.reason}): {service.refused.message}")

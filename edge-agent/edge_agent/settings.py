@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from specedge.config import ServiceSettings
 
@@ -13,3 +13,16 @@ class EdgeAgentSettings(ServiceSettings):
     dtype: str = "auto"
     max_sessions: int = Field(default=4, ge=1, le=1024)
     max_len: int = Field(default=4096, ge=16)  # most tokens (prompt + output) per session
+    user: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.@-]*$")  # owner; "" joins a pool
+    server_side: bool = False  # a drafter the operator runs beside the verifiers (mode server-only)
+
+    @model_validator(mode="after")
+    def _one_pool(self) -> EdgeAgentSettings:
+        if self.user and self.server_side:
+            raise ValueError("a server-side drafter belongs to no user: use --user or --server-side, not both")
+        return self
+
+    @property
+    def pool(self) -> str:
+        """Which sessions this edge drafts for: its user's, anyone's (shared), or server-only ones."""
+        return "user" if self.user else "server" if self.server_side else "shared"

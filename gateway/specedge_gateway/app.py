@@ -1,8 +1,9 @@
 """The FastAPI application: routes and the lifespan that owns NATS, Redis and presence.
 
 Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streaming or not),
-`GET /v1/models`, `GET /health` (503 until a verifier is registered). Request checking
-and the error envelope live in `openai_api`, a generation's life in `sessions`.
+`GET /v1/models` — each behind a Bearer API key mapped to a user (`specedge keys`) —
+and `GET /health` (open; 503 until a verifier is registered). Request checking and the
+error envelope live in `openai_api`, a generation's life in `sessions`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from specedge import bus, registry
 from specedge.models import model_id
 from specedge.service import StartupError
-from specedge.state import connect_redis
+from specedge.state import ApiKeys, connect_redis
 from specedge_gateway.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,20 +56,37 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 app.state.redis = await stack.enter_async_context(connect_redis(settings.redis_url))
             except ConnectionError as exc:
                 raise StartupError(str(exc)) from None
+            app.state.keys = ApiKeys(app.state.redis)
             await stack.enter_async_context(registry.presence(app.state.nc, me))
             yield
 
     app = FastAPI(title="SpecEdge", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OpenAIError, openai_error_handler)
+    bearer = HTTPBearer(auto_error=False, description="An API key from `specedge keys create`.")
+
+    async def user_of(request: Request,
+                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+        """The caller's user name, from their API key ("" when keys are not required)."""
+        if not settings.require_api_key:
+            return ""
+        if credentials is None:
+            raise OpenAIError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+        try:
+            user = await request.app.state.keys.user_of(credentials.credentials)
+        except Exception as exc:
+            log.warning("cannot check an API key: %r", exc)
+            raise OpenAIError(503, "cannot check the API key right now", "server_error", code="unavailable") from None
+        if user is None:
+            raise OpenAIError(401, "incorrect API key provided", code="invalid_api_key")
+        return user
+
+    User = Annotated[str, Depends(user_of)]
 
     def prepare(spec: GenerationSpec) -> tuple[list[int], int]:
         if spec.model != served_model:
             raise OpenAIError(404, f"model {spec.model!r} does not exist; this server serves {served_model!r}",
                               "not_found_error", "model", "model_not_found")
-        if spec.mode == "server-only":
-            raise OpenAIError(400, "mode 'server-only' is not available in the services yet; "
-                              "use 'specedge' or 'autoregressive'", param="specedge.mode")
         prompt = codec.chat_prompt(spec.messages) if spec.messages is not None else spec.prompt
         ids = codec.encode(prompt)
         room = settings.max_context - len(ids)
@@ -80,9 +100,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                               param="max_tokens", code="context_length_exceeded")
         return ids, wanted
 
-    async def respond(request: Request, spec: GenerationSpec, chat: bool):
+    async def respond(request: Request, spec: GenerationSpec, chat: bool, user: str):
         ids, max_new = prepare(spec)
-        pieces = generate(request.app.state.nc, codec, spec, ids, max_new)
+        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user)
         name = "chatcmpl" if chat else "cmpl"
         ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": served_model}
@@ -140,12 +160,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await respond(request, to_generation(body), chat=True)
+    async def chat_completions(body: ChatCompletionRequest, request: Request, user: User):
+        return await respond(request, to_generation(body), chat=True, user=user)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await respond(request, to_generation(body), chat=False)
+    async def completions(body: CompletionRequest, request: Request, user: User):
+        return await respond(request, to_generation(body), chat=False, user=user)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -156,7 +176,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                             status_code=status)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict:
+    async def models(request: Request, user: User) -> dict:
         found = await registry.discover(request.app.state.nc, wait_s=0.2)
         names = sorted({a.details.get("model", "") for a in found if a.role == "verifier"} - {""})
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "specedge"} for n in names]}

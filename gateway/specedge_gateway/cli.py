@@ -21,6 +21,9 @@ def command(
         help="The target model's folder, for its tokenizer and chat template (default: the bundled target).")] = None,
     max_context: Annotated[int, typer.Option(
         "--max-context", envvar="SPECEDGE_MAX_CONTEXT", help="Most prompt + output tokens per request.")] = 4096,
+    require_api_key: Annotated[bool, typer.Option(
+        "--require-api-key/--no-api-key", envvar="SPECEDGE_REQUIRE_API_KEY",
+        help="Require `Authorization: Bearer KEY` (keys from `specedge keys create`).")] = True,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -28,5 +31,6 @@ def command(
     from specedge_gateway.main import main  # noqa: PLC0415
 
     main(build(GatewaySettings, nats_url=nats_url, redis_url=redis_url, host=host, port=port,
-               tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context, name=name,
+               tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context,
+               require_api_key=require_api_key, name=name,
                log_level=log_level))

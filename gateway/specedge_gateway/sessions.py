@@ -30,14 +30,14 @@ class Piece:
 
 
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
-                   max_new_tokens: int, token_timeout_s: float = 60.0) -> AsyncIterator[Piece]:
+                   max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0) -> AsyncIterator[Piece]:
     """Text pieces of one generation, in order; the last one carries the finish reason."""
     sid = uuid.uuid4().hex
     sub = await nc.subscribe(subjects.session_tokens(sid))
     request = SessionOpen(
         session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=codec.eos_ids,
         sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed),
-        use_edge=spec.mode == "specedge")
+        mode=spec.mode, user=user)
     finished = False
     try:
         try:
@@ -61,6 +61,9 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             if event.index != count:
                 log.error("session %s: token event at %d, expected %d", sid, event.index, count)
                 raise OpenAIError(500, "token stream out of order", "server_error")
+            if event.error:
+                finished = True  # the scheduler has ended it already
+                raise OpenAIError(503, f"the generation failed: {event.error}", "server_error", code="unavailable")
             count += len(event.tokens)
             piece = text.add(event.tokens)
             if text.stopped:

@@ -13,3 +13,4 @@ class GatewaySettings(RedisServiceSettings):
     tokenizer: str  # the target model's folder: its tokenizer and chat template
     max_context: int = Field(default=4096, ge=16)  # prompt + output tokens per request
     default_max_tokens: int = Field(default=256, ge=1)
+    require_api_key: bool = True  # False: anyone may call (a private, single-user setup)

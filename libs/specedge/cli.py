@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 
 import typer
 
+from specedge import keys_cli
 from specedge.config import Device, Dtype, LogLevelOpt, NatsUrl
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(keys_cli.app, name="keys")
 
 
 @app.command()
@@ -36,6 +38,11 @@ def up(
     host: str = typer.Option("127.0.0.1", "--host", envvar="SPECEDGE_HOST", help="Gateway bind address."),
     port: int = typer.Option(8000, "--port", envvar="SPECEDGE_PORT", help="Gateway port (0 picks a free one)."),
     edges: int = typer.Option(2, "--edges", min=0, envvar="SPECEDGE_EDGES", help="Edge agents to start."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="SPECEDGE_API_KEY", help="Use this gateway API key instead of a generated one."),
+    server_drafter: bool = typer.Option(
+        True, "--server-drafter/--no-server-drafter", envvar="SPECEDGE_SERVER_DRAFTER",
+        help="Start a server-side drafter (for mode server-only and when no edge is free)."),
     ready_timeout_s: float = typer.Option(
         120.0, "--ready-timeout", envvar="SPECEDGE_READY_TIMEOUT", help="Seconds to wait for all services."),
     log_level: LogLevelOpt = "info",
@@ -44,8 +51,8 @@ def up(
     from specedge.up import UpSettings, run_up  # noqa: PLC0415 - keep `--help` fast
 
     raise SystemExit(run_up(UpSettings(
-        nats_url=nats_url, redis_url=redis_url, host=host, port=port, edges=edges,
-        ready_timeout_s=ready_timeout_s, log_level=log_level,
+        nats_url=nats_url, redis_url=redis_url, host=host, port=port, edges=edges, api_key=api_key,
+        server_drafter=server_drafter, ready_timeout_s=ready_timeout_s, log_level=log_level,
     )))
 
 

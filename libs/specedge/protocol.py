@@ -17,6 +17,8 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 
 Role = Literal["gateway", "scheduler", "verifier", "edge-agent"]
+Mode = Literal["specedge", "server-only", "autoregressive"]
+"""How a session is drafted: on a user's edge, by a drafter on the server side, or not at all."""
 ROLES: tuple[Role, ...] = ("gateway", "scheduler", "verifier", "edge-agent")
 
 
@@ -137,6 +139,7 @@ class DraftAssign(Message, frozen=True, kw_only=True):
 
     session_id: str
     tokens: list[int]
+    scheduler: str  # the scheduler instance that collects this session's drafts
     budget: int = 32
     depth: int = 4
     branch: int = 16
@@ -151,7 +154,8 @@ class SessionOpen(Message, frozen=True, kw_only=True):
     sampling: SamplingSpec = SamplingSpec()
     max_new_tokens: int
     eos_ids: list[int] = []
-    use_edge: bool = True  # False: drafted server-side from the start
+    mode: Mode = "specedge"
+    user: str = ""  # the API key's user: their own edge drafts for them first
 
 
 class SessionOpened(Message, frozen=True, kw_only=True):
@@ -168,7 +172,15 @@ class TokenEvent(Message, frozen=True, kw_only=True):
     index: int
     tokens: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (end of turn) or "length"
+    finish_reason: str | None = None  # "stop" (end of turn), "length", or "error" (then `error` says why)
+    error: str | None = None
+
+
+class EdgeRefused(Message, frozen=True, kw_only=True):
+    """To one edge agent: it will get no sessions, and why (e.g. its tokenizer differs)."""
+
+    reason: str  # bounded vocabulary
+    message: str
 
 
 class CloseSession(Message, frozen=True, kw_only=True):

@@ -1,19 +1,58 @@
-"""Redis connection for the services that keep session state (gateway, scheduler, verifier).
+"""Session state and API keys in Redis: the one place that knows the key schema.
 
-Owns connecting (with a health check) and closing. The key schema arrives with the
-distributed-system issue and will be documented here. The edge agent never imports this.
+Used by the gateway (API keys), the scheduler (creates and ends session records) and the
+verifier (commits tokens, reads them back to re-prefill). The edge agent never imports this.
+
+Key schema (every key under `specedge:`; see docs/architecture.md):
+
+- `specedge:session:{sid}` (hash): user, mode, scheduler, verifier, edge, sampling
+  (msgpack), prompt_len, cycle, ttl. Expires `ttl` seconds (the scheduler's
+  `--session-ttl`) after the last commit.
+- `specedge:session:{sid}:tokens` (list): the committed token ids, prompt then output.
+  Same expiry.
+- `specedge:apikey:{sha256(key)}` (hash): user, label, created (unix seconds). No expiry:
+  removed by `specedge keys revoke`.
+
+A session's keys are deleted when it ends; the TTL bounds what a crashed scheduler leaves
+behind. Commits are idempotent: `commit()` appends a cycle's tokens only if the stored
+cycle and committed length are the ones the cycle was verified against, so a replayed or
+late cycle never commits twice. API keys are stored only as SHA-256 hashes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import Enum
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from specedge.protocol import SamplingSpec
+
 log = logging.getLogger(__name__)
+
+PREFIX = "specedge"
+DEFAULT_SESSION_TTL_S = 3600
+API_KEY_PREFIX = "sk-specedge-"
+
+
+def session_key(session_id: str) -> str:
+    return f"{PREFIX}:session:{session_id}"
+
+
+def tokens_key(session_id: str) -> str:
+    return f"{PREFIX}:session:{session_id}:tokens"
+
+
+def api_key_key(key_hash: str) -> str:
+    return f"{PREFIX}:apikey:{key_hash}"
 
 
 @contextlib.asynccontextmanager
@@ -30,3 +69,144 @@ async def connect_redis(url: str) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+class Commit(Enum):
+    DONE = 1
+    ALREADY = 0        # this cycle was committed before: a replay, nothing appended
+    STALE = -1         # the session is at another cycle or length: refused
+    UNKNOWN = -2       # no such session (ended, expired or never opened)
+
+
+# KEYS: session hash, tokens list. ARGV: cycle, committed_len, token ids...
+_COMMIT = """
+local fields = redis.call('HMGET', KEYS[1], 'cycle', 'ttl')
+if not fields[1] then return -2 end
+local cycle, want = tonumber(fields[1]), tonumber(ARGV[1])
+if cycle > want then return 0 end
+if cycle < want or redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return -1 end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'cycle', want + 1)
+redis.call('EXPIRE', KEYS[1], fields[2])
+redis.call('EXPIRE', KEYS[2], fields[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What is needed to resume a session elsewhere: its committed tokens and how it samples."""
+
+    session_id: str
+    tokens: list[int]
+    sampling: SamplingSpec
+    cycle: int
+    user: str = ""
+    mode: str = "specedge"
+
+
+class SessionStore:
+    """Session records: create, commit a cycle's tokens idempotently, load, end."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int = DEFAULT_SESSION_TTL_S) -> None:
+        self.client, self.ttl_s = client, ttl_s
+        self._commit = client.register_script(_COMMIT)
+
+    async def create(self, session_id: str, tokens: list[int], sampling: SamplingSpec, *, user: str = "",
+                     mode: str = "specedge", scheduler: str = "", verifier: str = "", edge: str = "") -> None:
+        fields = {"user": user, "mode": mode, "scheduler": scheduler, "verifier": verifier, "edge": edge,
+                  "sampling": msgspec.msgpack.encode(sampling), "prompt_len": len(tokens), "cycle": 0,
+                  "ttl": self.ttl_s}
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(session_key(session_id), tokens_key(session_id))
+            pipe.hset(session_key(session_id), mapping=fields)
+            pipe.rpush(tokens_key(session_id), *tokens)
+            pipe.expire(session_key(session_id), self.ttl_s)
+            pipe.expire(tokens_key(session_id), self.ttl_s)
+            await pipe.execute()
+
+    async def assign(self, session_id: str, **owners: str) -> None:
+        """Record a new owner (`verifier=…`, `edge=…`) of a live session."""
+        if await self.client.exists(session_key(session_id)):
+            await self.client.hset(session_key(session_id), mapping=owners)
+
+    async def commit(self, session_id: str, cycle: int, committed_len: int, tokens: list[int]) -> Commit:
+        """Append one verified cycle's tokens, exactly once (see the module docstring)."""
+        if not tokens:
+            raise ValueError("a cycle commits at least its bonus token")
+        code = await self._commit(keys=[session_key(session_id), tokens_key(session_id)],
+                                  args=[cycle, committed_len, *tokens])
+        return Commit(int(code))
+
+    async def load(self, session_id: str) -> SessionRecord | None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(session_key(session_id))
+            pipe.lrange(tokens_key(session_id), 0, -1)
+            fields, tokens = await pipe.execute()
+        if not fields:
+            return None
+        return SessionRecord(
+            session_id=session_id, tokens=[int(t) for t in tokens],
+            sampling=msgspec.msgpack.decode(fields[b"sampling"], type=SamplingSpec),
+            cycle=int(fields[b"cycle"]), user=fields.get(b"user", b"").decode(),
+            mode=fields.get(b"mode", b"specedge").decode())
+
+    async def end(self, session_id: str) -> None:
+        await self.client.delete(session_key(session_id), tokens_key(session_id))
+
+
+# -- API keys ------------------------------------------------------------------------------
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    key_hash: str
+    user: str
+    label: str
+    created: float
+
+
+class ApiKeys:
+    """Gateway API keys, stored hashed: create (the key is shown once), check, list, revoke."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+
+    async def create(self, user: str, label: str = "", key: str | None = None) -> str:
+        """Store a key for `user` and return it (a fresh random one unless `key` is given)."""
+        if not user or len(user) > 64:
+            raise ValueError("a user name is 1 to 64 characters")
+        key = key or API_KEY_PREFIX + secrets.token_urlsafe(24)
+        if len(key) < 16:
+            raise ValueError("an API key is at least 16 characters")
+        await self.client.hset(api_key_key(hash_api_key(key)),
+                               mapping={"user": user, "label": label, "created": time.time()})
+        return key
+
+    async def user_of(self, key: str) -> str | None:
+        """The user a key belongs to, or None if it is unknown or revoked."""
+        user = await self.client.hget(api_key_key(hash_api_key(key)), "user")
+        return user.decode() if user is not None else None
+
+    async def list(self) -> list[ApiKeyInfo]:
+        found = []
+        async for name in self.client.scan_iter(match=api_key_key("*"), count=500):
+            fields = await self.client.hgetall(name)
+            if fields:
+                found.append(ApiKeyInfo(name.decode().rsplit(":", 1)[-1], fields[b"user"].decode(),
+                                        fields.get(b"label", b"").decode(), float(fields[b"created"])))
+        return sorted(found, key=lambda k: k.created)
+
+    async def revoke(self, key_or_hash_prefix: str) -> int:
+        """Revoke a key given itself or ≥ 8 hex digits of its hash (see `list`); returns how many."""
+        if removed := await self.client.delete(api_key_key(hash_api_key(key_or_hash_prefix))):
+            return removed
+        if len(key_or_hash_prefix) < 8 or any(c not in "0123456789abcdef" for c in key_or_hash_prefix):
+            return 0
+        names = [n async for n in self.client.scan_iter(match=api_key_key(key_or_hash_prefix + "*"))]
+        return await self.client.delete(*names) if names else 0

@@ -65,12 +65,23 @@ def edge_close(instance_id: str) -> str:
     return f"{PREFIX}.edge.{_token(instance_id)}.close"
 
 
-def drafts(instance_id: str) -> str:
-    """From one edge agent: its draft trees (`DraftTreeMsg`). Only that edge may publish here."""
-    return f"{PREFIX}.drafts.{_token(instance_id)}"
+def edge_refused(instance_id: str) -> str:
+    """To one edge agent: the server side refuses it (`EdgeRefused`)."""
+    return f"{PREFIX}.edge.{_token(instance_id)}.refused"
 
 
-DRAFTS_ALL = f"{PREFIX}.drafts.*"
+def drafts(edge_id: str, scheduler_id: str) -> str:
+    """From one edge agent to the scheduler that owns the session: a draft tree (`DraftTreeMsg`).
+
+    The edge's id comes first so that a permission `drafts.<edge>.>` lets an edge publish
+    only as itself.
+    """
+    return f"{PREFIX}.drafts.{_token(edge_id)}.{_token(scheduler_id)}"
+
+
+def drafts_for(scheduler_id: str) -> str:
+    """What one scheduler subscribes to: drafts from any edge, addressed to it."""
+    return f"{PREFIX}.drafts.*.{_token(scheduler_id)}"
 
 
 SESSIONS_OPEN = f"{PREFIX}.sessions.open"

@@ -1,9 +1,11 @@
 """`specedge up`: the whole system on one machine.
 
-Starts (or connects to) nats-server and redis-server, starts the four services as child
-processes of the real `specedge` CLI, waits until all four are registered on the bus,
-prints where the gateway listens, and on Ctrl-C/SIGTERM — or if any child dies — stops
-everything, services first, servers last. Nothing is left running.
+Starts (or connects to) nats-server and redis-server, creates a gateway API key (user
+`local`; `--api-key` fixes it), starts the four services — N shared-pool edge agents and
+a server-side drafter — as child processes of the real `specedge` CLI, waits until all
+are registered on the bus, prints where the gateway listens, the key and an example
+request, and on Ctrl-C/SIGTERM — or if any child dies — stops everything, services
+first, servers last. Nothing is left running.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class UpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     edges: int = 2
+    api_key: str | None = None
+    server_drafter: bool = True
     ready_timeout_s: float = 120.0
     log_level: str = "info"
 
@@ -50,7 +54,8 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges: int) -> dict[str, list[str]]:
+def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges: int,
+                     server_drafter: bool = True) -> dict[str, list[str]]:
     """The argv of each service, as an operator would type it."""
     cli = [sys.executable, "-m", "specedge.cli"]
     commands = {
@@ -59,9 +64,23 @@ def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges:
     }
     for i in range(edges):
         commands[f"edge-agent-{i + 1}"] = [*cli, "edge-agent", "--nats-url", nats_url, "--name", f"edge-{i + 1}"]
+    if server_drafter:
+        commands["server-drafter"] = [*cli, "edge-agent", "--nats-url", nats_url, "--name", "server-drafter",
+                                      "--server-side"]
     commands["gateway"] = [*cli, "gateway", "--nats-url", nats_url, "--redis-url", redis_url,
                            "--host", host, "--port", str(port)]
     return commands
+
+
+def create_api_key(redis_url: str, key: str | None) -> str:
+    """The key `specedge up` prints: the given one, or a fresh one, for user `local`."""
+    from specedge.state import ApiKeys, connect_redis  # noqa: PLC0415
+
+    async def go() -> str:
+        async with connect_redis(redis_url) as client:
+            return await ApiKeys(client).create("local", "specedge up", key)
+
+    return asyncio.run(go())
 
 
 async def wait_until_registered(nats_url: str, roles: tuple[str, ...], timeout_s: float,
@@ -92,19 +111,21 @@ def run_up(settings: UpSettings) -> int:
         try:
             nats_url = settings.nats_url or launcher.start_nats().url
             redis_url = settings.redis_url or launcher.start_redis().url
-        except LauncherError as exc:
+            api_key = create_api_key(redis_url, settings.api_key)
+        except (LauncherError, ConnectionError, ValueError) as exc:
             log.error("%s", exc)
             return 2
         port = settings.port or free_port(settings.host)
         env = {**os.environ, "SPECEDGE_LOG_LEVEL": settings.log_level}
-        commands = service_commands(nats_url, redis_url, settings.host, port, settings.edges)
+        commands = service_commands(nats_url, redis_url, settings.host, port, settings.edges, settings.server_drafter)
         services = [launcher.spawn(role, argv, env=env) for role, argv in commands.items()]
 
         def all_running() -> bool:
             return not stop.is_set() and all(s.alive() for s in services)
 
         try:
-            roles = ROLES if settings.edges else tuple(r for r in ROLES if r != "edge-agent")
+            with_edges = settings.edges or settings.server_drafter
+            roles = ROLES if with_edges else tuple(r for r in ROLES if r != "edge-agent")
             found = asyncio.run(wait_until_registered(nats_url, roles, settings.ready_timeout_s, all_running))
         except (TimeoutError, ConnectionError) as exc:
             if not stop.is_set():
@@ -117,9 +138,10 @@ def run_up(settings: UpSettings) -> int:
         # The one line a user (and the e2e test) looks for, then how to talk to it:
         base = f"http://{settings.host}:{port}"
         sys.stdout.write(
-            f"SpecEdge is up: gateway {base} (OpenAI base URL {base}/v1); nats {nats_url}; redis {redis_url}. "
-            "Ctrl-C stops everything.\n"
-            f"Try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"SpecEdge is up: gateway {base} (OpenAI base URL {base}/v1); API key {api_key} ; "
+            f"nats {nats_url}; redis {redis_url}. Ctrl-C stops everything.\n"
+            f"Try: curl {base}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
+            "-H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{BUNDLED_TARGET}\", \"messages\": "
             f"[{{\"role\": \"user\", \"content\": \"Sort a list.\"}}], \"max_tokens\": 48}}'\n")
         sys.stdout.flush()

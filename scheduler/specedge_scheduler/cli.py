@@ -19,6 +19,12 @@ def command(
     edge_timeout: Annotated[float, typer.Option(
         "--edge-timeout", envvar="SPECEDGE_EDGE_TIMEOUT",
         help="Seconds without a heartbeat before an edge's sessions continue server-side.")] = 6.0,
+    verifier_timeout: Annotated[float, typer.Option(
+        "--verifier-timeout", envvar="SPECEDGE_VERIFIER_TIMEOUT",
+        help="Seconds without a heartbeat before a verifier's sessions move to another verifier.")] = 6.0,
+    session_ttl: Annotated[int, typer.Option(
+        "--session-ttl", envvar="SPECEDGE_SESSION_TTL",
+        help="Seconds a session's Redis keys outlive its last commit (bounds what a crash leaves).")] = 3600,
     budget: Annotated[int, typer.Option(
         "--budget", envvar="SPECEDGE_BUDGET", help="Draft tree size edges are asked for.")] = 32,
     depth: Annotated[int, typer.Option(
@@ -31,5 +37,6 @@ def command(
     from specedge_scheduler.main import serve  # noqa: PLC0415
 
     settings = build(SchedulerSettings, nats_url=nats_url, redis_url=redis_url, max_batch=max_batch,
-                     edge_timeout_s=edge_timeout, budget=budget, depth=depth, name=name, log_level=log_level)
+                     edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
+                     session_ttl_s=session_ttl, budget=budget, depth=depth, name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

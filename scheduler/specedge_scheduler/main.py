@@ -8,7 +8,7 @@ import logging
 
 from specedge import bus, registry
 from specedge.service import Lifecycle
-from specedge.state import connect_redis
+from specedge.state import SessionStore, connect_redis
 from specedge_scheduler.policy import SchedulingPolicy
 from specedge_scheduler.service import SchedulerService
 from specedge_scheduler.settings import SchedulerSettings
@@ -20,10 +20,12 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
     me = registry.announcement("scheduler", settings.name, settings.heartbeat_s)
     async with contextlib.AsyncExitStack() as stack:
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
-        await stack.enter_async_context(connect_redis(settings.redis_url))
-        policy = SchedulingPolicy(max_batch=settings.max_batch, edge_timeout_s=settings.edge_timeout_s)
+        store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)),
+                             settings.session_ttl_s)
+        policy = SchedulingPolicy(max_batch=settings.max_batch, edge_timeout_s=settings.edge_timeout_s,
+                                  verifier_timeout_s=settings.verifier_timeout_s)
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
-        service = SchedulerService(nc, policy, shape)
+        service = SchedulerService(nc, me.instance_id, store, policy, shape)
         await service.subscribe()
         await service.refresh()
         await stack.enter_async_context(registry.presence(nc, me))

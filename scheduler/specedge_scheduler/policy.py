@@ -5,9 +5,12 @@ caller and returns decisions as plain data, so the service wires it to the bus a
 simulator can drive it. This is the simple policy (least-loaded assignment, FIFO batches
 per verifier); pipeline-aware scheduling builds on it.
 
-Vocabulary: a *verifier* holds sessions' target caches; an *edge* drafts for sessions; a
-session with no edge is drafted *server-side* (here: empty trees, i.e. autoregressive
-steps, until an edge takes it); a *batch* is the trees one verifier checks in one pass.
+Vocabulary: a *verifier* holds sessions' target caches; an *edge* drafts for sessions —
+a user's own edge (private to that user), an edge of the *shared* pool, or a *server*
+drafter run by the operator beside the verifiers (mode `server-only`); a session with no
+edge takes *server steps* (empty trees: one autoregressive step each); a *batch* is the
+trees one verifier checks in one pass. A session whose verifier is gone moves to another
+verifier, which re-prefills it from its committed tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from specedge.protocol import DraftTreeMsg
+from specedge.protocol import DraftTreeMsg, Mode
+
+EdgePool = str  # "user" (private to `Worker.user`), "shared" or "server"
 
 
 @dataclass
@@ -26,6 +31,8 @@ class Worker:
     capacity: int
     last_seen: float
     fingerprint: str = ""  # tokenizer fingerprint: an edge drafts only for a verifier with the same
+    user: str = ""  # an edge's owner; "" for the shared pool and server drafters
+    pool: EdgePool = "shared"
     sessions: set[str] = field(default_factory=set)
 
     @property
@@ -38,9 +45,12 @@ class SessionState:
     session_id: str
     verifier: str
     edge: str | None
+    user: str = ""
+    mode: Mode = "specedge"
     cycle: int = 0
     committed_len: int = 0
     in_flight: bool = False  # a tree of this session is queued or being verified
+    refusals: int = 0  # trees refused by the verifier in a row
 
 
 @dataclass(frozen=True)
@@ -54,10 +64,12 @@ class NoCapacityError(RuntimeError):
 
 
 class SchedulingPolicy:
-    """Least-loaded assignment and FIFO batching; edges time out after `edge_timeout_s`."""
+    """Least-loaded assignment and FIFO batching; silent edges and verifiers time out."""
 
-    def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0) -> None:
-        self.max_batch, self.edge_timeout_s = max_batch, edge_timeout_s
+    MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
+
+    def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0) -> None:
+        self.max_batch, self.edge_timeout_s, self.verifier_timeout_s = max_batch, edge_timeout_s, verifier_timeout_s
         self.verifiers: dict[str, Worker] = {}
         self.edges: dict[str, Worker] = {}
         self.sessions: dict[str, SessionState] = {}
@@ -70,11 +82,43 @@ class SchedulingPolicy:
         worker.capacity, worker.last_seen, worker.fingerprint = capacity, now, fingerprint
         self._queues.setdefault(instance_id, deque())
 
-    def edge_seen(self, instance_id: str, capacity: int, now: float, fingerprint: str = "") -> bool:
+    def edge_seen(self, instance_id: str, capacity: int, now: float, fingerprint: str = "", user: str = "",
+                  pool: EdgePool = "shared") -> bool:
         """Record an edge's heartbeat; False if its tokenizer matches no verifier's (it gets no work)."""
+        if pool not in ("user", "shared", "server") or (pool == "user") != bool(user):
+            raise ValueError(f"edge pool {pool!r} with user {user!r}: a user edge names its user, no other does")
         worker = self.edges.setdefault(instance_id, Worker(instance_id, capacity, now))
         worker.capacity, worker.last_seen, worker.fingerprint = capacity, now, fingerprint
+        worker.user, worker.pool = user, pool
         return not self.verifiers or any(v.fingerprint == fingerprint for v in self.verifiers.values())
+
+    def verifier_gone(self, instance_id: str) -> list[str]:
+        """Forget a verifier; its sessions move to the others (re-prefilled there from committed
+        tokens), or, with no room anywhere, are returned as lost. Returns the lost sessions."""
+        worker = self.verifiers.pop(instance_id, None)
+        queue = self._queues.pop(instance_id, deque())
+        if worker is None:
+            return []
+        lost = []
+        for session_id in sorted(worker.sessions):
+            state = self.sessions[session_id]
+            others = [w for w in self.verifiers.values() if w.free > 0 and w.fingerprint == worker.fingerprint]
+            if not others:
+                lost.append(session_id)
+                continue
+            target = max(others, key=lambda w: (w.free, w.instance_id))
+            target.sessions.add(session_id)
+            state.verifier = target.instance_id
+        for tree in queue:  # queued trees follow their sessions
+            state = self.sessions.get(tree.session_id)
+            if state is not None and state.session_id not in lost:
+                self._queues[state.verifier].append(tree)
+        return lost
+
+    def expire_verifiers(self, now: float) -> dict[str, list[str]]:
+        """Verifiers silent for longer than the timeout, with the sessions each loses."""
+        stale = [v for v, w in self.verifiers.items() if now - w.last_seen > self.verifier_timeout_s]
+        return {verifier: self.verifier_gone(verifier) for verifier in stale}
 
     def edge_gone(self, instance_id: str) -> list[str]:
         """Forget an edge; returns its sessions, now drafted server-side."""
@@ -92,22 +136,39 @@ class SchedulingPolicy:
 
     # -- sessions -----------------------------------------------------------------
 
-    def assign(self, session_id: str, committed_len: int, use_edge: bool = True) -> Assignment:
+    def assign(self, session_id: str, committed_len: int, mode: Mode = "specedge", user: str = "") -> Assignment:
+        """A verifier (most room) and a drafter for a new session.
+
+        Mode `specedge`: the user's own edge, else the shared pool, else a server drafter,
+        else server steps. `server-only`: a server drafter, else server steps.
+        `autoregressive`: server steps. Never another user's edge.
+        """
         if session_id in self.sessions:
             raise ValueError(f"session {session_id!r} is already assigned")
         verifiers = [w for w in self.verifiers.values() if w.free > 0]
         if not verifiers:
             raise NoCapacityError("no verifier has room for another session")
         verifier = max(verifiers, key=lambda w: (w.free, w.instance_id))
-        edges = [w for w in self.edges.values()
-                 if use_edge and w.free > 0 and w.fingerprint == verifier.fingerprint]
-        edge = max(edges, key=lambda w: (w.free, w.instance_id)) if edges else None
+        edge = self._drafter_for(mode, user, verifier.fingerprint)
         verifier.sessions.add(session_id)
         if edge is not None:
             edge.sessions.add(session_id)
         self.sessions[session_id] = SessionState(session_id, verifier.instance_id,
-                                                 edge.instance_id if edge else None, committed_len=committed_len)
+                                                 edge.instance_id if edge else None, user=user, mode=mode,
+                                                 committed_len=committed_len)
         return Assignment(verifier.instance_id, edge.instance_id if edge else None)
+
+    def _drafter_for(self, mode: Mode, user: str, fingerprint: str) -> Worker | None:
+        pools = {"specedge": [("user", user), ("shared", ""), ("server", "")],
+                 "server-only": [("server", "")], "autoregressive": []}[mode]
+        for pool, owner in pools:
+            if pool == "user" and not user:
+                continue
+            edges = [w for w in self.edges.values() if w.pool == pool and w.user == owner and w.free > 0
+                     and w.fingerprint == fingerprint]
+            if edges:
+                return max(edges, key=lambda w: (w.free, w.instance_id))
+        return None
 
     def finish(self, session_id: str) -> None:
         state = self.sessions.pop(session_id, None)
@@ -159,10 +220,26 @@ class SchedulingPolicy:
         state.cycle += 1
         state.committed_len += new_tokens
         state.in_flight = False
+        state.refusals = 0
 
     def requeue(self, trees: list[DraftTreeMsg]) -> None:
-        """A batch that failed (verifier gone): its sessions may draft again."""
-        for tree in trees:
+        """A batch that failed (its verifier did not answer): its trees go back to the front
+        of their sessions' verifiers' queues — which may be new verifiers by now."""
+        for tree in reversed(trees):
             state = self.sessions.get(tree.session_id)
             if state is not None:
-                state.in_flight = False
+                self._queues[state.verifier].appendleft(tree)
+
+    def refused(self, tree: DraftTreeMsg) -> bool:
+        """The verifier refused this tree: replace it with a server step for the same cycle
+        (the session moves on; its edge sees an empty accepted path). Returns False when the
+        session keeps being refused and should end with an error."""
+        state = self.sessions.get(tree.session_id)
+        if state is None:
+            return True
+        state.refusals += 1
+        if state.refusals >= self.MAX_REFUSALS:
+            return False
+        self._queues[state.verifier].append(DraftTreeMsg(session_id=state.session_id, cycle=state.cycle,
+                                                         committed_len=state.committed_len, tokens=[], parents=[]))
+        return True

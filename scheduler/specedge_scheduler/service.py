@@ -1,12 +1,15 @@
 """The scheduler on the bus: opens sessions, collects drafts, dispatches verification batches.
 
-Owns the wiring of `SchedulingPolicy` to NATS: registry traffic tells it which verifiers
-and edges exist (and their capacity); `sessions.open` requests are assigned, prefilled on
-their verifier and handed to an edge; drafts arriving on `drafts.<edge>` are checked and
-queued; whenever a verifier is free, its next batch goes out in one request; each result
-goes back to the session's edge and, as a `TokenEvent`, to whoever opened the session.
-Edges that stop heartbeating are dropped and their sessions continue server-side
-(autoregressive steps) without losing or repeating a token. Decisions live in the policy.
+Owns the wiring of `SchedulingPolicy` to NATS and Redis: registry traffic tells it which
+verifiers and edges exist (and their capacity, owner and pool); `sessions.open` requests
+(queue group `schedulers`: each goes to one scheduler, which then owns the session) are
+recorded in Redis, assigned, prefilled on their verifier and handed to a drafter; drafts
+arrive on `drafts.<edge>.<this scheduler>`, are checked and queued; whenever a verifier is
+free, its next batch goes out in one request; each result goes back to the session's edge
+and, as a `TokenEvent`, to whoever opened the session. Edges that stop heartbeating are
+dropped and their sessions continue with server steps; a verifier that stops is replaced
+by another, which re-prefills the session from its committed tokens in Redis — without
+losing or repeating a token. Decisions live in the policy.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from specedge.protocol import (
     CloseSession,
     DraftAssign,
     DraftTreeMsg,
+    EdgeRefused,
     PrefillReply,
     PrefillRequest,
     ProtocolError,
@@ -37,7 +41,9 @@ from specedge.protocol import (
     TokenEvent,
     VerifyBatchReply,
     VerifyBatchRequest,
+    VerifyResult,
 )
+from specedge.state import SessionStore
 from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
 
 log = logging.getLogger("specedge_scheduler")
@@ -51,9 +57,10 @@ class _Output:
 
 
 class SchedulerService:
-    def __init__(self, nc: Client, policy: SchedulingPolicy, draft_shape: dict[str, int],
-                 request_timeout_s: float = 30.0) -> None:
-        self.nc, self.policy, self.draft_shape = nc, policy, draft_shape
+    def __init__(self, nc: Client, instance_id: str, store: SessionStore, policy: SchedulingPolicy,
+                 draft_shape: dict[str, int], request_timeout_s: float = 30.0) -> None:
+        self.nc, self.instance_id, self.store = nc, instance_id, store
+        self.policy, self.draft_shape = policy, draft_shape
         self.request_timeout_s = request_timeout_s
         self.reject = Rejections(log)
         self._outputs: dict[str, _Output] = {}
@@ -66,14 +73,14 @@ class SchedulerService:
         await self.nc.subscribe(subjects.REGISTRY_LEAVE_ALL, cb=self.on_leave)
         await self.nc.subscribe(subjects.SESSIONS_OPEN, queue="schedulers", cb=self.on_open)
         await self.nc.subscribe(subjects.SESSIONS_CLOSE, cb=self.on_close)
-        await self.nc.subscribe(subjects.DRAFTS_ALL, cb=self.on_draft)
+        await self.nc.subscribe(subjects.drafts_for(self.instance_id), cb=self.on_draft)
         await self.nc.flush()
 
     # -- membership ---------------------------------------------------------------------
 
     async def on_announce(self, msg: Msg) -> None:
         try:
-            self._seen(protocol.decode(msg.data, ServiceAnnouncement))
+            await self._seen(protocol.decode(msg.data, ServiceAnnouncement))
         except (ProtocolError, ValueError):
             self.reject("bad_announcement", "an announcement")
 
@@ -81,9 +88,9 @@ class SchedulerService:
         """Ask the bus who is there now (at start, and when no verifier is known)."""
         for ann in await registry.discover(self.nc, wait_s=0.3):
             with contextlib.suppress(ValueError):
-                self._seen(ann)
+                await self._seen(ann)
 
-    def _seen(self, ann: ServiceAnnouncement) -> None:
+    async def _seen(self, ann: ServiceAnnouncement) -> None:
         capacity = int(ann.details.get("max_sessions", "0"))
         fingerprint = ann.details.get("tokenizer_fingerprint", "")
         now = time.monotonic()
@@ -91,10 +98,13 @@ class SchedulerService:
             self.policy.verifier_seen(ann.instance_id, capacity, now, fingerprint)
         elif ann.role == "edge-agent":
             new = ann.instance_id not in self.policy.edges
-            if not self.policy.edge_seen(ann.instance_id, capacity, now, fingerprint) and new:
-                log.warning("edge %s (%s) refused: its draft model's tokenizer (%s) differs from every "
-                            "verifier's target tokenizer; it will get no sessions",
-                            ann.name, ann.details.get("model", "?"), fingerprint)
+            user, pool = ann.details.get("user", ""), ann.details.get("pool", "shared")
+            if not self.policy.edge_seen(ann.instance_id, capacity, now, fingerprint, user, pool) and new:
+                message = (f"the draft model's tokenizer ({fingerprint}) differs from every verifier's target "
+                           "tokenizer: this edge gets no sessions; use a draft model of the target's family")
+                log.warning("edge %s (%s) refused: %s", ann.name, ann.details.get("model", "?"), message)
+                await self.nc.publish(subjects.edge_refused(ann.instance_id), protocol.encode(
+                    EdgeRefused(reason="tokenizer_mismatch", message=message)))
         self._wake.set()
 
     async def on_leave(self, msg: Msg) -> None:
@@ -105,10 +115,18 @@ class SchedulerService:
             return
         if leave.role == "edge-agent":
             self._fall_back(leave.instance_id, self.policy.edge_gone(leave.instance_id))
+        elif leave.role == "verifier":
+            await self._verifier_gone(leave.instance_id, self.policy.verifier_gone(leave.instance_id))
 
     def _fall_back(self, edge: str, sessions: list[str]) -> None:
         if sessions:
-            log.warning("edge %s is gone; %d session(s) continue with server-side drafting", edge, len(sessions))
+            log.warning("edge %s is gone; %d session(s) continue with server steps", edge, len(sessions))
+        self._wake.set()
+
+    async def _verifier_gone(self, verifier: str, lost: list[str]) -> None:
+        log.warning("verifier %s is gone; its sessions move to other verifiers", verifier)
+        for sid in lost:
+            await self._fail(sid, "no verifier has room to resume the session")
         self._wake.set()
 
     # -- sessions -----------------------------------------------------------------------
@@ -124,15 +142,18 @@ class SchedulerService:
         try:
             subjects.session_tokens(sid)  # the id must be usable in a subject
             try:
-                assignment = self.policy.assign(sid, len(request.tokens), use_edge=request.use_edge)
+                assignment = self.policy.assign(sid, len(request.tokens), request.mode, request.user)
             except NoCapacityError:
                 await self.refresh()  # a verifier may have started since our last heartbeat from it
-                assignment = self.policy.assign(sid, len(request.tokens), use_edge=request.use_edge)
+                assignment = self.policy.assign(sid, len(request.tokens), request.mode, request.user)
         except (ValueError, NoCapacityError) as exc:
             await msg.respond(protocol.encode(SessionOpened(session_id=sid, error=str(exc))))
             return
         prefill = PrefillRequest(session_id=sid, tokens=request.tokens, sampling=request.sampling)
         try:
+            await self.store.create(sid, request.tokens, request.sampling, user=request.user, mode=request.mode,
+                                    scheduler=self.instance_id, verifier=assignment.verifier,
+                                    edge=assignment.edge or "")
             reply = await self.nc.request(subjects.verifier_prefill(assignment.verifier), protocol.encode(prefill),
                                           timeout=self.request_timeout_s)
             error = protocol.decode(reply.data, PrefillReply).error
@@ -140,12 +161,14 @@ class SchedulerService:
             error = f"prefill failed: {exc!r}"
         if error:
             self.policy.finish(sid)
+            with contextlib.suppress(Exception):
+                await self.store.end(sid)
             await msg.respond(protocol.encode(SessionOpened(session_id=sid, error=error)))
             return
         self._outputs[sid] = _Output(request.max_new_tokens, set(request.eos_ids))
         if assignment.edge is not None:
             await self.nc.publish(subjects.edge_assign(assignment.edge), protocol.encode(
-                DraftAssign(session_id=sid, tokens=request.tokens, **self.draft_shape)))
+                DraftAssign(session_id=sid, tokens=request.tokens, scheduler=self.instance_id, **self.draft_shape)))
         await msg.respond(protocol.encode(SessionOpened(session_id=sid, verifier=assignment.verifier,
                                                         edge=assignment.edge)))
         self._wake.set()
@@ -161,6 +184,10 @@ class SchedulerService:
         self.policy.finish(session_id)
         if state is None:
             return
+        try:
+            await self.store.end(session_id)
+        except Exception as exc:  # the keys expire on their own
+            log.warning("could not delete session %s from Redis: %r", session_id[:16], exc)
         close = protocol.encode(CloseSession(session_id=session_id))
         await self.nc.publish(subjects.verifier_close(state.verifier), close)
         if state.edge is not None:
@@ -168,8 +195,18 @@ class SchedulerService:
 
     # -- drafts and batches -----------------------------------------------------------
 
+    async def _fail(self, session_id: str, error: str) -> None:
+        """End a session that cannot go on, telling its caller why."""
+        output = self._outputs.get(session_id)
+        if output is not None:
+            log.error("session %s ends: %s", session_id[:16], error)
+            event = TokenEvent(session_id=session_id, index=output.generated, tokens=[], finished=True,
+                               finish_reason="error", error=error)
+            await self.nc.publish(subjects.session_tokens(session_id), protocol.encode(event))
+        await self._end(session_id)
+
     async def on_draft(self, msg: Msg) -> None:
-        edge = msg.subject.rsplit(".", 1)[-1]
+        edge = msg.subject.split(".")[-2]
         if (tree := self.reject.decode(msg.data, DraftTreeMsg, f"a draft from {edge}")) is None:
             return
         if (reason := self.policy.draft_arrived(tree, edge)) is not None:
@@ -183,8 +220,11 @@ class SchedulerService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
             self._wake.clear()
-            for edge, sessions in self.policy.expire_edges(time.monotonic()).items():
+            now = time.monotonic()
+            for edge, sessions in self.policy.expire_edges(now).items():
                 self._fall_back(edge, sessions)
+            for verifier, lost in self.policy.expire_verifiers(now).items():
+                await self._verifier_gone(verifier, lost)
             self.policy.server_side_trees()
             for verifier in list(self.policy.verifiers):
                 if verifier in self._busy:
@@ -203,17 +243,36 @@ class SchedulerService:
                                          timeout=self.request_timeout_s)
             reply = protocol.decode(data.data, VerifyBatchReply)
         except Exception as exc:
-            log.warning("batch for verifier %s failed (%r); its sessions will draft again", verifier, exc)
+            log.warning("batch for verifier %s failed (%r); its trees wait for a verifier", verifier, exc)
             self.policy.requeue(batch)
+            await asyncio.sleep(0.5)  # a dead verifier answers at once: do not spin until it expires
             return
         finally:
             self._busy.discard(verifier)
             self._wake.set()
+        by_session = {t.session_id: t for t in batch}
         for rejection in reply.rejected:
             self.reject(rejection.reason, f"a tree verified by {verifier}")
-        self.policy.requeue([t for t in batch if t.session_id in {r.session_id for r in reply.rejected}])
+            tree = by_session.get(rejection.session_id)
+            if tree is None:
+                continue
+            if rejection.reason == "stale_cycle" and await self._catch_up(tree):
+                continue
+            if not self.policy.refused(tree):
+                await self._fail(tree.session_id, f"the verifier keeps refusing its trees ({rejection.reason})")
         for result in reply.results:
             await self._deliver(result)
+
+    async def _catch_up(self, tree: DraftTreeMsg) -> bool:
+        """A verifier committed this tree's cycle but its reply was lost (it died, or timed out):
+        deliver that cycle from Redis instead of drafting it again. True if it did."""
+        record = await self.store.load(tree.session_id)
+        if record is None or record.cycle != tree.cycle + 1 or len(record.tokens) <= tree.committed_len:
+            return False
+        new = record.tokens[tree.committed_len:]
+        await self._deliver(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
+                                         committed_len=tree.committed_len, accepted=new[:-1], bonus=new[-1]))
+        return True
 
     async def _deliver(self, result: protocol.VerifyResult) -> None:
         sid = result.session_id

@@ -19,7 +19,7 @@ from specedge.protocol import (
     VerifyBatchReply,
     VerifyBatchRequest,
 )
-from tests.helpers import registered, start_cli, wait_for
+from tests.helpers import record_session, registered, start_cli, wait_for
 
 NEW_TOKENS = 40
 
@@ -45,13 +45,15 @@ async def test_edge_drafts_verifier_verifies_output_is_exact(nats_url, redis_url
         found = await asyncio.to_thread(wait_for, lambda r=role, p=proc: registered(nats_url, r, p.pid), 60, role)
         ids[role] = found[0].instance_id
     nc = await nats.connect(nats_url)
-    drafts = await nc.subscribe(subjects.drafts(ids["edge-agent"]))
+    drafts = await nc.subscribe(subjects.drafts(ids["edge-agent"], "test-scheduler"))
     await nc.flush()
+    await record_session(redis_url, "s", prompt)
     opened = await nc.request(subjects.verifier_prefill(ids["verifier"]),
                               protocol.encode(PrefillRequest(session_id="s", tokens=prompt)), timeout=30)
     assert protocol.decode(opened.data, PrefillReply).error is None
     await nc.publish(subjects.edge_assign(ids["edge-agent"]),
-                     protocol.encode(DraftAssign(session_id="s", tokens=prompt, budget=16, depth=3, branch=4, beams=8)))
+                     protocol.encode(DraftAssign(session_id="s", tokens=prompt, scheduler="test-scheduler", budget=16,
+                                                 depth=3, branch=4, beams=8)))
     output, cycles, nodes = [], 0, 0
     while len(output) < NEW_TOKENS:
         tree = protocol.decode((await drafts.next_msg(timeout=30)).data, DraftTreeMsg)

@@ -95,7 +95,7 @@ async def test_killing_the_edge_mid_generation_loses_and_repeats_nothing(stack, 
     assert opened.edge is not None
     tokens, events = await collect(sub, on_first=lambda: stack["edge-agent"].kill())
     assert tokens == reference
-    assert "continue with server-side drafting" in (tmp_path / "scheduler.log").read_text()
+    assert "continue with server steps" in (tmp_path / "scheduler.log").read_text()
     await nc.close()
 
 

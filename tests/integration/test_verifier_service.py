@@ -20,7 +20,8 @@ from specedge.protocol import (
     VerifyBatchReply,
     VerifyBatchRequest,
 )
-from tests.helpers import registered, start_cli, wait_for
+from specedge.protocol import CloseSession
+from tests.helpers import committed_tokens, record_session, registered, start_cli, wait_for
 
 
 @pytest.fixture
@@ -39,35 +40,82 @@ async def request(nc, subject: str, message, reply_type):
     return protocol.decode(reply.data, reply_type)
 
 
-async def test_speculative_decoding_over_nats_matches_transformers(verifier, nats_url):
-    instance, log_path = verifier
+def prompt_and_reference(text: str, new_tokens: int) -> tuple[list[int], list[int]]:
     target = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
     tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
-    text = tok.apply_chat_template([{"role": "user", "content": "Parse a date string."}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        reference = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)[0, len(prompt):]
-    drafter = Drafter(AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_DRAFT)).eval(),
-                      TreeParams(budget=16, depth=3, branch=4, beams=8))
-    drafter.open("s1", prompt)
+        reference = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens)
+    return prompt, reference[0, len(prompt):].tolist()
+
+
+def drafter() -> Drafter:
+    return Drafter(AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_DRAFT)).eval(),
+                   TreeParams(budget=16, depth=3, branch=4, beams=8))
+
+
+async def test_speculative_decoding_over_nats_matches_transformers(verifier, nats_url, redis_url):
+    instance, log_path = verifier
+    prompt, reference = prompt_and_reference("Parse a date string.", 32)
+    edge = drafter()
+    edge.open("s1", prompt)
+    await record_session(redis_url, "s1", prompt)
     nc = await nats.connect(nats_url)
     opened = await request(nc, subjects.verifier_prefill(instance), PrefillRequest(session_id="s1", tokens=prompt),
                            PrefillReply)
     assert (opened.error, opened.committed_len) == (None, len(prompt))
     output = []
     while len(output) < 32:
-        tree = drafter.draft("s1")
+        tree = edge.draft("s1")
         reply = await request(nc, subjects.verifier_verify(instance),
                               VerifyBatchRequest(batch_id=f"b{tree.cycle}", trees=[tree]), VerifyBatchReply)
         assert reply.rejected == [] and len(reply.results) == 1
-        drafter.on_result(reply.results[0])
+        edge.on_result(reply.results[0])
         output += [*reply.results[0].accepted, reply.results[0].bonus]
-    assert output[:32] == reference.tolist()[:32]
+    assert output[:32] == reference[:32]
+    assert await committed_tokens(redis_url, "s1") == prompt + output  # every cycle committed once
     await nc.close()
 
 
-async def test_bad_messages_are_refused_with_reasons_and_the_service_lives_on(verifier, nats_url):
+async def test_evicted_sessions_are_re_prefilled_from_redis_and_replays_never_commit_twice(
+        verifier, nats_url, redis_url):
+    instance, log_path = verifier
+    prompt, reference = prompt_and_reference("Merge two sorted lists.", 40)
+    edge = drafter()
+    edge.open("r", prompt)
+    await record_session(redis_url, "r", prompt)  # recorded, never prefilled here
+    nc = await nats.connect(nats_url)
+    output, replays = [], 0
+    while len(output) < 40:
+        tree = edge.draft("r")
+        if tree.cycle % 3 == 2:  # drop the cache now and then: the verifier must rebuild it
+            await nc.publish(subjects.verifier_close(instance), protocol.encode(CloseSession(session_id="r")))
+        verify = VerifyBatchRequest(batch_id=f"b{tree.cycle}", trees=[tree])
+        reply = await request(nc, subjects.verifier_verify(instance), verify, VerifyBatchReply)
+        assert reply.rejected == [] and len(reply.results) == 1
+        if tree.cycle % 4 == 1:  # the scheduler lost the reply and sends the same tree again
+            again = await request(nc, subjects.verifier_verify(instance), verify, VerifyBatchReply)
+            assert again.results == reply.results
+            replays += 1
+        edge.on_result(reply.results[0])
+        output += [*reply.results[0].accepted, reply.results[0].bonus]
+    assert output[:40] == reference
+    assert replays and await committed_tokens(redis_url, "r") == prompt + output
+    text = log_path.read_text()
+    assert text.count("re-prefilled from") >= 2
+    # a tree for a cycle that is already committed, once the verifier no longer holds the
+    # session, is refused: the durable state is ahead of it
+    await nc.publish(subjects.verifier_close(instance), protocol.encode(CloseSession(session_id="r")))
+    stale = DraftTreeMsg(session_id="r", cycle=0, committed_len=len(prompt), tokens=[], parents=[])
+    reply = await request(nc, subjects.verifier_verify(instance), VerifyBatchRequest(batch_id="z", trees=[stale]),
+                          VerifyBatchReply)
+    assert [r.reason for r in reply.rejected] == ["stale_cycle"]
+    assert await committed_tokens(redis_url, "r") == prompt + output
+    await nc.close()
+
+
+async def test_bad_messages_are_refused_with_reasons_and_the_service_lives_on(verifier, nats_url, redis_url):
     instance, log_path = verifier
     nc = await nats.connect(nats_url)
     garbage = await nc.request(subjects.verifier_verify(instance), b"\xc1garbage", timeout=10)
@@ -75,6 +123,7 @@ async def test_bad_messages_are_refused_with_reasons_and_the_service_lives_on(ve
     bad_prompt = await request(nc, subjects.verifier_prefill(instance),
                                PrefillRequest(session_id="x", tokens=[10**9]), PrefillReply)
     assert bad_prompt.error == "bad_prompt"
+    await record_session(redis_url, "s", [5, 6, 7])
     ok = await request(nc, subjects.verifier_prefill(instance), PrefillRequest(session_id="s", tokens=[5, 6, 7]),
                        PrefillReply)
     assert ok.error is None

@@ -26,15 +26,16 @@ def test_top_level_lists_every_role_and_up():
 @pytest.mark.parametrize(
     ("role", "flags"),
     [
-        ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--tokenizer", "--max-context", "--name",
-                     "--log-level"]),
-        ("scheduler", ["--nats-url", "--redis-url", "--max-batch", "--edge-timeout", "--budget", "--depth", "--name",
-                       "--log-level"]),
+        ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--tokenizer", "--max-context",
+                     "--require-api-key", "--name", "--log-level"]),
+        ("scheduler", ["--nats-url", "--redis-url", "--max-batch", "--edge-timeout", "--verifier-timeout",
+                       "--session-ttl", "--budget", "--depth", "--name", "--log-level"]),
         ("verifier", ["--nats-url", "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--name", "--log-level"]),
-        ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--name",
-                        "--log-level"]),
-        ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--ready-timeout", "--log-level"]),
+        ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--user",
+                        "--server-side", "--name", "--log-level"]),
+        ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--api-key", "--server-drafter",
+                "--ready-timeout", "--log-level"]),
     ],
 )
 def test_each_flag_is_documented_with_its_env_var(role, flags):
@@ -43,7 +44,7 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         assert flag in text, flag
         env = "SPECEDGE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert env in text, env
-    options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help"}
+    options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 
 

@@ -76,8 +76,58 @@ def test_a_silent_edge_expires_and_its_sessions_continue_server_side():
     assert [(t.session_id, t.tokens) for t in queued] == [("s1", [])]
     assert p.server_side_trees() == []  # one in flight at a time
     assert p.next_batch("v1") == queued
-    p.requeue(queued)
-    assert len(p.server_side_trees()) == 1
+    p.requeue(queued)  # the verifier did not answer: the same trees wait again
+    assert p.server_side_trees() == []
+    assert p.next_batch("v1") == queued
+
+
+def test_users_get_their_own_edge_then_the_shared_pool_then_the_server_never_another_users():
+    p = SchedulingPolicy()
+    p.verifier_seen("v", capacity=9, now=0)
+    p.edge_seen("alice-gpu", capacity=1, now=0, user="alice", pool="user")
+    p.edge_seen("bob-gpu", capacity=5, now=0, user="bob", pool="user")
+    p.edge_seen("pool", capacity=1, now=0)
+    p.edge_seen("server", capacity=5, now=0, pool="server")
+    assert p.assign("a1", 5, user="alice").edge == "alice-gpu"
+    assert p.assign("a2", 5, user="alice").edge == "pool"
+    assert p.assign("a3", 5, user="alice").edge == "server"
+    assert p.assign("c1", 5, user="carol").edge == "server"
+    assert p.assign("anon", 5).edge == "server"
+    assert p.assign("so", 5, mode="server-only", user="bob").edge == "server"
+    assert p.assign("ar", 5, mode="autoregressive", user="bob").edge is None
+    assert p.assign("b1", 5, user="bob").edge == "bob-gpu"
+    assert "bob-gpu" not in {s.edge for s in p.sessions.values() if s.user != "bob"}
+    with pytest.raises(ValueError, match="user edge"):
+        p.edge_seen("odd", capacity=1, now=0, user="", pool="user")
+
+
+def test_a_lost_verifier_hands_its_sessions_and_queued_trees_to_another():
+    p = policy()
+    p.assign("s1", 10)  # v1 (most room), e1
+    p.assign("s2", 10)  # v1 and v2 tie on room: v2 by name
+    assert p.sessions["s1"].verifier == "v1"
+    assert p.draft_arrived(tree("s1"), "e1") is None
+    p.verifier_seen("v2", capacity=1, now=4)
+    p.verifier_seen("v2", capacity=2, now=4)
+    assert p.expire_verifiers(now=5) == {}
+    moved = p.expire_verifiers(now=7)
+    assert set(moved) == {"v1"}
+    assert p.sessions["s1"].verifier == "v2"
+    assert p.next_batch("v2") == [tree("s1")]  # its queued tree followed it
+    assert p.verifier_gone("v2") == ["s1", "s2"]  # nowhere left to go: the service ends them
+    assert "v2" not in p.verifiers
+
+
+def test_refused_trees_become_server_steps_until_the_session_gives_up():
+    p = policy()
+    p.assign("s1", 10)
+    assert p.draft_arrived(tree("s1"), "e1") is None
+    batch = p.next_batch("v1")
+    assert p.refused(batch[0])
+    step = p.next_batch("v1")
+    assert [(t.cycle, t.committed_len, t.tokens) for t in step] == [(0, 10, [])]
+    assert p.refused(step[0])
+    assert not p.refused(p.next_batch("v1")[0])
 
 
 def test_policy_imports_neither_nats_nor_redis_and_light_services_never_torch():

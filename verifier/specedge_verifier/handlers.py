@@ -1,9 +1,13 @@
 """The verifier's face on the bus: prefill, verify and close requests for its sessions.
 
 Owns decoding and checking what arrives (a malformed message or tree is refused with a
-short reason, logged without contents and counted; it never crashes the service), and
-running the target model off the event loop, one pass at a time. The target-side
-engine is `specedge.engine.parties.Verifier`; batching is the scheduler's.
+short reason, logged without contents and counted; it never crashes the service),
+running the target model off the event loop, one pass at a time, and the session's
+durable side: each verified cycle is committed to Redis exactly once before its result
+is published; a tree for a session this verifier does not hold (its cache was evicted,
+or the session moved here from a verifier that died) is re-prefilled from the committed
+tokens in Redis; a replay of the cycle just verified gets the same result again. The
+target-side engine is `specedge.engine.parties.Verifier`; batching is the scheduler's.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from specedge.protocol import (
     Rejections,
     VerifyBatchReply,
     VerifyBatchRequest,
+    VerifyResult,
 )
+from specedge.state import Commit, SessionStore
 
 log = logging.getLogger("specedge_verifier")
 
@@ -37,10 +43,12 @@ log = logging.getLogger("specedge_verifier")
 class VerifierService:
     """Handlers for one verifier instance; `rejected` counts refusals by reason."""
 
-    def __init__(self, nc: Client, instance_id: str, verifier: Verifier) -> None:
-        self.nc, self.instance_id, self.verifier = nc, instance_id, verifier
+    def __init__(self, nc: Client, instance_id: str, verifier: Verifier, store: SessionStore) -> None:
+        self.nc, self.instance_id, self.verifier, self.store = nc, instance_id, verifier, store
         self.reject = Rejections(log)
         self._model_lock = asyncio.Lock()  # one forward pass at a time
+        self._last: dict[str, VerifyResult] = {}  # each session's latest result, for replays
+        self.reprefills = 0
 
     async def subscribe(self) -> None:
         await self.nc.subscribe(subjects.verifier_prefill(self.instance_id), cb=self.on_prefill)
@@ -63,22 +71,51 @@ class VerifierService:
             self.reject("bad_prompt", "a prefill request")
             await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_prompt"))
             return
-        s = request.sampling
         try:
-            params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+            params = _sampling(request.sampling)
         except ValueError:
             self.reject("bad_sampling", "a prefill request")
             await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_sampling"))
             return
         async with self._model_lock:
-            self.verifier.close(request.session_id)  # a re-prefill replaces the old cache
-            try:
-                await asyncio.to_thread(self.verifier.open, request.session_id, request.tokens, params)
-            except CacheFullError:
-                self.verifier.close(request.session_id)
-                await self._reply(msg, PrefillReply(session_id=request.session_id, error="no_capacity"))
-                return
-        await self._reply(msg, PrefillReply(session_id=request.session_id, committed_len=len(request.tokens)))
+            error = await self._open(request.session_id, request.tokens, params, cycle=0)
+        await self._reply(msg, PrefillReply(session_id=request.session_id, committed_len=len(request.tokens),
+                                            error=error))
+
+    async def _open(self, session_id: str, tokens: list[int], params: SamplingParams, cycle: int) -> str | None:
+        """(Re-)prefill a session; holds the model lock. Returns an error reason or None."""
+        self.verifier.close(session_id)  # a re-prefill replaces the old cache
+        self._last.pop(session_id, None)
+        try:
+            await asyncio.to_thread(self.verifier.open, session_id, tokens, params, cycle)
+        except (CacheFullError, ValueError):
+            self.verifier.close(session_id)
+            return "no_capacity"
+        return None
+
+    async def _resume(self, tree: protocol.DraftTreeMsg) -> str | None:
+        """A tree for a session not held here: re-prefill it from Redis. Returns why not, or None."""
+        try:
+            record = await self.store.load(tree.session_id)
+        except Exception as exc:
+            log.warning("cannot read session %s from Redis: %r", tree.session_id[:16], exc)
+            return "unknown_session"
+        if record is None:
+            return "unknown_session"
+        if (record.cycle, len(record.tokens)) != (tree.cycle, tree.committed_len):
+            return "stale_cycle"
+        if any(not 0 <= t < self.verifier.vocab_size for t in record.tokens):
+            return "bad_prompt"
+        try:
+            params = _sampling(record.sampling)
+        except ValueError:
+            return "bad_sampling"
+        if (error := await self._open(tree.session_id, record.tokens, params, record.cycle)) is not None:
+            return error
+        self.reprefills += 1
+        log.info("session %s re-prefilled from %d committed tokens (cycle %d)", tree.session_id[:16],
+                 len(record.tokens), record.cycle)
+        return None
 
     async def on_verify(self, msg: Msg) -> None:
         try:
@@ -89,10 +126,17 @@ class VerifierService:
             await self._reply(msg, VerifyBatchReply(batch_id="", rejected=[rejection]))
             return
         async with self._model_lock:
-            good, rejected, seen = [], [], set()
+            good, replays, rejected, seen = [], [], [], set()
             for tree in request.trees:
                 reason = "duplicate_session" if tree.session_id in seen else self.verifier.problem(tree)
                 seen.add(tree.session_id)
+                last = self._last.get(tree.session_id)
+                if reason == "stale_cycle" and last is not None and \
+                        (last.cycle, last.committed_len) == (tree.cycle, tree.committed_len):
+                    replays.append(last)  # the scheduler lost our reply: the same result again
+                    continue
+                if reason == "unknown_session":
+                    reason = await self._resume(tree)
                 if reason is None:
                     good.append(tree)
                 else:
@@ -101,12 +145,41 @@ class VerifierService:
             started = time.perf_counter()
             results = await asyncio.to_thread(self.verifier.verify, good) if good else []
             forward_ms = 1000 * (time.perf_counter() - started)
-            results = [msgspec.structs.replace(r, verify_ms=forward_ms) for r in results]
-        await self._reply(msg, VerifyBatchReply(batch_id=request.batch_id, results=results, rejected=rejected,
-                                                forward_ms=forward_ms))
+            committed = []
+            for result in results:
+                if (reason := await self._commit(result)) is None:
+                    committed.append(msgspec.structs.replace(result, verify_ms=forward_ms))
+                else:
+                    rejected.append(Rejection(session_id=result.session_id, reason=reason))
+            self._last.update((r.session_id, r) for r in committed)
+        await self._reply(msg, VerifyBatchReply(batch_id=request.batch_id, results=committed + replays,
+                                                rejected=rejected, forward_ms=forward_ms))
+
+    async def _commit(self, result: VerifyResult) -> str | None:
+        """Commit a verified cycle to Redis; on refusal drop the local cache (it is ahead of the
+        durable state) and return the reason."""
+        try:
+            outcome = await self.store.commit(result.session_id, result.cycle, result.committed_len,
+                                              [*result.accepted, result.bonus])
+        except Exception as exc:
+            log.warning("cannot commit session %s to Redis: %r", result.session_id[:16], exc)
+            outcome = None
+        if outcome is Commit.DONE:
+            return None
+        reason = {Commit.ALREADY: "stale_cycle", Commit.STALE: "stale_cycle",
+                  Commit.UNKNOWN: "unknown_session"}.get(outcome, "state_unavailable")
+        self.reject(reason, f"a commit for session {result.session_id[:16]}")
+        self.verifier.close(result.session_id)
+        self._last.pop(result.session_id, None)
+        return reason
 
     async def on_close(self, msg: Msg) -> None:
         if (request := self.reject.decode(msg.data, CloseSession, "a close request")) is None:
             return
         async with self._model_lock:
             self.verifier.close(request.session_id)
+            self._last.pop(request.session_id, None)
+
+
+def _sampling(spec: protocol.SamplingSpec) -> SamplingParams:
+    return SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed)

@@ -10,7 +10,7 @@ from specedge import bus, registry
 from specedge.engine.loading import load_for_service
 from specedge.engine.parties import Verifier
 from specedge.service import Lifecycle
-from specedge.state import connect_redis
+from specedge.state import SessionStore, connect_redis
 from specedge_verifier.handlers import VerifierService
 from specedge_verifier.settings import VerifierSettings
 
@@ -24,8 +24,8 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
                                **target.registry_details())
     async with contextlib.AsyncExitStack() as stack:
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
-        await stack.enter_async_context(connect_redis(settings.redis_url))
+        store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
         verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len)
-        await VerifierService(nc, me.instance_id, verifier).subscribe()
+        await VerifierService(nc, me.instance_id, verifier, store).subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
         await life.serve_until_stopped()

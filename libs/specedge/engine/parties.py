@@ -52,14 +52,17 @@ class Verifier:
         self.forward_passes = 0
         self.busy_s = 0.0  # time spent verifying (not prefilling)
 
-    def open(self, session_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Prefill all prompt tokens but the last, which becomes the first tree's root."""
+    def open(self, session_id: str, prompt: list[int], params: SamplingParams, cycle: int = 0) -> None:
+        """Prefill all prompt tokens but the last, which becomes the first tree's root.
+
+        To resume a session elsewhere, `prompt` is every committed token and `cycle` its cycle.
+        """
         if not prompt:
             raise ValueError("the prompt must have at least one token")
         self.runner.open(session_id)
         self.runner.prefill(session_id, prompt[:-1])
         self.forward_passes += -(-(len(prompt) - 1) // self.runner.prefill_chunk)
-        self.sessions[session_id] = _TargetSession(list(prompt), params)
+        self.sessions[session_id] = _TargetSession(list(prompt), params, cycle)
 
     def close(self, session_id: str) -> None:
         self.runner.evict(session_id)

@@ -1,0 +1,69 @@
+"""`specedge keys`: create, list and revoke gateway API keys (stored hashed in Redis).
+
+A key is printed once, when it is created; Redis keeps only its SHA-256 hash and the
+user it maps to. A user's requests are drafted on that user's own edge agents
+(`specedge edge-agent --user USER`) when one is online, else by the shared pool, else
+on the server side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+
+from specedge.config import RedisUrl
+
+app = typer.Typer(help="Gateway API keys: create, list, revoke.", no_args_is_help=True)
+T = TypeVar("T")
+
+
+def _with_keys(redis_url: str, action: Callable[..., Awaitable[T]]) -> T:
+    from specedge.state import ApiKeys, connect_redis  # noqa: PLC0415 - redis only where keys are managed
+
+    async def go() -> T:
+        async with connect_redis(redis_url) as client:
+            return await action(ApiKeys(client))
+
+    try:
+        return asyncio.run(go())
+    except ConnectionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def create(
+    user: Annotated[str, typer.Option("--user", help="Whose key this is (their edges draft for them).")],
+    label: Annotated[str, typer.Option("--label", help="A note to tell keys apart in `keys list`.")] = "",
+    key: Annotated[str | None, typer.Option("--key", help="Use this key instead of a random one.")] = None,
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+) -> None:
+    """Create a key and print it (the only time it is shown)."""
+    typer.echo(_with_keys(redis_url, lambda keys: keys.create(user, label, key)))
+
+
+@app.command("list")
+def list_keys(redis_url: RedisUrl = "redis://127.0.0.1:6379/0") -> None:
+    """List keys: hash prefix, user, label, creation time (never the keys themselves)."""
+    for info in _with_keys(redis_url, lambda keys: keys.list()):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created))
+        typer.echo(f"{info.key_hash[:12]}  {info.user:<24} {created} UTC  {info.label}")
+
+
+@app.command()
+def revoke(
+    key: Annotated[str, typer.Argument(help="The key, or at least 8 hex digits of its hash from `keys list`.")],
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+) -> None:
+    """Revoke a key: requests with it get 401 from then on."""
+    removed = _with_keys(redis_url, lambda keys: keys.revoke(key))
+    if not removed:
+        typer.echo("no such key", err=True)
+        raise SystemExit(1)
+    typer.echo(f"revoked {removed} key(s)")
