@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -65,8 +64,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(OpenAIError, openai_error_handler)
     bearer = HTTPBearer(auto_error=False, description="An API key from `specedge keys create`.")
 
+    # (Dependencies as defaults: the annotations are strings here and these are local names.)
     async def user_of(request: Request,
-                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+                      credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
         """The caller's user name, from their API key ("" when keys are not required)."""
         if not settings.require_api_key:
             return ""
@@ -81,7 +81,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise OpenAIError(401, "incorrect API key provided", code="invalid_api_key")
         return user
 
-    User = Annotated[str, Depends(user_of)]
+    caller = Depends(user_of)
 
     def prepare(spec: GenerationSpec) -> tuple[list[int], int]:
         if spec.model != served_model:
@@ -160,11 +160,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request, user: User):
+    async def chat_completions(body: ChatCompletionRequest, request: Request, user: str = caller):
         return await respond(request, to_generation(body), chat=True, user=user)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request, user: User):
+    async def completions(body: CompletionRequest, request: Request, user: str = caller):
         return await respond(request, to_generation(body), chat=False, user=user)
 
     @app.get("/health")
@@ -176,7 +176,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                             status_code=status)
 
     @app.get("/v1/models")
-    async def models(request: Request, user: User) -> dict:
+    async def models(request: Request, user: str = caller) -> dict:
         found = await registry.discover(request.app.state.nc, wait_s=0.2)
         names = sorted({a.details.get("model", "") for a in found if a.role == "verifier"} - {""})
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "specedge"} for n in names]}

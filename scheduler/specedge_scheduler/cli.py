@@ -22,6 +22,9 @@ def command(
     verifier_timeout: Annotated[float, typer.Option(
         "--verifier-timeout", envvar="SPECEDGE_VERIFIER_TIMEOUT",
         help="Seconds without a heartbeat before a verifier's sessions move to another verifier.")] = 6.0,
+    draft_timeout: Annotated[float, typer.Option(
+        "--draft-timeout", envvar="SPECEDGE_DRAFT_TIMEOUT",
+        help="Seconds an edge may take to send a session's next draft before it continues server-side.")] = 5.0,
     session_ttl: Annotated[int, typer.Option(
         "--session-ttl", envvar="SPECEDGE_SESSION_TTL",
         help="Seconds a session's Redis keys outlive its last commit (bounds what a crash leaves).")] = 3600,
@@ -38,5 +41,6 @@ def command(
 
     settings = build(SchedulerSettings, nats_url=nats_url, redis_url=redis_url, max_batch=max_batch,
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
+                     draft_timeout_s=draft_timeout,
                      session_ttl_s=session_ttl, budget=budget, depth=depth, name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

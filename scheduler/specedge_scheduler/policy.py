@@ -51,6 +51,7 @@ class SessionState:
     committed_len: int = 0
     in_flight: bool = False  # a tree of this session is queued or being verified
     refusals: int = 0  # trees refused by the verifier in a row
+    waiting_since: float | None = None  # when its edge was last due to send a draft
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ class SchedulingPolicy:
 
     MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
 
-    def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0) -> None:
+    def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0,
+                 draft_timeout_s: float = 5.0) -> None:
         self.max_batch, self.edge_timeout_s, self.verifier_timeout_s = max_batch, edge_timeout_s, verifier_timeout_s
+        self.draft_timeout_s = draft_timeout_s
         self.verifiers: dict[str, Worker] = {}
         self.edges: dict[str, Worker] = {}
         self.sessions: dict[str, SessionState] = {}
@@ -134,6 +137,20 @@ class SchedulingPolicy:
         stale = [e for e, w in self.edges.items() if now - w.last_seen > self.edge_timeout_s]
         return {edge: self.edge_gone(edge) for edge in stale}
 
+    def expire_drafts(self, now: float) -> dict[str, list[str]]:
+        """Sessions whose edge missed its draft deadline (stalled, overloaded, or it could not
+        open the session) continue with server steps. Returns {edge: sessions taken from it}."""
+        late: dict[str, list[str]] = {}
+        for state in self.sessions.values():
+            if (state.edge is not None and not state.in_flight and state.waiting_since is not None
+                    and now - state.waiting_since > self.draft_timeout_s):
+                late.setdefault(state.edge, []).append(state.session_id)
+                edge = self.edges.get(state.edge)
+                if edge is not None:
+                    edge.sessions.discard(state.session_id)
+                state.edge, state.waiting_since = None, None
+        return late
+
     # -- sessions -----------------------------------------------------------------
 
     def assign(self, session_id: str, committed_len: int, mode: Mode = "specedge", user: str = "") -> Assignment:
@@ -169,6 +186,11 @@ class SchedulingPolicy:
             if edges:
                 return max(edges, key=lambda w: (w.free, w.instance_id))
         return None
+
+    def draft_due(self, session_id: str, now: float) -> None:
+        """The session's edge has been told to draft: its first tree is due from `now`."""
+        if (state := self.sessions.get(session_id)) is not None:
+            state.waiting_since = now
 
     def finish(self, session_id: str) -> None:
         state = self.sessions.pop(session_id, None)
@@ -212,8 +234,9 @@ class SchedulingPolicy:
         queue = self._queues.get(verifier, deque())
         return [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
 
-    def verified(self, session_id: str, new_tokens: int) -> None:
-        """A result for the session's current cycle came back with `new_tokens` committed."""
+    def verified(self, session_id: str, new_tokens: int, now: float | None = None) -> None:
+        """A result for the session's current cycle came back with `new_tokens` committed;
+        its edge's next draft is due from `now` (None: no draft deadline)."""
         state = self.sessions.get(session_id)
         if state is None:
             return
@@ -221,6 +244,7 @@ class SchedulingPolicy:
         state.committed_len += new_tokens
         state.in_flight = False
         state.refusals = 0
+        state.waiting_since = now
 
     def requeue(self, trees: list[DraftTreeMsg]) -> None:
         """A batch that failed (its verifier did not answer): its trees go back to the front

@@ -166,6 +166,7 @@ class SchedulerService:
             await msg.respond(protocol.encode(SessionOpened(session_id=sid, error=error)))
             return
         self._outputs[sid] = _Output(request.max_new_tokens, set(request.eos_ids))
+        self.policy.draft_due(sid, time.monotonic())
         if assignment.edge is not None:
             await self.nc.publish(subjects.edge_assign(assignment.edge), protocol.encode(
                 DraftAssign(session_id=sid, tokens=request.tokens, scheduler=self.instance_id, **self.draft_shape)))
@@ -225,6 +226,11 @@ class SchedulerService:
                 self._fall_back(edge, sessions)
             for verifier, lost in self.policy.expire_verifiers(now).items():
                 await self._verifier_gone(verifier, lost)
+            for edge, sessions in self.policy.expire_drafts(now).items():
+                log.warning("edge %s missed the draft deadline for %d session(s); they continue with server steps",
+                            edge, len(sessions))
+                for sid in sessions:
+                    await self.nc.publish(subjects.edge_close(edge), protocol.encode(CloseSession(session_id=sid)))
             self.policy.server_side_trees()
             for verifier in list(self.policy.verifiers):
                 if verifier in self._busy:
@@ -280,7 +286,7 @@ class SchedulerService:
         if output is None or state is None:
             return  # closed meanwhile
         new = [*result.accepted, result.bonus]
-        self.policy.verified(sid, len(new))
+        self.policy.verified(sid, len(new), time.monotonic())
         keep, reason = [], None
         for token in new:
             keep.append(token)

@@ -11,6 +11,7 @@ class SchedulerSettings(RedisServiceSettings):
     max_batch: int = Field(default=8, ge=1, le=1024)
     edge_timeout_s: float = Field(default=6.0, gt=0)
     verifier_timeout_s: float = Field(default=6.0, gt=0)
+    draft_timeout_s: float = Field(default=5.0, gt=0)
     session_ttl_s: int = Field(default=3600, ge=10)
     budget: int = Field(default=32, ge=0)
     depth: int = Field(default=4, ge=0)

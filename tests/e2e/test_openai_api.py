@@ -1,11 +1,13 @@
 """The stack through its public API with the official `openai` client: exact greedy output,
-streaming and not, concurrent clients, multi-turn, and OpenAI-style errors."""
+streaming and not, concurrent clients, multi-turn, every mode, API keys, and OpenAI-style errors."""
 
 import asyncio
+import dataclasses
 import re
 import signal
 import subprocess
 
+import httpx
 import openai
 import pytest
 import torch
@@ -18,6 +20,16 @@ pytestmark = pytest.mark.e2e
 MODEL = "specedge-tiny-target"
 
 
+@dataclasses.dataclass
+class Gateway:
+    url: str
+    key: str
+    redis_url: str
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.key, max_retries=0)
+
+
 @pytest.fixture(scope="module")
 def gateway():
     import os
@@ -26,9 +38,9 @@ def gateway():
     proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     line = proc.stdout.readline()
-    match = re.search(r"gateway (http://\S+) ", line)
+    match = re.search(r"gateway (http://\S+) .*API key (\S+) ;.*redis (redis://\S+)\.", line)
     assert match, line
-    yield match.group(1)
+    yield Gateway(*match.groups())
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=60) == 0
 
@@ -49,7 +61,7 @@ def reference():
 
 
 def test_non_streaming_and_streaming_chat_equal_the_target_alone(gateway, reference):
-    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    client = gateway.client()
     messages = [{"role": "user", "content": "Write a function that reverses a string."}]
     expected = reference(messages, 40)
     reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
@@ -64,7 +76,7 @@ def test_non_streaming_and_streaming_chat_equal_the_target_alone(gateway, refere
 
 
 def test_completions_and_multi_turn(gateway, reference):
-    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    client = gateway.client()
     done = client.completions.create(model=MODEL, prompt="def add(a, b):", temperature=0, max_tokens=16)
     assert done.choices[0].text and done.object == "text_completion"
     turns = [{"role": "user", "content": "Sort a list."}]
@@ -76,7 +88,7 @@ def test_completions_and_multi_turn(gateway, reference):
 
 
 def test_eight_concurrent_streaming_clients(gateway, reference):
-    client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.key, max_retries=0)
     questions = [f"Write a function number {i} that parses a line." for i in range(8)]
 
     async def ask(q: str) -> str:
@@ -96,9 +108,40 @@ def test_eight_concurrent_streaming_clients(gateway, reference):
     [({"n": 2}, 400), ({"temperature": 9}, 400), ({"model": "gpt-9"}, 404), ({"messages": []}, 400)],
 )
 def test_invalid_requests_get_openai_errors(gateway, change, status):
-    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    client = gateway.client()
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **change}
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(**body)
     assert err.value.status_code == status
     assert set(err.value.body) >= {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("mode", ["server-only", "autoregressive"])
+def test_every_mode_gives_the_same_exact_text(gateway, reference, mode):
+    messages = [{"role": "user", "content": "Count the words in a sentence."}]
+    reply = gateway.client().chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32,
+                                                     extra_body={"specedge": {"mode": mode}})
+    assert reply.choices[0].message.content == reference(messages, 32)
+
+
+def test_api_keys_are_required_created_listed_and_revoked(gateway, cli_env):
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for key in ("sk-wrong-key-0000000000", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.post(f"{gateway.url}/v1/chat/completions", json=ask, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+
+    def keys(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*SPECEDGE, "keys", *args, "--redis-url", gateway.redis_url], env=cli_env,
+                              capture_output=True, text=True, timeout=60)
+
+    created = keys("create", "--user", "bob", "--label", "laptop")
+    assert created.returncode == 0, created.stderr
+    bob = created.stdout.strip()
+    assert gateway.client(bob).chat.completions.create(**ask).choices[0].message.content is not None
+    listed = keys("list")
+    assert "bob" in listed.stdout and "laptop" in listed.stdout and bob not in listed.stdout  # stored hashed
+    assert keys("revoke", bob).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(bob).chat.completions.create(**ask)
+    assert keys("revoke", bob).returncode == 1  # already gone

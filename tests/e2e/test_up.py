@@ -17,7 +17,7 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
-READY = re.compile(r"gateway (http://\S+) .*nats (nats://\S+);")
+READY = re.compile(r"gateway (http://\S+) .*API key (\S+) ;.*nats (nats://\S+);")
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -34,7 +34,7 @@ def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
         line = proc.stdout.readline()  # blocks until the ready line (or exit)
         match = READY.search(line)
         assert match, f"no ready line; stdout={line!r}\n{log_path.read_text()}"
-        gateway, nats_url = match.groups()
+        gateway, key, nats_url = match.groups()
         children = descendants(proc.pid)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         for part in ("nats-server", "redis-server", " gateway ", " scheduler ", " verifier ", " edge-agent "):
@@ -43,10 +43,11 @@ def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
         status = subprocess.run([*SPECEDGE, "status", "--nats-url", nats_url, "--json"], env=cli_env,
                                 capture_output=True, text=True, timeout=60)
         roles = sorted(s["role"] for s in json.loads(status.stdout))
-        assert roles == ["edge-agent", "edge-agent", "gateway", "scheduler", "verifier"], status.stderr
+        # two shared-pool edges and the server-side drafter
+        assert roles == ["edge-agent"] * 3 + ["gateway", "scheduler", "verifier"], status.stderr
 
         assert httpx.get(f"{gateway}/health").status_code == 200
-        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused")
+        client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=key)
         assert [m.id for m in client.models.list()] == ["specedge-tiny-target"]
     except BaseException:
         proc.kill()
@@ -58,7 +59,7 @@ def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
              10, "every child to exit")
     log_text = log_path.read_text()
     assert "Traceback" not in log_text, log_text
-    assert log_text.count("left the registry") == 5, log_text  # gateway, scheduler, verifier, 2 edges
+    assert log_text.count("left the registry") == 6, log_text  # gateway, scheduler, verifier, 2 edges, drafter
 
 
 def test_up_with_external_servers_starts_only_the_services(nats_url, redis_url, cli_env, tmp_path):

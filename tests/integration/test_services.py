@@ -98,7 +98,7 @@ def test_unreachable_nats_is_a_clear_startup_error(redis_url, cli_env, tmp_path)
 
 def test_gateway_health_is_503_until_a_verifier_registers(nats_url, redis_url, cli_env, tmp_path):
     port = free_port()
-    gw = start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--port", str(port)],
+    gw = start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--port", str(port), "--no-api-key"],
                    cli_env, tmp_path / "gw.log")
     try:
         wait_for(lambda: registered(nats_url, "gateway", gw.pid), 60, "gateway")

@@ -14,13 +14,13 @@ from specedge.engine.parties import Drafter
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
 from specedge.protocol import (
+    CloseSession,
     DraftTreeMsg,
     PrefillReply,
     PrefillRequest,
     VerifyBatchReply,
     VerifyBatchRequest,
 )
-from specedge.protocol import CloseSession
 from tests.helpers import committed_tokens, record_session, registered, start_cli, wait_for
 
 

@@ -29,7 +29,7 @@ def test_top_level_lists_every_role_and_up():
         ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--tokenizer", "--max-context",
                      "--require-api-key", "--name", "--log-level"]),
         ("scheduler", ["--nats-url", "--redis-url", "--max-batch", "--edge-timeout", "--verifier-timeout",
-                       "--session-ttl", "--budget", "--depth", "--name", "--log-level"]),
+                       "--draft-timeout", "--session-ttl", "--budget", "--depth", "--name", "--log-level"]),
         ("verifier", ["--nats-url", "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--user",

@@ -48,7 +48,8 @@ class VerifierService:
         self.reject = Rejections(log)
         self._model_lock = asyncio.Lock()  # one forward pass at a time
         self._last: dict[str, VerifyResult] = {}  # each session's latest result, for replays
-        self.reprefills = 0
+        self._used: dict[str, float] = {}  # session -> when it was last prefilled or verified
+        self.reprefills = self.evictions = 0
 
     async def subscribe(self) -> None:
         await self.nc.subscribe(subjects.verifier_prefill(self.instance_id), cb=self.on_prefill)
@@ -82,18 +83,37 @@ class VerifierService:
         await self._reply(msg, PrefillReply(session_id=request.session_id, committed_len=len(request.tokens),
                                             error=error))
 
-    async def _open(self, session_id: str, tokens: list[int], params: SamplingParams, cycle: int) -> str | None:
-        """(Re-)prefill a session; holds the model lock. Returns an error reason or None."""
-        self.verifier.close(session_id)  # a re-prefill replaces the old cache
-        self._last.pop(session_id, None)
-        try:
-            await asyncio.to_thread(self.verifier.open, session_id, tokens, params, cycle)
-        except (CacheFullError, ValueError):
-            self.verifier.close(session_id)
-            return "no_capacity"
-        return None
+    async def _open(self, session_id: str, tokens: list[int], params: SamplingParams, cycle: int,
+                    keep: frozenset[str] = frozenset()) -> str | None:
+        """(Re-)prefill a session; holds the model lock. When every cache slot is taken, the
+        least recently used session (not one in `keep`) is evicted: its tokens are in Redis,
+        so it is re-prefilled if it comes back. Returns an error reason or None."""
+        self._forget(session_id)  # a re-prefill replaces the old cache
+        idle = sorted((t, s) for s, t in self._used.items() if s not in keep and s != session_id)
+        while True:
+            try:
+                await asyncio.to_thread(self.verifier.open, session_id, tokens, params, cycle)
+            except CacheFullError:
+                self.verifier.close(session_id)
+                if not idle:
+                    return "no_capacity"
+                evicted = idle.pop(0)[1]
+                log.info("cache full: evicting idle session %s", evicted[:16])
+                self._forget(evicted)
+                self.evictions += 1
+                continue
+            except ValueError:
+                self.verifier.close(session_id)
+                return "bad_prompt"
+            self._used[session_id] = time.monotonic()
+            return None
 
-    async def _resume(self, tree: protocol.DraftTreeMsg) -> str | None:
+    def _forget(self, session_id: str) -> None:
+        self.verifier.close(session_id)
+        self._last.pop(session_id, None)
+        self._used.pop(session_id, None)
+
+    async def _resume(self, tree: protocol.DraftTreeMsg, keep: frozenset[str]) -> str | None:
         """A tree for a session not held here: re-prefill it from Redis. Returns why not, or None."""
         try:
             record = await self.store.load(tree.session_id)
@@ -110,7 +130,7 @@ class VerifierService:
             params = _sampling(record.sampling)
         except ValueError:
             return "bad_sampling"
-        if (error := await self._open(tree.session_id, record.tokens, params, record.cycle)) is not None:
+        if (error := await self._open(tree.session_id, record.tokens, params, record.cycle, keep)) is not None:
             return error
         self.reprefills += 1
         log.info("session %s re-prefilled from %d committed tokens (cycle %d)", tree.session_id[:16],
@@ -127,6 +147,7 @@ class VerifierService:
             return
         async with self._model_lock:
             good, replays, rejected, seen = [], [], [], set()
+            batch = frozenset(t.session_id for t in request.trees)
             for tree in request.trees:
                 reason = "duplicate_session" if tree.session_id in seen else self.verifier.problem(tree)
                 seen.add(tree.session_id)
@@ -136,7 +157,7 @@ class VerifierService:
                     replays.append(last)  # the scheduler lost our reply: the same result again
                     continue
                 if reason == "unknown_session":
-                    reason = await self._resume(tree)
+                    reason = await self._resume(tree, batch)
                 if reason is None:
                     good.append(tree)
                 else:
@@ -152,6 +173,7 @@ class VerifierService:
                 else:
                     rejected.append(Rejection(session_id=result.session_id, reason=reason))
             self._last.update((r.session_id, r) for r in committed)
+            self._used.update((r.session_id, time.monotonic()) for r in committed)
         await self._reply(msg, VerifyBatchReply(batch_id=request.batch_id, results=committed + replays,
                                                 rejected=rejected, forward_ms=forward_ms))
 
@@ -169,16 +191,14 @@ class VerifierService:
         reason = {Commit.ALREADY: "stale_cycle", Commit.STALE: "stale_cycle",
                   Commit.UNKNOWN: "unknown_session"}.get(outcome, "state_unavailable")
         self.reject(reason, f"a commit for session {result.session_id[:16]}")
-        self.verifier.close(result.session_id)
-        self._last.pop(result.session_id, None)
+        self._forget(result.session_id)
         return reason
 
     async def on_close(self, msg: Msg) -> None:
         if (request := self.reject.decode(msg.data, CloseSession, "a close request")) is None:
             return
         async with self._model_lock:
-            self.verifier.close(request.session_id)
-            self._last.pop(request.session_id, None)
+            self._forget(request.session_id)
 
 
 def _sampling(spec: protocol.SamplingSpec) -> SamplingParams:
