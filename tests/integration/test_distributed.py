@@ -1,5 +1,6 @@
-"""Several instances of every server-side role, per-user edges, every mode, and a verifier
-lost mid-generation — all real processes over real NATS and Redis, every output exact."""
+"""Several instances of every server-side role (two gateways, two schedulers, two
+verifiers), per-user edges, every mode, and a verifier lost mid-generation — all real
+processes over real NATS and Redis, every output exact."""
 
 import asyncio
 import json
@@ -8,11 +9,14 @@ import signal
 import uuid
 
 import nats
+import openai
 import pytest
 import redis
+from transformers import AutoTokenizer
 
 from specedge import state, subjects
-from specedge.models import BUNDLED_DRAFT, bundled
+from specedge.launcher import free_port
+from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
 from specedge.protocol import SessionOpen
 from tests.helpers import committed_tokens, registered, start_cli, wait_for
 from tests.integration.test_serving_path import collect, open_session, prompt_and_reference
@@ -39,18 +43,28 @@ def cluster(servers, tmp_path_factory):
         "shared-edge": ["edge-agent", *common, "--max-len", "1024"],
         "server-drafter": ["edge-agent", *common, "--server-side", "--max-len", "1024"],
     }
+    ports = [free_port(), free_port()]
+    for i, port in enumerate(ports):
+        specs[f"gateway-{i + 1}"] = ["gateway", *common, "--redis-url", redis_url, "--port", str(port)]
     procs = {name: start_cli(argv, env, logs / f"{name}.log") for name, argv in specs.items()}
     ids = {}
     for name, proc in procs.items():
         role = specs[name][0]
         ids[name] = wait_for(lambda r=role, p=proc: registered(nats_url, r, p.pid), 90, name)[0].instance_id
-    yield {"procs": procs, "ids": ids, "logs": logs, "nats_url": nats_url, "redis_url": redis_url}
+    key = asyncio.run(create_key(redis_url, "dave"))
+    yield {"procs": procs, "ids": ids, "logs": logs, "nats_url": nats_url, "redis_url": redis_url,
+           "gateways": [f"http://127.0.0.1:{p}" for p in ports], "key": key}
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
     for log in logs.glob("*.log"):
         assert "Traceback" not in log.read_text(), log.read_text()
+
+
+async def create_key(redis_url: str, user: str) -> str:
+    async with state.connect_redis(redis_url) as client:
+        return await state.ApiKeys(client).create(user)
 
 
 async def run_sessions(nats_url: str, requests: list[SessionOpen]):
@@ -103,6 +117,23 @@ async def test_two_schedulers_and_two_verifiers_share_the_load_without_breaking_
     assert set(owners) == {cluster["ids"]["scheduler-1"], cluster["ids"]["scheduler-2"]}, owners
     for name in ("scheduler-1", "scheduler-2"):  # each sees only its own sessions' drafts
         assert "unknown_session" not in (cluster["logs"] / f"{name}.log").read_text()
+
+
+async def test_two_gateways_serve_the_same_users_exactly(cluster):
+    client = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=cluster["key"], max_retries=0)
+              for url in cluster["gateways"]]
+    questions = [f"Write a function that formats date {i}." for i in range(4)]
+
+    async def ask(i: int, question: str) -> str:
+        reply = await client[i % 2].chat.completions.create(
+            model="specedge-tiny-target", temperature=0, max_tokens=20,
+            messages=[{"role": "user", "content": question}])
+        return reply.choices[0].message.content
+
+    answers = await asyncio.gather(*(ask(i, q) for i, q in enumerate(questions)))
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    expected = [tok.decode(prompt_and_reference(q, 20)[1], skip_special_tokens=True) for q in questions]
+    assert answers == expected
 
 
 async def test_an_edge_with_another_tokenizer_is_told_and_stops(cluster, tmp_path):

@@ -5,8 +5,10 @@ Checks what `docker compose config` would not: that every service command is a r
 exists. When a `docker compose` plugin is present, its own validation runs too.
 """
 
+import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -42,11 +44,31 @@ def test_every_service_runs_a_real_subcommand():
 
 
 def test_every_specedge_variable_is_read_by_a_flag():
-    known = cli_envvars()
+    known = cli_envvars() | {"SPECEDGE_MODELS_DIR"}
     for name, service in COMPOSE["services"].items():
         for var in service.get("environment", {}):
             if var.startswith("SPECEDGE_"):
-                assert var in known | {"SPECEDGE_MODELS_DIR"}, (name, var)
+                assert var in known, (name, var)
+    example = (REPO / ".env.example").read_text()
+    for var in re.findall(r"^#? ?(SPECEDGE_[A-Z_]+)=", example, re.M):
+        assert var in known, var
+
+
+def test_compose_matches_the_compose_specification_schema():
+    """The compose specification's JSON schema, as vendored by check-jsonschema."""
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(REPO / "docker-compose.yml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_services_read_the_env_file_and_export_traces_to_the_bundled_backend():
+    services = COMPOSE["services"]
+    for role in ("gateway", "scheduler", "verifier", "edge-agent", "server-drafter"):
+        assert {"path": ".env", "required": False} in services[role]["env_file"], role
+        assert "jaeger:4318" in services[role]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"], role
+    assert (REPO / ".env.example").exists()
+    assert "--config" in services["jaeger"]["command"]
+    assert "0.0.0.0:4318" in (REPO / "services/jaeger/config.yaml").read_text()
 
 
 def test_dependencies_and_mounted_files_exist():
