@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -92,6 +93,8 @@ class EdgeService:
             except (StaleMessageError, ValueError) as exc:
                 self.reject("stale_or_bad_result", f"a result for {result.session_id[:16]} ({exc})")
                 return
+            if result.next_budget > 0 and result.next_depth > 0:
+                self.drafter.reshape(result.session_id, result.next_budget, result.next_depth)
         await self._send_next(result.session_id)
 
     async def on_close(self, msg: Msg) -> None:
@@ -107,7 +110,9 @@ class EdgeService:
         async with self._lock:
             if session_id not in self.drafter.sessions:
                 return
+            started = time.perf_counter()
             tree = await asyncio.to_thread(self.drafter.draft, session_id)
+            tree = msgspec.structs.replace(tree, draft_ms=1000 * (time.perf_counter() - started))
             self.drafter.start_proactive(session_id)
         self._sent_at[session_id] = time.monotonic()
         await self.nc.publish(subjects.drafts(self.instance_id, self._scheduler[session_id]), protocol.encode(tree))

@@ -67,6 +67,7 @@ class DraftTreeMsg(Message, frozen=True, kw_only=True):
     committed_len: int
     tokens: list[int]
     parents: list[int]
+    draft_ms: float = 0.0  # the edge's own time spent drafting this tree (its clock; a duration)
 
     def problem(self, vocab_size: int, max_nodes: int) -> str | None:
         """Why this tree must be refused (a short reason for counters), or None if well formed."""
@@ -90,6 +91,8 @@ class VerifyResult(Message, frozen=True, kw_only=True):
     accepted: list[int]
     bonus: int
     verify_ms: float = 0.0  # the verifier's forward pass for the batch this tree was in
+    next_budget: int = 0  # the scheduler's shape for the next tree (0: keep the current one)
+    next_depth: int = 0
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -28,6 +28,9 @@ def command(
     session_ttl: Annotated[int, typer.Option(
         "--session-ttl", envvar="SPECEDGE_SESSION_TTL",
         help="Seconds a session's Redis keys outlive its last commit (bounds what a crash leaves).")] = 3600,
+    strategy: Annotated[str, typer.Option(
+        "--strategy", envvar="SPECEDGE_STRATEGY",
+        help="Batching: fifo, two-groups (the reference's) or pipeline (measured, phase-grouped).")] = "fifo",
     budget: Annotated[int, typer.Option(
         "--budget", envvar="SPECEDGE_BUDGET", help="Draft tree size edges are asked for.")] = 32,
     depth: Annotated[int, typer.Option(
@@ -42,5 +45,6 @@ def command(
     settings = build(SchedulerSettings, nats_url=nats_url, redis_url=redis_url, max_batch=max_batch,
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
                      draft_timeout_s=draft_timeout,
-                     session_ttl_s=session_ttl, budget=budget, depth=depth, name=name, log_level=log_level)
+                     session_ttl_s=session_ttl, strategy=strategy, budget=budget, depth=depth, name=name,
+                     log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

@@ -2,8 +2,18 @@
 
 A pure, clock-injected class: it imports neither NATS nor Redis, takes `now` from its
 caller and returns decisions as plain data, so the service wires it to the bus and a
-simulator can drive it. This is the simple policy (least-loaded assignment, FIFO batches
-per verifier); pipeline-aware scheduling builds on it.
+simulator can drive it (`simulator.py`). Three batching strategies:
+
+- `fifo`: whenever a verifier is free, the oldest queued trees (up to `max_batch`).
+- `two-groups`: the reference implementation's — sessions split into two groups that
+  alternate strictly; a group's batch waits for all its drafts (up to a deadline).
+- `pipeline`: sessions in K groups (K = sessions / max_batch, at least 2) so that while
+  one group is verified the others draft; the group with the oldest ready tree goes
+  next, waiting only for drafts due within a small slack; each edge's next depth is the
+  one with the most expected tokens per second of its cycle, from its measured
+  turnaround, drafting time and acceptance (`timing.EdgeTiming.best_depth`), and trees
+  shrink when the batch's nodes would cost more than `node_cost_share` of a pass
+  (verification cost grows with batch × nodes).
 
 Vocabulary: a *verifier* holds sessions' target caches; an *edge* drafts for sessions —
 a user's own edge (private to that user), an edge of the *shared* pool, or a *server*
@@ -15,10 +25,17 @@ verifier, which re-prefills it from its committed tokens.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from specedge.protocol import DraftTreeMsg, Mode
+from specedge_scheduler.timing import EdgeTiming, VerificationCost
+
+Strategy = Literal["fifo", "two-groups", "pipeline"]
+STRATEGIES: tuple[Strategy, ...] = ("fifo", "two-groups", "pipeline")
 
 EdgePool = str  # "user" (private to `Worker.user`), "shared" or "server"
 
@@ -52,6 +69,9 @@ class SessionState:
     in_flight: bool = False  # a tree of this session is queued or being verified
     refusals: int = 0  # trees refused by the verifier in a row
     waiting_since: float | None = None  # when its edge was last due to send a draft
+    group: int = 0  # its phase, for the grouped strategies
+    budget: int = 0  # the tree shape its edge was last asked for (0: the edge's default)
+    depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,9 +90,20 @@ class SchedulingPolicy:
     MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
 
     def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0,
-                 draft_timeout_s: float = 5.0) -> None:
+                 draft_timeout_s: float = 5.0, strategy: Strategy = "fifo", budget: int = 32, depth: int = 4,
+                 min_budget: int = 4, node_cost_share: float = 1.0, group_wait_s: float = 0.5) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
         self.max_batch, self.edge_timeout_s, self.verifier_timeout_s = max_batch, edge_timeout_s, verifier_timeout_s
-        self.draft_timeout_s = draft_timeout_s
+        self.draft_timeout_s, self.strategy = draft_timeout_s, strategy
+        self.budget, self.depth, self.min_budget = budget, depth, min_budget
+        self.node_cost_share, self.group_wait_s = node_cost_share, group_wait_s
+        self.costs: dict[str, VerificationCost] = {}  # per verifier
+        self.timings: dict[str, EdgeTiming] = {}  # per edge
+        self._turn: dict[str, int] = {}  # per verifier: the group whose turn it is (two-groups)
+        self._free_since: dict[str, float] = {}  # per verifier: idle since (two-groups' deadline)
+        self._group_count: dict[str, int] = {}  # per verifier: the pipeline's K
+        self._edgeless: set[str] = set()  # sessions taking server steps
         self.verifiers: dict[str, Worker] = {}
         self.edges: dict[str, Worker] = {}
         self.sessions: dict[str, SessionState] = {}
@@ -130,6 +161,7 @@ class SchedulingPolicy:
             return []
         for session_id in edge.sessions:
             self.sessions[session_id].edge = None
+            self._edgeless.add(session_id)
         return sorted(edge.sessions)
 
     def expire_edges(self, now: float) -> dict[str, list[str]]:
@@ -149,6 +181,7 @@ class SchedulingPolicy:
                 if edge is not None:
                     edge.sessions.discard(state.session_id)
                 state.edge, state.waiting_since = None, None
+                self._edgeless.add(state.session_id)
         return late
 
     # -- sessions -----------------------------------------------------------------
@@ -170,10 +203,56 @@ class SchedulingPolicy:
         verifier.sessions.add(session_id)
         if edge is not None:
             edge.sessions.add(session_id)
-        self.sessions[session_id] = SessionState(session_id, verifier.instance_id,
-                                                 edge.instance_id if edge else None, user=user, mode=mode,
-                                                 committed_len=committed_len)
+        state = SessionState(session_id, verifier.instance_id, edge.instance_id if edge else None, user=user,
+                             mode=mode, committed_len=committed_len, budget=self.budget, depth=self.depth)
+        state.group = self._emptiest_group(verifier)
+        self.sessions[session_id] = state
+        if edge is None:
+            self._edgeless.add(session_id)
         return Assignment(verifier.instance_id, edge.instance_id if edge else None)
+
+    def groups(self, verifier: str) -> int:
+        """How many phase groups a verifier's sessions form (1 for fifo; 2 for two-groups;
+        for pipeline, the count with the most expected throughput, re-chosen as timings come)."""
+        if self.strategy == "fifo":
+            return 1
+        if self.strategy == "two-groups":
+            return 2
+        return self._group_count.get(verifier, 2)
+
+    def _choose_groups(self, verifier: str) -> None:
+        """Pipeline: pick K maximising sessions / cycle, where a cycle lasts the longer of K
+        verifications of N/K sessions and one verification plus the edges' turnaround —
+        one big batch when verification cost barely grows with batch size, more groups when
+        it does. Sessions are re-dealt to groups when K changes."""
+        worker, cost = self.verifiers.get(verifier), self.costs.get(verifier)
+        if worker is None or cost is None or cost.samples < 4 or not worker.sessions:
+            return
+        turnarounds = [t.turnaround_s for e, t in self.timings.items()
+                       if t.turnaround_s is not None and self.edges.get(e) and self.edges[e].sessions & worker.sessions]
+        if not turnarounds:
+            return
+        turnaround, n = statistics.fmean(turnarounds), len(worker.sessions)
+
+        def cycle(k: int) -> float:
+            v = cost.seconds(math.ceil(n / k) * (self.budget + 1))
+            return max(k * v, v + turnaround)
+
+        least = max(1, math.ceil(n / self.max_batch))
+        best = min(range(least, least + 4), key=lambda k: (cycle(k), k))
+        if best != self._group_count.get(verifier, 2):
+            self._group_count[verifier] = best
+            for i, sid in enumerate(sorted(worker.sessions)):
+                self.sessions[sid].group = i % best
+
+    def _emptiest_group(self, verifier: Worker) -> int:
+        k = self.groups(verifier.instance_id)
+        sizes = [0] * k
+        for sid in verifier.sessions:
+            state = self.sessions.get(sid)
+            if state is not None and state.group < k:
+                sizes[state.group] += 1
+        return sizes.index(min(sizes))
 
     def _drafter_for(self, mode: Mode, user: str, fingerprint: str) -> Worker | None:
         pools = {"specedge": [("user", user), ("shared", ""), ("server", "")],
@@ -194,6 +273,7 @@ class SchedulingPolicy:
 
     def finish(self, session_id: str) -> None:
         state = self.sessions.pop(session_id, None)
+        self._edgeless.discard(session_id)
         if state is None:
             return
         for worker in (self.verifiers.get(state.verifier), self.edges.get(state.edge or "")):
@@ -202,8 +282,12 @@ class SchedulingPolicy:
 
     # -- drafts and batches ------------------------------------------------------------
 
-    def draft_arrived(self, tree: DraftTreeMsg, from_edge: str) -> str | None:
-        """Queue a tree for its session's verifier, or return why it is refused."""
+    def draft_arrived(self, tree: DraftTreeMsg, from_edge: str, now: float | None = None,
+                      draft_s: float = 0.0) -> str | None:
+        """Queue a tree for its session's verifier, or return why it is refused.
+
+        With `now`, the session's turnaround (result sent → this draft) and the edge's own
+        drafting time `draft_s` feed the edge's timing."""
         state = self.sessions.get(tree.session_id)
         if state is None:
             return "unknown_session"
@@ -214,14 +298,18 @@ class SchedulingPolicy:
         if state.in_flight:
             return "duplicate_draft"
         state.in_flight = True
+        if now is not None and state.waiting_since is not None:
+            timing = self.timings.setdefault(from_edge, EdgeTiming())
+            timing.add(now - state.waiting_since, draft_s, state.depth or self.depth)
         self._queues[state.verifier].append(tree)
         return None
 
     def server_side_trees(self) -> list[DraftTreeMsg]:
         """Queue an empty tree (one autoregressive step) for each edgeless session waiting."""
         queued = []
-        for state in self.sessions.values():
-            if state.edge is None and not state.in_flight:
+        for session_id in self._edgeless:
+            state = self.sessions[session_id]
+            if not state.in_flight:
                 tree = DraftTreeMsg(session_id=state.session_id, cycle=state.cycle,
                                     committed_len=state.committed_len, tokens=[], parents=[])
                 state.in_flight = True
@@ -229,10 +317,133 @@ class SchedulingPolicy:
                 queued.append(tree)
         return queued
 
-    def next_batch(self, verifier: str) -> list[DraftTreeMsg]:
-        """Up to `max_batch` queued trees for this verifier, oldest first, one per session."""
+    def next_batch(self, verifier: str, now: float = 0.0) -> list[DraftTreeMsg]:
+        """The trees this verifier should verify now, by the strategy; [] means wait (see
+        `next_wake`). At most `max_batch`, one per session, none held back for ever."""
         queue = self._queues.get(verifier, deque())
-        return [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+        if not queue:
+            return []
+        if self.strategy == "fifo":
+            batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+        elif self.strategy == "two-groups":
+            batch = self._strict_turn(verifier, queue, now)
+        else:
+            batch = self._ready_group(verifier, queue, now)
+        if batch:
+            self._free_since.pop(verifier, None)
+        return batch
+
+    def _take(self, queue: deque[DraftTreeMsg], group: int | None) -> list[DraftTreeMsg]:
+        """Remove and return up to `max_batch` queued trees of one group (None: any), oldest first."""
+        taken, kept = [], deque()
+        while queue:
+            tree = queue.popleft()
+            state = self.sessions.get(tree.session_id)
+            if len(taken) < self.max_batch and (group is None or state is None or state.group == group):
+                taken.append(tree)
+            else:
+                kept.append(tree)
+        queue.extend(kept)
+        return taken
+
+    def _members(self, verifier: str, group: int) -> list[SessionState]:
+        worker = self.verifiers.get(verifier)
+        states = (self.sessions.get(s) for s in (worker.sessions if worker else ()))
+        return [s for s in states if s is not None and s.group == group]
+
+    def _strict_turn(self, verifier: str, queue: deque[DraftTreeMsg], now: float) -> list[DraftTreeMsg]:
+        """The reference's two groups: strict alternation; a batch waits for its whole group
+        (or `group_wait_s` after the verifier became free)."""
+        turn = self._turn.get(verifier, 0)
+        if not self._members(verifier, turn):  # an empty group passes its turn
+            turn = 1 - turn
+        members = self._members(verifier, turn)
+        ready = sum(1 for s in members if s.in_flight)  # the verifier is free: in flight = queued
+        since = self._free_since.setdefault(verifier, now)
+        if ready < min(len(members), self.max_batch) and now - since < self.group_wait_s:
+            return []
+        batch = self._take(queue, turn)
+        if batch:
+            self._turn[verifier] = 1 - turn
+            return batch
+        return self._take(queue, 1 - turn)
+
+    def _ready_group(self, verifier: str, queue: deque[DraftTreeMsg], now: float) -> list[DraftTreeMsg]:
+        """Pipeline: the group with the oldest ready tree. It waits for the group's missing
+        drafts only while that is cheaper than verifying them in a batch of their own: up to
+        one verification divided by the group's size, from the first ready tree."""
+        oldest = self.sessions.get(queue[0].session_id)
+        group = oldest.group if oldest is not None else 0
+        slack = self._slack(verifier, group)
+        due = self._due(verifier, group, now)
+        if due is not None and due - now <= slack:
+            since = self._free_since.setdefault(verifier, now)
+            if now - since < slack:
+                return []
+        return self._take(queue, group)
+
+    def _slack(self, verifier: str, group: int) -> float:
+        members = max(1, min(self.max_batch, len(self._members(verifier, group))))
+        return self._verify_estimate(verifier) / members
+
+    def _due(self, verifier: str, group: int, now: float) -> float | None:
+        """When the next missing draft of this group is expected, if any is."""
+        due = None
+        for state in self._members(verifier, group):
+            if state.in_flight or state.edge is None or state.waiting_since is None:
+                continue
+            timing = self.timings.get(state.edge)
+            if timing is None or timing.turnaround_s is None:
+                continue
+            expected = max(now, state.waiting_since + timing.turnaround_s)  # overdue: any moment now
+            due = expected if due is None else min(due, expected)
+        return due
+
+    def next_wake(self, verifier: str, now: float) -> float | None:
+        """When a waiting strategy should be asked again (None: on the next event only)."""
+        since = self._free_since.get(verifier)
+        if since is None or not self._queues.get(verifier):
+            return None
+        if self.strategy == "two-groups":
+            return since + self.group_wait_s
+        queue = self._queues[verifier]
+        oldest = self.sessions.get(queue[0].session_id)
+        return since + self._slack(verifier, oldest.group if oldest is not None else 0)
+
+    def _verify_estimate(self, verifier: str) -> float:
+        cost, worker = self.costs.get(verifier), self.verifiers.get(verifier)
+        if cost is None or worker is None:
+            return 0.05
+        batch = min(self.max_batch, max(1, len(worker.sessions) // self.groups(verifier)))
+        return cost.seconds(batch * (self.budget + 1))
+
+    # -- timing and tree shapes ---------------------------------------------------------
+
+    def verify_timed(self, verifier: str, nodes: int, seconds: float) -> None:
+        """A batch of `nodes` tree nodes (roots included) took `seconds` on this verifier."""
+        self.costs.setdefault(verifier, VerificationCost()).add(nodes, seconds)
+        if self.strategy == "pipeline":
+            self._choose_groups(verifier)
+
+    def shape_for(self, session_id: str) -> tuple[int, int]:
+        """(budget, depth) for the session's next tree. Fixed unless the strategy is
+        `pipeline`: then the deepest tree that arrives in time, and no more nodes than
+        keep the batch's node cost within `node_cost_share` of a verifier pass."""
+        state = self.sessions.get(session_id)
+        if state is None or self.strategy != "pipeline" or state.edge is None:
+            return self.budget, self.depth
+        k, worker = self.groups(state.verifier), self.verifiers.get(state.verifier)
+        batch = max(1, min(self.max_batch, len(worker.sessions) // k if worker else 1))
+        cost = self.costs.get(state.verifier)
+        budget = self.budget
+        if cost is not None and cost.samples >= 4 and cost.per_node_s > 0:
+            affordable = self.node_cost_share * cost.base_s / cost.per_node_s / batch - 1
+            budget = max(self.min_budget, min(self.budget, int(affordable)))
+        verify_s = cost.seconds(batch * (budget + 1)) if cost is not None else 0.05
+        timing = self.timings.get(state.edge)
+        depth = timing.best_depth(verify_s, (k - 1) * verify_s, self.depth) if timing is not None else self.depth
+        state.budget, state.depth = budget, min(depth, budget) if budget else depth
+        return state.budget, state.depth
 
     def verified(self, session_id: str, new_tokens: int, now: float | None = None) -> None:
         """A result for the session's current cycle came back with `new_tokens` committed;
@@ -245,6 +456,8 @@ class SchedulingPolicy:
         state.in_flight = False
         state.refusals = 0
         state.waiting_since = now
+        if state.edge is not None and (timing := self.timings.get(state.edge)) is not None:
+            timing.verified(state.depth or self.depth, new_tokens)
 
     def requeue(self, trees: list[DraftTreeMsg]) -> None:
         """A batch that failed (its verifier did not answer): its trees go back to the front

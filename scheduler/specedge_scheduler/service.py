@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -57,6 +58,8 @@ class _Output:
 
 
 class SchedulerService:
+    HOUSEKEEPING_S = 0.1
+
     def __init__(self, nc: Client, instance_id: str, store: SessionStore, policy: SchedulingPolicy,
                  draft_shape: dict[str, int], request_timeout_s: float = 30.0) -> None:
         self.nc, self.instance_id, self.store = nc, instance_id, store
@@ -210,37 +213,48 @@ class SchedulerService:
         edge = msg.subject.split(".")[-2]
         if (tree := self.reject.decode(msg.data, DraftTreeMsg, f"a draft from {edge}")) is None:
             return
-        if (reason := self.policy.draft_arrived(tree, edge)) is not None:
+        if (reason := self.policy.draft_arrived(tree, edge, time.monotonic(), tree.draft_ms / 1000)) is not None:
             self.reject(reason, f"a draft from {edge}")
             return
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The dispatch loop: expire silent edges, queue server-side steps, send batches."""
+        """The dispatch loop: send batches as verifiers free up; every `HOUSEKEEPING_S`
+        expire silent edges and verifiers and late drafts; queue server steps."""
+        housekept = 0.0
+        timeout = 0.5
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
             self._wake.clear()
             now = time.monotonic()
-            for edge, sessions in self.policy.expire_edges(now).items():
-                self._fall_back(edge, sessions)
-            for verifier, lost in self.policy.expire_verifiers(now).items():
-                await self._verifier_gone(verifier, lost)
-            for edge, sessions in self.policy.expire_drafts(now).items():
-                log.warning("edge %s missed the draft deadline for %d session(s); they continue with server steps",
-                            edge, len(sessions))
-                for sid in sessions:
-                    await self.nc.publish(subjects.edge_close(edge), protocol.encode(CloseSession(session_id=sid)))
+            if now - housekept >= self.HOUSEKEEPING_S:
+                housekept = now
+                await self._housekeeping(now)
             self.policy.server_side_trees()
+            timeout = 0.5
             for verifier in list(self.policy.verifiers):
                 if verifier in self._busy:
                     continue
-                batch = self.policy.next_batch(verifier)
+                batch = self.policy.next_batch(verifier, now)
                 if batch:
                     self._busy.add(verifier)
                     task = asyncio.create_task(self._verify(verifier, batch))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
+                elif (wake := self.policy.next_wake(verifier, now)) is not None:
+                    timeout = min(timeout, max(0.001, wake - now))
+
+    async def _housekeeping(self, now: float) -> None:
+        for edge, sessions in self.policy.expire_edges(now).items():
+            self._fall_back(edge, sessions)
+        for verifier, lost in self.policy.expire_verifiers(now).items():
+            await self._verifier_gone(verifier, lost)
+        for edge, sessions in self.policy.expire_drafts(now).items():
+            log.warning("edge %s missed the draft deadline for %d session(s); they continue with server steps",
+                        edge, len(sessions))
+            for sid in sessions:
+                await self.nc.publish(subjects.edge_close(edge), protocol.encode(CloseSession(session_id=sid)))
 
     async def _verify(self, verifier: str, batch: list[DraftTreeMsg]) -> None:
         request = VerifyBatchRequest(batch_id=uuid.uuid4().hex[:12], trees=batch)
@@ -256,6 +270,8 @@ class SchedulerService:
         finally:
             self._busy.discard(verifier)
             self._wake.set()
+        if reply.forward_ms > 0 and reply.results:
+            self.policy.verify_timed(verifier, sum(len(t.tokens) + 1 for t in batch), reply.forward_ms / 1000)
         by_session = {t.session_id: t for t in batch}
         for rejection in reply.rejected:
             self.reject(rejection.reason, f"a tree verified by {verifier}")
@@ -303,4 +319,6 @@ class SchedulerService:
         if reason is not None:
             await self._end(sid)
         elif state.edge is not None:
+            budget, depth = self.policy.shape_for(sid)
+            result = msgspec.structs.replace(result, next_budget=budget, next_depth=depth)
             await self.nc.publish(subjects.edge_result(state.edge), protocol.encode(result))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from specedge.config import RedisServiceSettings
@@ -13,5 +15,6 @@ class SchedulerSettings(RedisServiceSettings):
     verifier_timeout_s: float = Field(default=6.0, gt=0)
     draft_timeout_s: float = Field(default=5.0, gt=0)
     session_ttl_s: int = Field(default=3600, ge=10)
+    strategy: Literal["fifo", "two-groups", "pipeline"] = "fifo"
     budget: int = Field(default=32, ge=0)
     depth: int = Field(default=4, ge=0)
