@@ -7,9 +7,12 @@ with its next draft at once: a closed loop with no drafting time), `--verifiers`
 verifiers (they register, prefill instantly and answer every batch with one accepted
 token per tree, no model), and the gateway side (it opens the sessions and counts
 token events). It reports drafts per second through the scheduler, the batch sizes it
-formed, and whether it fell behind (token events arriving late or out of order).
+formed, the time from a draft leaving an edge to its result coming back (p50/p99), and
+whether anything arrived out of order. `--think-ms T` makes each edge wait T ms after a
+result before its next draft (its drafting time): an offered load of edges / T drafts
+per second, at which a scheduler that keeps up shows a flat, small round trip.
 
-    python -m specedge_scheduler.bench_load --edges 1000 --seconds 10
+    python -m specedge_scheduler.bench_load --edges 1000 --seconds 10 [--think-ms 80]
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Load:
         self.batches: list[int] = []
         self.out_of_order = 0
         self.measuring = False
+        self.round_trips: list[float] = []
 
 
 async def stub_verifier(nc, instance: str, load: Load) -> None:
@@ -76,7 +80,7 @@ async def stub_verifier(nc, instance: str, load: Load) -> None:
     await nc.subscribe(subjects.verifier_verify(instance), cb=on_verify)
 
 
-async def run(nats_url: str, edges: int, verifiers: int, seconds: float, nodes: int) -> dict:
+async def run(nats_url: str, edges: int, verifiers: int, seconds: float, nodes: int, think_s: float) -> dict:
     load = Load()
     async with bus.connect(nats_url, "bench-load") as nc:
         announcements = []
@@ -91,6 +95,8 @@ async def run(nats_url: str, edges: int, verifiers: int, seconds: float, nodes: 
                                                      heartbeat_s=1.0, details={"max_sessions": "1", "pool": "shared",
                                                                                "tokenizer_fingerprint": FINGERPRINT}))
         sessions: dict[str, tuple[str, str]] = {}  # sid -> (edge, scheduler)
+        sent_at: dict[str, float] = {}
+        loop, tasks = asyncio.get_running_loop(), set()
         expected_index: dict[str, int] = {}
         tree_tokens = list(range(1, nodes + 1))
         tree_parents = [-1, *range(nodes - 1)]
@@ -99,6 +105,7 @@ async def run(nats_url: str, edges: int, verifiers: int, seconds: float, nodes: 
             edge, scheduler = sessions[sid]
             tree = DraftTreeMsg(session_id=sid, cycle=cycle, committed_len=committed_len, tokens=tree_tokens,
                                 parents=tree_parents)
+            sent_at[sid] = time.perf_counter()
             await nc.publish(subjects.drafts(edge, scheduler), protocol.encode(tree))
             if load.measuring:
                 load.drafts_sent += 1
@@ -112,7 +119,12 @@ async def run(nats_url: str, edges: int, verifiers: int, seconds: float, nodes: 
             result = protocol.decode(msg.data, VerifyResult)
             if load.measuring:
                 load.results += 1
-            await send(result.session_id, result.cycle + 1, result.committed_len + len(result.accepted) + 1)
+                load.round_trips.append(time.perf_counter() - sent_at[result.session_id])
+            args = (result.session_id, result.cycle + 1, result.committed_len + len(result.accepted) + 1)
+            if think_s:  # drafting, off the callback: other results keep flowing meanwhile
+                loop.call_later(think_s, lambda: _track(tasks, asyncio.ensure_future(send(*args))))
+            else:
+                await send(*args)
 
         async def on_tokens(msg) -> None:
             event = protocol.decode(msg.data, TokenEvent)
@@ -151,7 +163,18 @@ async def run(nats_url: str, edges: int, verifiers: int, seconds: float, nodes: 
             "drafts_per_s": load.drafts_sent / elapsed, "results_per_s": load.results / elapsed,
             "token_events_per_s": load.token_events / elapsed, "mean_batch": statistics.fmean(load.batches or [0]),
             "batches_per_s": len(load.batches) / elapsed, "out_of_order": load.out_of_order,
-            "behind_drafts": load.drafts_sent - load.results}
+            "round_trip_ms_p50": 1000 * _percentile(load.round_trips, 0.5),
+            "round_trip_ms_p99": 1000 * _percentile(load.round_trips, 0.99)}
+
+
+def _track(tasks: set, task: asyncio.Future) -> None:
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values) or [0.0]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--nodes", type=int, default=32, help="tree nodes per draft")
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--think-ms", type=float, default=0.0, help="each edge's pause between result and draft")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     with Launcher() as launcher:
@@ -177,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("the scheduler did not come up")
         cpu_before = psutil.Process(scheduler.process.pid).cpu_times()
-        report = asyncio.run(run(nats_url, args.edges, args.verifiers, args.seconds, args.nodes))
+        report = asyncio.run(run(nats_url, args.edges, args.verifiers, args.seconds, args.nodes,
+                                 args.think_ms / 1000))
         cpu_after = psutil.Process(scheduler.process.pid).cpu_times()
         busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
         report["scheduler_cpu_s"] = round(busy, 2)

@@ -120,3 +120,33 @@ async def test_two_verifiers_share_sessions_and_every_output_is_exact(stack, nat
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=20) == 0
+
+
+async def test_the_pipeline_strategy_serves_exactly(nats_url, redis_url, cli_env, tmp_path):
+    procs = [
+        start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url, "--max-len", "1024"], cli_env,
+                  tmp_path / "verifier.log"),
+        start_cli(["edge-agent", "--nats-url", nats_url, "--max-len", "1024"], cli_env, tmp_path / "edge.log"),
+        start_cli(["scheduler", "--nats-url", nats_url, "--redis-url", redis_url, "--strategy", "pipeline",
+                   "--max-batch", "2", "--budget", "16", "--depth", "3"], cli_env, tmp_path / "scheduler.log"),
+    ]
+    try:
+        for role, proc in zip(("verifier", "edge-agent", "scheduler"), procs, strict=True):
+            await asyncio.to_thread(wait_for, lambda r=role, p=proc: registered(nats_url, r, p.pid), 60, role)
+        cases = [prompt_and_reference(f"Write a function that cleans text {i}.", 40) for i in range(3)]
+        nc = await nats.connect(nats_url)
+        await asyncio.sleep(2.5)
+        sids = [uuid.uuid4().hex for _ in cases]
+        subs = [await nc.subscribe(subjects.session_tokens(sid)) for sid in sids]
+        for sid, (ids, _, eos) in zip(sids, cases, strict=True):
+            assert (await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=40,
+                                                       eos_ids=eos))).error is None
+        results = await asyncio.gather(*(collect(sub) for sub in subs))
+        assert [tokens for tokens, _ in results] == [reference for _, reference, _ in cases]
+        await nc.close()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+    for log in tmp_path.glob("*.log"):
+        assert "Traceback" not in log.read_text(), log.read_text()
