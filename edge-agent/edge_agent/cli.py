@@ -30,6 +30,12 @@ def command(
         "--server-side", envvar="SPECEDGE_SERVER_SIDE",
         help="Run as the operator's server-side drafter: used for mode server-only and when no edge is free.")]
     = False,
+    proactive: Annotated[bool | None, typer.Option(
+        "--proactive/--no-proactive", envvar="SPECEDGE_PROACTIVE", show_default=False,
+        help="Draft the next tree while one is out (default: on, off with --server-side).")] = None,
+    emulate_rtt_ms: Annotated[float, typer.Option(
+        "--emulate-rtt-ms", envvar="SPECEDGE_EMULATE_RTT_MS",
+        help="Benchmarks: delay this edge's drafts and results by half this each way.")] = 0.0,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -39,7 +45,7 @@ def command(
 
     settings = build(EdgeAgentSettings, nats_url=nats_url, draft=draft or bundled(BUNDLED_DRAFT),
                      device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, user=user,
-                     server_side=server_side, name=name,
+                     server_side=server_side, proactive=proactive, emulate_rtt_ms=emulate_rtt_ms, name=name,
                      log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)
 

@@ -25,14 +25,32 @@ from specedge import protocol, subjects
 from specedge.engine.parties import Drafter, StaleMessageError
 from specedge.engine.runner import CacheFullError
 from specedge.engine.tree import TreeParams
-from specedge.protocol import CloseSession, DraftAssign, EdgeRefused, ProtocolError, Rejections, VerifyResult
+from specedge.protocol import (
+    CloseSession,
+    DraftAssign,
+    DraftTreeMsg,
+    EdgeRefused,
+    ProtocolError,
+    Rejections,
+    ServiceStats,
+    VerifyResult,
+)
 
 log = logging.getLogger("edge_agent")
 
 
 class EdgeService:
-    def __init__(self, nc: Client, instance_id: str, drafter: Drafter, stop: asyncio.Event | None = None) -> None:
+    def __init__(self, nc: Client, instance_id: str, drafter: Drafter, stop: asyncio.Event | None = None,
+                 proactive: bool = True, one_way_delay_s: float = 0.0) -> None:
+        """`proactive`: draft ahead while a tree is out (off for a server-side drafter, which
+        has no network wait to hide); `one_way_delay_s`: emulate a WAN link (benchmarks)."""
         self.nc, self.instance_id, self.drafter = nc, instance_id, drafter
+        self.proactive, self.one_way_delay_s = proactive, one_way_delay_s
+        self.drafts_sent = 0
+        self.spans: deque[list[float]] = deque(maxlen=5000)  # recent drafting, for timelines
+        self._to_draft: set[str] = set()  # sessions waiting for their next tree
+        self._drafting: asyncio.Task | None = None
+        self._results = None  # the result subscription (its backlog tells the drafter to wait)
         self.stop = stop or asyncio.Event()  # set when the server side refuses this edge
         self.refused: EdgeRefused | None = None
         self._scheduler: dict[str, str] = {}  # session -> the scheduler collecting its drafts
@@ -46,10 +64,19 @@ class EdgeService:
 
     async def subscribe(self) -> None:
         await self.nc.subscribe(subjects.edge_assign(self.instance_id), cb=self.on_assign)
-        await self.nc.subscribe(subjects.edge_result(self.instance_id), cb=self.on_result)
+        self._results = await self.nc.subscribe(subjects.edge_result(self.instance_id), cb=self.on_result)
         await self.nc.subscribe(subjects.edge_close(self.instance_id), cb=self.on_close)
         await self.nc.subscribe(subjects.edge_refused(self.instance_id), cb=self.on_refused)
+        await self.nc.subscribe(subjects.stats("edge-agent", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
+
+    async def on_stats(self, msg: Msg) -> None:
+        s = self.drafter.stats
+        counters = {"busy_s": s.busy_s, "forward_passes": s.forward_passes, "proactive_hits": s.proactive_hits,
+                    "proactive_attempts": s.proactive_attempts, "drafts_sent": self.drafts_sent}
+        if msg.reply:
+            await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters,
+                                                           spans=list(self.spans))))
 
     async def on_refused(self, msg: Msg) -> None:
         if (refused := self.reject.decode(msg.data, EdgeRefused, "a refusal")) is None:
@@ -80,6 +107,12 @@ class EdgeService:
     async def on_result(self, msg: Msg) -> None:
         if (result := self.reject.decode(msg.data, VerifyResult, "a result")) is None:
             return
+        if self.one_way_delay_s:  # the emulated link: arrive later, without holding up other results
+            self._spawn(self._later(self.one_way_delay_s, self._apply(result)))
+            return
+        await self._apply(result)
+
+    async def _apply(self, result: VerifyResult) -> None:
         if result.session_id not in self.drafter.sessions:
             self.reject("unknown_session", "a result")
             return
@@ -107,19 +140,57 @@ class EdgeService:
             self.drafter.close(close.session_id)
 
     async def _send_next(self, session_id: str) -> None:
-        async with self._lock:
-            if session_id not in self.drafter.sessions:
-                return
-            started = time.perf_counter()
-            tree = await asyncio.to_thread(self.drafter.draft, session_id)
-            tree = msgspec.structs.replace(tree, draft_ms=1000 * (time.perf_counter() - started))
-            self.drafter.start_proactive(session_id)
+        """Queue the session for its next tree; one task drafts every waiting session together."""
+        self._to_draft.add(session_id)
+        if self._drafting is None or self._drafting.done():
+            self._drafting = asyncio.create_task(self._draft_waiting())
+
+    async def _draft_waiting(self) -> None:
+        """Draft the next tree of every waiting session in one batched pass per level (results
+        of one verification batch arrive together), then publish each and draft ahead."""
+        while self._to_draft:
+            for _ in range(10):  # results still queued on the subscription join this batch
+                if self._results is None or self._results.pending_msgs == 0:
+                    break
+                await asyncio.sleep(0.0005)
+            waiting = sorted(self._to_draft)
+            self._to_draft.clear()
+            async with self._lock:
+                waiting = [s for s in waiting if s in self.drafter.sessions and s in self._scheduler]
+                if not waiting:
+                    continue
+                started, at = time.perf_counter(), time.monotonic()
+                trees = await asyncio.to_thread(self.drafter.draft_many, waiting)
+                self.spans.append([at, time.monotonic()])
+                draft_ms = 1000 * (time.perf_counter() - started)
+                if self.proactive:
+                    for session_id in waiting:
+                        self.drafter.start_proactive(session_id)
+            for tree in trees:
+                await self._publish(msgspec.structs.replace(tree, draft_ms=draft_ms))
+
+    async def _publish(self, tree: DraftTreeMsg) -> None:
+        session_id = tree.session_id
         self._sent_at[session_id] = time.monotonic()
-        await self.nc.publish(subjects.drafts(self.instance_id, self._scheduler[session_id]), protocol.encode(tree))
-        self._drafting_ahead.add(session_id)
-        task = asyncio.create_task(self._draft_ahead(session_id))
+        publish = self.nc.publish(subjects.drafts(self.instance_id, self._scheduler[session_id]), protocol.encode(tree))
+        if self.one_way_delay_s:
+            self._spawn(self._later(self.one_way_delay_s, publish))
+        else:
+            await publish
+        self.drafts_sent += 1
+        if self.proactive:
+            self._drafting_ahead.add(session_id)
+            self._spawn(self._draft_ahead(session_id))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _later(delay_s: float, coroutine) -> None:
+        await asyncio.sleep(delay_s)
+        await coroutine
 
     async def _draft_ahead(self, session_id: str) -> None:
         """Proactive drafting, one pass at a time, until done or told to stop.
@@ -131,7 +202,9 @@ class EdgeService:
             async with self._lock:
                 if session_id not in self._drafting_ahead or session_id not in self.drafter.sessions:
                     return
+                at = time.monotonic()
                 more = await asyncio.to_thread(self.drafter.proactive_step, session_id)
+                self.spans.append([at, time.monotonic()])
             if not more:
                 return
             await asyncio.sleep(0)  # let a waiting result take the lock

@@ -15,6 +15,12 @@ class EdgeAgentSettings(ServiceSettings):
     max_len: int = Field(default=4096, ge=16)  # most tokens (prompt + output) per session
     user: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.@-]*$")  # owner; "" joins a pool
     server_side: bool = False  # a drafter the operator runs beside the verifiers (mode server-only)
+    proactive: bool | None = None  # draft ahead while a tree is out (default: yes, unless server-side)
+    emulate_rtt_ms: float = Field(default=0.0, ge=0)  # benchmarks: a WAN round trip on this edge's link
+
+    @property
+    def drafts_ahead(self) -> bool:
+        return (not self.server_side) if self.proactive is None else self.proactive
 
     @model_validator(mode="after")
     def _one_pool(self) -> EdgeAgentSettings:

@@ -186,6 +186,15 @@ class EdgeRefused(Message, frozen=True, kw_only=True):
     message: str
 
 
+class ServiceStats(Message, frozen=True, kw_only=True):
+    """A service's counters since it started (reply to a stats request): busy seconds in
+    forward passes, passes, proactive hits, … — names are the service's own."""
+
+    instance_id: str
+    counters: dict[str, float] = {}
+    spans: list[list[float]] = []  # recent forward passes: [start, end] on the host's monotonic clock
+
+
 class CloseSession(Message, frozen=True, kw_only=True):
     session_id: str
 

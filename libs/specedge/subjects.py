@@ -84,6 +84,11 @@ def drafts_for(scheduler_id: str) -> str:
     return f"{PREFIX}.drafts.*.{_token(scheduler_id)}"
 
 
+def stats(role: str, instance_id: str) -> str:
+    """Request to one service: its counters (empty request -> `ServiceStats`)."""
+    return f"{PREFIX}.stats.{_token(role)}.{_token(instance_id)}"
+
+
 SESSIONS_OPEN = f"{PREFIX}.sessions.open"
 """Request (queue group `schedulers`): open a session (`SessionOpen` -> `SessionOpened`)."""
 

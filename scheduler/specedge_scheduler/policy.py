@@ -203,8 +203,10 @@ class SchedulingPolicy:
         verifier.sessions.add(session_id)
         if edge is not None:
             edge.sessions.add(session_id)
+        # In flight until `draft_due`: no tree (server step or draft) before its verifier has prefilled it.
         state = SessionState(session_id, verifier.instance_id, edge.instance_id if edge else None, user=user,
-                             mode=mode, committed_len=committed_len, budget=self.budget, depth=self.depth)
+                             mode=mode, committed_len=committed_len, budget=self.budget, depth=self.depth,
+                             in_flight=True)
         state.group = self._emptiest_group(verifier)
         self.sessions[session_id] = state
         if edge is None:
@@ -267,9 +269,10 @@ class SchedulingPolicy:
         return None
 
     def draft_due(self, session_id: str, now: float) -> None:
-        """The session's edge has been told to draft: its first tree is due from `now`."""
+        """The session is prefilled and its edge (if any) told to draft: trees may come,
+        the first one due from `now`."""
         if (state := self.sessions.get(session_id)) is not None:
-            state.waiting_since = now
+            state.waiting_since, state.in_flight = now, False
 
     def finish(self, session_id: str) -> None:
         state = self.sessions.pop(session_id, None)
@@ -323,6 +326,8 @@ class SchedulingPolicy:
         queue = self._queues.get(verifier, deque())
         if not queue:
             return []
+        if self._cohort_incomplete(verifier, queue, now):
+            return []
         if self.strategy == "fifo":
             batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
         elif self.strategy == "two-groups":
@@ -332,6 +337,23 @@ class SchedulingPolicy:
         if batch:
             self._free_since.pop(verifier, None)
         return batch
+
+    COHORT_WAIT_S = 0.05
+
+    def _cohort_incomplete(self, verifier: str, queue: deque[DraftTreeMsg], now: float) -> bool:
+        """A server-side drafter drafts its sessions together right after their results: verify
+        them together too (lockstep, as a server running both models would), waiting up to
+        `COHORT_WAIT_S` for the rest of its sessions on this verifier."""
+        head = self.sessions.get(queue[0].session_id)
+        drafter = self.edges.get(head.edge) if head is not None and head.edge is not None else None
+        if drafter is None or drafter.pool != "server":
+            return False
+        missing = any(not self.sessions[s].in_flight and self.sessions[s].verifier == verifier
+                      for s in drafter.sessions if s in self.sessions)
+        if not missing:
+            return False
+        since = self._free_since.setdefault(verifier, now)
+        return now - since < self.COHORT_WAIT_S
 
     def _take(self, queue: deque[DraftTreeMsg], group: int | None) -> list[DraftTreeMsg]:
         """Remove and return up to `max_batch` queued trees of one group (None: any), oldest first."""
@@ -404,6 +426,8 @@ class SchedulingPolicy:
         since = self._free_since.get(verifier)
         if since is None or not self._queues.get(verifier):
             return None
+        if self.strategy == "fifo":
+            return since + self.COHORT_WAIT_S
         if self.strategy == "two-groups":
             return since + self.group_wait_s
         queue = self._queues[verifier]

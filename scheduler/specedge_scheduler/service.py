@@ -37,6 +37,7 @@ from specedge.protocol import (
     Rejections,
     ServiceAnnouncement,
     ServiceLeave,
+    ServiceStats,
     SessionOpen,
     SessionOpened,
     TokenEvent,
@@ -77,7 +78,17 @@ class SchedulerService:
         await self.nc.subscribe(subjects.SESSIONS_OPEN, queue="schedulers", cb=self.on_open)
         await self.nc.subscribe(subjects.SESSIONS_CLOSE, cb=self.on_close)
         await self.nc.subscribe(subjects.drafts_for(self.instance_id), cb=self.on_draft)
+        await self.nc.subscribe(subjects.stats("scheduler", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
+
+    async def on_stats(self, msg: Msg) -> None:
+        p = self.policy
+        counters = {"sessions": len(p.sessions), "in_flight": sum(s.in_flight for s in p.sessions.values()),
+                    "queued": sum(len(q) for q in p._queues.values()), "verifiers": len(p.verifiers),
+                    "busy_verifiers": len(self._busy), "edges": len(p.edges),
+                    "rejected": sum(self.reject.counts.values())}
+        if msg.reply:
+            await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters)))
 
     # -- membership ---------------------------------------------------------------------
 

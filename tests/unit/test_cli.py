@@ -34,7 +34,7 @@ def test_top_level_lists_every_role_and_up():
         ("verifier", ["--nats-url", "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--user",
-                        "--server-side", "--name", "--log-level"]),
+                        "--server-side", "--proactive", "--emulate-rtt-ms", "--name", "--log-level"]),
         ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--api-key", "--server-drafter",
                 "--ready-timeout", "--log-level"]),
     ],
@@ -45,7 +45,8 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         assert flag in text, flag
         env = "SPECEDGE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert env in text, env
-    options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter"}
+    options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter",
+                                                               "--no-proactive"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 
 

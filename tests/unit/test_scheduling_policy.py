@@ -10,6 +10,13 @@ def tree(session: str, cycle: int = 0, length: int = 10) -> DraftTreeMsg:
     return DraftTreeMsg(session_id=session, cycle=cycle, committed_len=length, tokens=[1], parents=[-1])
 
 
+def opened(p: SchedulingPolicy, session: str, length: int = 10, **kwargs):
+    """Assign a session and mark it prefilled (as the service does once its verifier answers)."""
+    assignment = p.assign(session, length, **kwargs)
+    p.draft_due(session, 0.0)
+    return assignment
+
+
 def policy() -> SchedulingPolicy:
     p = SchedulingPolicy(max_batch=2, edge_timeout_s=5)
     p.verifier_seen("v1", capacity=2, now=0)
@@ -41,7 +48,7 @@ def test_an_edge_with_another_tokenizer_gets_no_sessions():
 
 def test_drafts_are_checked_against_the_session():
     p = policy()
-    p.assign("s1", 10)
+    opened(p, "s1", 10)
     assert p.draft_arrived(tree("ghost"), "e1") == "unknown_session"
     assert p.draft_arrived(tree("s1"), "e9") == "not_the_sessions_edge"
     assert p.draft_arrived(tree("s1", cycle=3), "e1") == "stale_cycle"
@@ -57,7 +64,7 @@ def test_batches_are_fifo_and_bounded():
     p.verifier_seen("v", capacity=8, now=0)
     for i in range(3):
         p.edge_seen(f"e{i}", capacity=1, now=0)
-        p.assign(f"s{i}", 5)
+        opened(p, f"s{i}", 5)
     for i in (2, 0, 1):
         assert p.draft_arrived(tree(f"s{i}", length=5), p.sessions[f"s{i}"].edge) is None
     assert [t.session_id for t in p.next_batch("v")] == ["s2", "s0"]
@@ -67,7 +74,7 @@ def test_batches_are_fifo_and_bounded():
 
 def test_a_silent_edge_expires_and_its_sessions_continue_server_side():
     p = policy()
-    p.assign("s1", 10)
+    opened(p, "s1", 10)
     p.edge_seen("e1", capacity=1, now=3)
     assert p.expire_edges(now=7) == {}
     assert p.expire_edges(now=9) == {"e1": ["s1"]}
@@ -103,8 +110,8 @@ def test_users_get_their_own_edge_then_the_shared_pool_then_the_server_never_ano
 
 def test_a_lost_verifier_hands_its_sessions_and_queued_trees_to_another():
     p = policy()
-    p.assign("s1", 10)  # v1 (most room), e1
-    p.assign("s2", 10)  # v1 and v2 tie on room: v2 by name
+    opened(p, "s1", 10)  # v1 (most room), e1
+    opened(p, "s2", 10)  # v1 and v2 tie on room: v2 by name
     assert p.sessions["s1"].verifier == "v1"
     assert p.draft_arrived(tree("s1"), "e1") is None
     p.verifier_seen("v2", capacity=1, now=4)
@@ -120,7 +127,7 @@ def test_a_lost_verifier_hands_its_sessions_and_queued_trees_to_another():
 
 def test_refused_trees_become_server_steps_until_the_session_gives_up():
     p = policy()
-    p.assign("s1", 10)
+    opened(p, "s1", 10)
     assert p.draft_arrived(tree("s1"), "e1") is None
     batch = p.next_batch("v1")
     assert p.refused(batch[0])
@@ -140,3 +147,12 @@ def test_policy_imports_neither_nats_nor_redis_and_light_services_never_torch():
             "assert 'torch' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_no_tree_is_queued_before_the_session_is_prefilled():
+    p = policy()
+    p.assign("s1", 10, mode="autoregressive")
+    assert p.server_side_trees() == []  # its verifier has not prefilled it yet
+    assert p.draft_arrived(tree("s1"), "e1") is not None
+    p.draft_due("s1", 0.0)
+    assert [t.session_id for t in p.server_side_trees()] == ["s1"]

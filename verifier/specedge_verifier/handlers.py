@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import msgspec
 from nats.aio.client import Client
@@ -31,6 +32,7 @@ from specedge.protocol import (
     ProtocolError,
     Rejection,
     Rejections,
+    ServiceStats,
     VerifyBatchReply,
     VerifyBatchRequest,
     VerifyResult,
@@ -50,12 +52,20 @@ class VerifierService:
         self._last: dict[str, VerifyResult] = {}  # each session's latest result, for replays
         self._used: dict[str, float] = {}  # session -> when it was last prefilled or verified
         self.reprefills = self.evictions = 0
+        self.spans: deque[list[float]] = deque(maxlen=5000)  # recent verification passes, for timelines
 
     async def subscribe(self) -> None:
         await self.nc.subscribe(subjects.verifier_prefill(self.instance_id), cb=self.on_prefill)
         await self.nc.subscribe(subjects.verifier_verify(self.instance_id), cb=self.on_verify)
         await self.nc.subscribe(subjects.verifier_close(self.instance_id), cb=self.on_close)
+        await self.nc.subscribe(subjects.stats("verifier", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
+
+    async def on_stats(self, msg: Msg) -> None:
+        counters = {"busy_s": self.verifier.busy_s, "forward_passes": self.verifier.forward_passes,
+                    "sessions": len(self.verifier.sessions), "reprefills": self.reprefills,
+                    "evictions": self.evictions, "rejected": sum(self.reject.counts.values())}
+        await self._reply(msg, ServiceStats(instance_id=self.instance_id, counters=counters, spans=list(self.spans)))
 
     async def _reply(self, msg: Msg, message: protocol.Message) -> None:
         if msg.reply:
@@ -163,9 +173,11 @@ class VerifierService:
                 else:
                     self.reject(reason, f"a tree for session {tree.session_id[:16]}")
                     rejected.append(Rejection(session_id=tree.session_id, reason=reason))
-            started = time.perf_counter()
+            started, at = time.perf_counter(), time.monotonic()
             results = await asyncio.to_thread(self.verifier.verify, good) if good else []
             forward_ms = 1000 * (time.perf_counter() - started)
+            if good:
+                self.spans.append([at, time.monotonic()])
             committed = []
             for result in results:
                 if (reason := await self._commit(result)) is None:

@@ -14,6 +14,7 @@ how the messages travel (in process, with a simulated delay, or over NATS).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -173,6 +174,13 @@ class Drafter:
         self.runner.evict(session_id)
         self.sessions.pop(session_id, None)
 
+    def reshape(self, session_id: str, budget: int, depth: int) -> None:
+        """Shape this session's next fresh trees (the scheduler's choice), within the cache
+        this drafter was sized for; a tree already drafted ahead keeps its shape."""
+        session = self.sessions[session_id]
+        depth = max(1, min(depth, self.params.depth * self.params.beams // max(1, session.params.beams)))
+        session.params = dataclasses.replace(session.params, budget=max(0, budget), depth=depth)
+
     def _grow(self, session_id: str, root: int, root_parent: int) -> tuple[TreeJob, Iterator[int]]:
         job = TreeJob(session_id, root, root_parent)
         return job, grow_trees(self.runner, [job], self.sessions[session_id].params)
@@ -194,15 +202,30 @@ class Drafter:
 
     def draft(self, session_id: str) -> DraftTreeMsg:
         """The tree to send now: the proactive one if it was a hit, else a fresh one."""
-        session = self.sessions[session_id]
-        if session.current is None:
-            job, steps = self._grow(session_id, session.committed[-1], -1)
-            for _ in self._counted(steps):
+        return self.draft_many([session_id])[0]
+
+    def draft_many(self, session_ids: list[str]) -> list[DraftTreeMsg]:
+        """`draft` for several sessions; fresh trees of the same shape grow together, one
+        batched draft pass per level (how a server-side drafter serves a batch)."""
+        by_shape: dict[TreeParams, list[TreeJob]] = {}
+        for session_id in session_ids:
+            session = self.sessions[session_id]
+            if session.current is None:
+                job = TreeJob(session_id, session.committed[-1], -1)
+                by_shape.setdefault(session.params, []).append(job)
+        for params, jobs in by_shape.items():
+            for _ in self._counted(grow_trees(self.runner, jobs, params)):
                 pass
-            session.current = self._built(job)
-        tree = session.current.tree
-        return DraftTreeMsg(session_id=session_id, cycle=session.cycle, committed_len=len(session.committed),
-                            tokens=list(tree.tokens), parents=list(tree.parents))
+            for job in jobs:
+                self.sessions[job.session_id].current = self._built(job)
+        trees = []
+        for session_id in session_ids:
+            session = self.sessions[session_id]
+            tree = session.current.tree
+            trees.append(DraftTreeMsg(session_id=session_id, cycle=session.cycle,
+                                      committed_len=len(session.committed), tokens=list(tree.tokens),
+                                      parents=list(tree.parents)))
+        return trees
 
     def start_proactive(self, session_id: str) -> None:
         """Begin drafting the next tree from the guessed result of the tree just sent."""
