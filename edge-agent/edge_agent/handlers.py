@@ -33,7 +33,9 @@ from specedge.protocol import (
     ProtocolError,
     Rejections,
     ServiceStats,
+    StatsRequest,
     VerifyResult,
+    spans_since,
 )
 
 log = logging.getLogger("edge_agent")
@@ -71,12 +73,15 @@ class EdgeService:
         await self.nc.flush()
 
     async def on_stats(self, msg: Msg) -> None:
+        request = StatsRequest() if not msg.data else self.reject.decode(msg.data, StatsRequest, "a stats request")
+        if request is None:
+            return
         s = self.drafter.stats
         counters = {"busy_s": s.busy_s, "forward_passes": s.forward_passes, "proactive_hits": s.proactive_hits,
                     "proactive_attempts": s.proactive_attempts, "drafts_sent": self.drafts_sent}
         if msg.reply:
             await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters,
-                                                           spans=list(self.spans))))
+                                                           spans=spans_since(self.spans, request.since))))
 
     async def on_refused(self, msg: Msg) -> None:
         if (refused := self.reject.decode(msg.data, EdgeRefused, "a refusal")) is None:

@@ -11,10 +11,14 @@ For each batch size B, mode and category, it runs the category's prompts B at a 
 concurrent sessions on the bus (first turn, chat template, greedy) and measures: tokens
 per verification (per cycle), generated tokens, *server busy* seconds (the union of the
 verifier's verification passes and the server drafter's drafting passes — in server-only
-mode — as the services record them; they share a core, so overlaps count once), inter-token latency (per session: from its first token event to
-its last, per token after the first event), time to first token, and cost
+mode — as the services record them; they share a core, so overlaps count once),
+inter-token latency (per session: from its first token event to its last, per token
+after the first event), time to first token, and cost
 (server $/h × wall + edges used × $/h × wall, per 1000 tokens). Server throughput is
 reported per server busy second (the table's figure) and per wall second.
+
+Server-side drafters' sessions are verified in lockstep (the scheduler waits for the
+drafter's whole cohort), as a server running both models would batch them.
 
 Writes `results.json`, `report.md` and PNG plots to `--out`.
 """
@@ -41,7 +45,15 @@ from tqdm import tqdm
 from specedge import bus, protocol, registry, subjects
 from specedge.launcher import Launcher
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
-from specedge.protocol import Mode, SamplingSpec, ServiceStats, SessionOpen, SessionOpened, TokenEvent
+from specedge.protocol import (
+    Mode,
+    SamplingSpec,
+    ServiceStats,
+    SessionOpen,
+    SessionOpened,
+    StatsRequest,
+    TokenEvent,
+)
 
 log = logging.getLogger("specedge.bench")
 MODES: tuple[Mode, ...] = ("autoregressive", "server-only", "specedge")
@@ -53,7 +65,7 @@ class BenchSettings(BaseModel):
 
     modes: tuple[Mode, ...] = MODES
     prompts: str | None = None  # JSONL with `turns` or `prompt`; default: the bundled Spec-Bench copy
-    categories: tuple[str, ...] = CATEGORIES
+    categories: tuple[str, ...] | None = None  # default: the six Spec-Bench ones, or all of a --prompts file
     num_prompts: int = Field(default=4, ge=1)  # per category
     max_tokens: int = Field(default=64, ge=1)
     batch_sizes: tuple[int, ...] = (1, 2, 4)
@@ -61,6 +73,7 @@ class BenchSettings(BaseModel):
     server_price_per_h: float = Field(default=5.05, ge=0)
     edge_price_per_h: float = Field(default=0.35, ge=0)
     budget: int = Field(default=32, ge=1)
+    server_budget: int = Field(default=64, ge=1)  # the paper's server-only baseline
     depth: int = Field(default=4, ge=1)
     strategy: str = "fifo"
     out: Path = Path("bench-out")
@@ -127,17 +140,19 @@ class Bench:
     def __init__(self, settings: BenchSettings, nats_url: str, ids: dict[str, list[str]]) -> None:
         self.settings, self.nats_url, self.ids = settings, nats_url, ids
 
-    async def stats(self, nc, role: str, instance: str) -> ServiceStats:
-        reply = await nc.request(subjects.stats(role, instance), b"", timeout=10)
+    async def stats(self, nc, role: str, instance: str, since: float = 0.0) -> ServiceStats:
+        request = protocol.encode(StatsRequest(since=since))
+        reply = await nc.request(subjects.stats(role, instance), request, timeout=10)
         return protocol.decode(reply.data, ServiceStats)
 
-    async def snapshot(self, nc) -> dict[str, ServiceStats]:
+    async def snapshot(self, nc, since: float = 0.0) -> dict[str, ServiceStats]:
         out = {}
         for role, instances in self.ids.items():
             if role == "scheduler":
                 continue
             for instance in instances:
-                out[instance] = await self.stats(nc, "verifier" if role == "verifier" else "edge-agent", instance)
+                out[instance] = await self.stats(nc, "verifier" if role == "verifier" else "edge-agent", instance,
+                                                 since)
         return out
 
     async def session(self, nc, tokens: list[int], mode: Mode, eos: list[int]) -> SessionTrace:
@@ -170,7 +185,7 @@ class Bench:
 
     async def run(self, nc, mode: Mode, category: str, batch: int, prompts: list[list[int]], eos: list[int],
                   progress: tqdm) -> Run:
-        before = await self.snapshot(nc)
+        before = await self.snapshot(nc, since=time.monotonic())
         started = time.monotonic()
         traces: list[SessionTrace] = []
         for i in range(0, len(prompts), batch):
@@ -178,7 +193,7 @@ class Bench:
             traces += await asyncio.gather(*(self.session(nc, p, mode, eos) for p in wave))
             progress.update(len(wave))
         wall = time.monotonic() - started
-        after = await self.snapshot(nc)
+        after = await self.snapshot(nc, since=started)
 
         def delta(instance: str, counter: str) -> float:
             return after[instance].counters.get(counter, 0.0) - before[instance].counters.get(counter, 0.0)
@@ -249,7 +264,8 @@ def deploy(launcher: Launcher, settings: BenchSettings) -> tuple[str, dict[str, 
                                           "--max-sessions", str(edges), "--name", "server-drafter"], env=env),
     ]
     others = [launcher.spawn("scheduler", [*cli, "scheduler", *common, "--redis-url", redis_url, "--max-batch",
-                                           str(edges), "--budget", str(settings.budget), "--depth",
+                                           str(edges), "--budget", str(settings.budget), "--server-budget",
+                                           str(settings.server_budget), "--depth",
                                            str(settings.depth), "--strategy", settings.strategy], env=env)]
     others += [launcher.spawn(f"edge-{i}", [*cli, "edge-agent", *common, "--draft", settings.draft, "--max-sessions",
                                             "1", "--emulate-rtt-ms", str(settings.rtt_ms), "--name", f"edge-{i}"],
@@ -377,7 +393,8 @@ def run_bench(settings: BenchSettings) -> int:
     from transformers import AutoTokenizer, GenerationConfig  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    prompts = load_prompts(settings.prompts, settings.categories, settings.num_prompts)
+    categories = settings.categories or (CATEGORIES if settings.prompts is None else ())
+    prompts = load_prompts(settings.prompts, categories, settings.num_prompts)
     tok = AutoTokenizer.from_pretrained(settings.target)
     encoded = {c: [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
@@ -403,7 +420,7 @@ def run_bench(settings: BenchSettings) -> int:
                             for mode in settings.modes:  # interleaved: machine noise hits every mode alike
                                 runs.append(await bench.run(nc, mode, category, batch, items, eos, progress))
                                 if mode == "specedge" and batch == max(settings.batch_sizes):
-                                    timeline = _window(await bench.snapshot(nc), ids)
+                                    timeline = _window(await bench.snapshot(nc, time.monotonic() - 30), ids)
 
         asyncio.run(everything())
     written = plots(runs, timeline, settings.out)
@@ -415,7 +432,8 @@ def run_bench(settings: BenchSettings) -> int:
     command = "specedge bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "specedge bench"
     report = [f"# specedge bench — {time.strftime('%Y-%m-%d')}", "", f"Command: `{command}`", "",
               f"{sum(len(p) for p in encoded.values())} prompts ({', '.join(encoded)}), {settings.max_tokens} new "
-              f"tokens, greedy, tree budget {settings.budget} depth {settings.depth}, "
+              f"tokens, greedy, tree budget {settings.budget} (server-only: "
+              f"{settings.server_budget}, as the paper's baseline) depth {settings.depth}, "
               f"emulated RTT {settings.rtt_ms} ms, "
               f"{len(cores)} cores ({settings_out['pinning']}); {time.monotonic() - started:.0f} s.",
               "*Server tok/s (busy)* = generated tokens per second of server work (verification passes, plus "

@@ -89,7 +89,7 @@ def bench(
         raise typer.BadParameter(str(exc)) from None
     try:
         raise SystemExit(run_bench(settings))
-    except (ValueError, RuntimeError, TimeoutError) as exc:
+    except (ValueError, RuntimeError, TimeoutError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
 

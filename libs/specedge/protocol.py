@@ -186,6 +186,20 @@ class EdgeRefused(Message, frozen=True, kw_only=True):
     message: str
 
 
+class StatsRequest(Message, frozen=True, kw_only=True):
+    """Ask a service for its counters, and its forward-pass spans that started after `since`."""
+
+    since: float = 0.0
+
+
+MAX_SPANS = 2000  # spans per stats reply: keeps it well under the message size limit
+
+
+def spans_since(spans, since: float) -> list[list[float]]:
+    """The most recent `MAX_SPANS` spans that started after `since`."""
+    return [s for s in spans if s[0] >= since][-MAX_SPANS:]
+
+
 class ServiceStats(Message, frozen=True, kw_only=True):
     """A service's counters since it started (reply to a stats request): busy seconds in
     forward passes, passes, proactive hits, … — names are the service's own."""

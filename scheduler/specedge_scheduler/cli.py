@@ -33,6 +33,10 @@ def command(
         help="Batching: fifo, two-groups (the reference's) or pipeline (measured, phase-grouped).")] = "fifo",
     budget: Annotated[int, typer.Option(
         "--budget", envvar="SPECEDGE_BUDGET", help="Draft tree size edges are asked for.")] = 32,
+    server_budget: Annotated[int, typer.Option(
+        "--server-budget", envvar="SPECEDGE_SERVER_BUDGET",
+        help="Tree size for server-side drafters (0: same as --budget; the paper's server-only baseline uses 64).")]
+    = 0,
     depth: Annotated[int, typer.Option(
         "--depth", envvar="SPECEDGE_DEPTH", help="Draft tree depth edges are asked for.")] = 4,
     name: Name = None,
@@ -45,6 +49,7 @@ def command(
     settings = build(SchedulerSettings, nats_url=nats_url, redis_url=redis_url, max_batch=max_batch,
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
                      draft_timeout_s=draft_timeout,
-                     session_ttl_s=session_ttl, strategy=strategy, budget=budget, depth=depth, name=name,
+                     session_ttl_s=session_ttl, strategy=strategy, budget=budget,
+                     server_budget=server_budget, depth=depth, name=name,
                      log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

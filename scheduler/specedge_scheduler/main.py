@@ -25,7 +25,8 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
         policy = SchedulingPolicy(max_batch=settings.max_batch, edge_timeout_s=settings.edge_timeout_s,
                                   verifier_timeout_s=settings.verifier_timeout_s,
                                   draft_timeout_s=settings.draft_timeout_s, strategy=settings.strategy,
-                                  budget=settings.budget, depth=settings.depth)
+                                  budget=settings.budget, depth=settings.depth,
+                                  server_budget=settings.server_budget or None)
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
         service = SchedulerService(nc, me.instance_id, store, policy, shape)
         await service.subscribe()

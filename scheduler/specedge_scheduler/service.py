@@ -183,7 +183,8 @@ class SchedulerService:
         self.policy.draft_due(sid, time.monotonic())
         if assignment.edge is not None:
             await self.nc.publish(subjects.edge_assign(assignment.edge), protocol.encode(
-                DraftAssign(session_id=sid, tokens=request.tokens, scheduler=self.instance_id, **self.draft_shape)))
+                DraftAssign(session_id=sid, tokens=request.tokens, scheduler=self.instance_id,
+                            **{**self.draft_shape, "budget": self.policy.shape_for(sid)[0]})))
         await msg.respond(protocol.encode(SessionOpened(session_id=sid, verifier=assignment.verifier,
                                                         edge=assignment.edge)))
         self._wake.set()

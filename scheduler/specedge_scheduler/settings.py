@@ -17,4 +17,5 @@ class SchedulerSettings(RedisServiceSettings):
     session_ttl_s: int = Field(default=3600, ge=10)
     strategy: Literal["fifo", "two-groups", "pipeline"] = "fifo"
     budget: int = Field(default=32, ge=0)
+    server_budget: int = Field(default=0, ge=0)  # 0: same as budget
     depth: int = Field(default=4, ge=0)

@@ -33,9 +33,11 @@ from specedge.protocol import (
     Rejection,
     Rejections,
     ServiceStats,
+    StatsRequest,
     VerifyBatchReply,
     VerifyBatchRequest,
     VerifyResult,
+    spans_since,
 )
 from specedge.state import Commit, SessionStore
 
@@ -62,10 +64,14 @@ class VerifierService:
         await self.nc.flush()
 
     async def on_stats(self, msg: Msg) -> None:
+        request = StatsRequest() if not msg.data else self.reject.decode(msg.data, StatsRequest, "a stats request")
+        if request is None:
+            return
         counters = {"busy_s": self.verifier.busy_s, "forward_passes": self.verifier.forward_passes,
                     "sessions": len(self.verifier.sessions), "reprefills": self.reprefills,
                     "evictions": self.evictions, "rejected": sum(self.reject.counts.values())}
-        await self._reply(msg, ServiceStats(instance_id=self.instance_id, counters=counters, spans=list(self.spans)))
+        await self._reply(msg, ServiceStats(instance_id=self.instance_id, counters=counters,
+                                            spans=spans_since(self.spans, request.since)))
 
     async def _reply(self, msg: Msg, message: protocol.Message) -> None:
         if msg.reply:
