@@ -30,7 +30,7 @@ from specedge.engine.parties import Drafter, Verifier
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import TreeParams
 from specedge.launcher import Launcher
-from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
+from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 from specedge.protocol import SessionOpen, SessionOpened, TokenEvent
 
 log = logging.getLogger("specedge.bench_plane")
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     target = load_causal_lm(bundled(BUNDLED_TARGET))
     tok = target.tokenizer
     texts = load_prompts(None, [c for c in args.categories.split(",") if c], args.num_prompts)
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                           tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [chat_prompt_ids(tok, t) for t in texts]
     eos = list(target.model.generation_config.eos_token_id)
 
     with Launcher() as launcher:

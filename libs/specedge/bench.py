@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from specedge import bus, protocol, registry, subjects
 from specedge.launcher import Launcher
-from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
+from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 from specedge.protocol import (
     Mode,
     SamplingSpec,
@@ -396,9 +396,7 @@ def run_bench(settings: BenchSettings) -> int:
     categories = settings.categories or (CATEGORIES if settings.prompts is None else ())
     prompts = load_prompts(settings.prompts, categories, settings.num_prompts)
     tok = AutoTokenizer.from_pretrained(settings.target)
-    encoded = {c: [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                               tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
-               for c, texts in prompts.items()}
+    encoded = {c: [chat_prompt_ids(tok, t) for t in texts] for c, texts in prompts.items()}
     eos_ids = GenerationConfig.from_pretrained(settings.target).eos_token_id
     eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
     settings.out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as one user turn in the model's chat template, ready to generate."""
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=False)
+    return tokenizer(templated, add_special_tokens=False)["input_ids"]
+
+
 def model_id(source: str) -> str:
     """The name a model is served under: a local path's folder name, or the hub id as is."""
     path = pathlib.Path(source)

@@ -22,7 +22,7 @@ from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import TreeParams
-from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
+from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 
 log = logging.getLogger("specedge.bench_acceptance")
 
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = load_prompts(args.prompts, [c for c in args.categories.split(",") if c], args.num_prompts)
     target, draft = load_causal_lm(args.target), load_causal_lm(args.draft)
     tok = target.tokenizer
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                           tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [chat_prompt_ids(tok, t) for t in texts]
     budgets, depths = [int(b) for b in args.budgets.split(",")], [int(d) for d in args.depths.split(",")]
     longest = max(len(p) for p in prompts) + args.max_tokens + max(depths) + 2
     verifier = Verifier(target.model, max_sessions=1, max_len=longest, max_tree_nodes=max(budgets))

@@ -26,7 +26,7 @@ from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import TreeParams
-from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
+from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 
 log = logging.getLogger("specedge.bench_modes")
 
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = load_prompts(args.prompts, categories, args.num_prompts)
     target, draft = load_causal_lm(args.target), load_causal_lm(args.draft)
     tok = target.tokenizer
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                           tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [chat_prompt_ids(tok, t) for t in texts]
     longest = max(len(p) for p in prompts) + args.max_tokens + args.depth + 2
     verifier = Verifier(target.model, max_sessions=1, max_len=longest, max_tree_nodes=max(args.budget, 1))
     drafter = Drafter(draft.model, TreeParams(args.budget, args.depth, args.branch, args.beams),
