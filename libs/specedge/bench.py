@@ -20,7 +20,8 @@ reported per server busy second (the table's figure) and per wall second.
 Server-side drafters' sessions are verified in lockstep (the scheduler waits for the
 drafter's whole cohort), as a server running both models would batch them.
 
-Writes `results.json`, `report.md` and PNG plots to `--out`.
+Writes `results.json`, `report.md` and PNG plots to `--out`. The services log at
+`warning` unless `SPECEDGE_BENCH_LOG_LEVEL` says otherwise.
 """
 
 from __future__ import annotations

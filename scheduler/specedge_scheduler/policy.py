@@ -423,6 +423,11 @@ class SchedulingPolicy:
             due = expected if due is None else min(due, expected)
         return due
 
+    @property
+    def queued(self) -> int:
+        """Trees waiting for a verifier, over all verifiers."""
+        return sum(len(q) for q in self._queues.values())
+
     def next_wake(self, verifier: str, now: float) -> float | None:
         """When a waiting strategy should be asked again (None: on the next event only)."""
         since = self._free_since.get(verifier)

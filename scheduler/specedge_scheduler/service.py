@@ -84,7 +84,7 @@ class SchedulerService:
     async def on_stats(self, msg: Msg) -> None:
         p = self.policy
         counters = {"sessions": len(p.sessions), "in_flight": sum(s.in_flight for s in p.sessions.values()),
-                    "queued": sum(len(q) for q in p._queues.values()), "verifiers": len(p.verifiers),
+                    "queued": p.queued, "verifiers": len(p.verifiers),
                     "busy_verifiers": len(self._busy), "edges": len(p.edges),
                     "rejected": sum(self.reject.counts.values())}
         if msg.reply:
