@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streaming or not),
 `GET /v1/models` — each behind a Bearer API key mapped to a user (`specedge keys`) —
-and `GET /health` (open; 503 until a verifier is registered). Request checking and the
+`GET /health` (open; 503 until a verifier is registered) and `GET /metrics` (open;
+Prometheus, `specedge.metrics.GatewayMetrics`). Request checking and the
 error envelope live in `openai_api`, a generation's life in `sessions`.
 """
 
@@ -17,10 +18,12 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from specedge import bus, registry
+from specedge.metrics import GatewayMetrics
 from specedge.models import model_id
 from specedge.service import StartupError
 from specedge.state import ApiKeys, connect_redis
@@ -44,6 +47,7 @@ log = logging.getLogger("specedge_gateway")
 def create_app(settings: GatewaySettings) -> FastAPI:
     codec = TextCodec(settings.tokenizer)
     served_model = model_id(settings.tokenizer)
+    metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,7 +106,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     async def respond(request: Request, spec: GenerationSpec, chat: bool, user: str):
         ids, max_new = prepare(spec)
-        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user)
+        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics)
         name = "chatcmpl" if chat else "cmpl"
         ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": served_model}
@@ -166,6 +170,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, user: str = caller):
         return await respond(request, to_generation(body), chat=False, user=user)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -7,6 +7,7 @@ Owns the gateway's side of a session's life; HTTP formatting is `app.py`'s.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from specedge import protocol, subjects
+from specedge.metrics import GatewayMetrics
 from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent
 from specedge_gateway.openai_api import GenerationSpec, OpenAIError
 from specedge_gateway.text import IncrementalText, TextCodec
@@ -30,8 +32,10 @@ class Piece:
 
 
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
-                   max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0) -> AsyncIterator[Piece]:
+                   max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0,
+                   metrics: GatewayMetrics | None = None) -> AsyncIterator[Piece]:
     """Text pieces of one generation, in order; the last one carries the finish reason."""
+    timing = _Timing(metrics, len(prompt_ids))
     sid = uuid.uuid4().hex
     sub = await nc.subscribe(subjects.session_tokens(sid))
     request = SessionOpen(
@@ -65,17 +69,58 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                 finished = True  # the scheduler has ended it already
                 raise OpenAIError(503, f"the generation failed: {event.error}", "server_error", code="unavailable")
             count += len(event.tokens)
+            timing.tokens(len(event.tokens))
             piece = text.add(event.tokens)
             if text.stopped:
+                timing.finish("stop", count)
                 yield Piece(piece, "stop", count)
                 return
             if event.finished:
                 finished = True
+                timing.finish(event.finish_reason or "stop", count)
                 yield Piece(piece + text.flush(), event.finish_reason or "stop", count)
                 return
             if piece:
                 yield Piece(piece, None, count)
     finally:
+        timing.close()
         await sub.unsubscribe()
         if not finished:  # stop string, error or the client went away: free the session now
             await nc.publish(subjects.SESSIONS_CLOSE, protocol.encode(CloseSession(session_id=sid)))
+
+
+class _Timing:
+    """One request's latencies and tokens, into the gateway's metrics (no-op without them)."""
+
+    def __init__(self, metrics: GatewayMetrics | None, prompt_tokens: int) -> None:
+        self.metrics, self.prompt_tokens = metrics, prompt_tokens
+        self.started = self.last = time.monotonic()
+        self.first = True
+        self.done = False
+        if metrics is not None:
+            metrics.running.inc()
+
+    def tokens(self, n: int) -> None:
+        if self.metrics is None or n == 0:
+            return
+        now = time.monotonic()
+        if self.first:
+            self.metrics.time_to_first_token.observe(now - self.started)
+            self.first = False
+        else:
+            for _ in range(n):  # a cycle that commits n tokens: n tokens of cycle / n each
+                self.metrics.inter_token_latency.observe((now - self.last) / n)
+        self.last = now
+
+    def finish(self, reason: str, generated: int) -> None:
+        if self.metrics is None or self.done:
+            return
+        self.done = True
+        self.metrics.e2e_request_latency.observe(time.monotonic() - self.started)
+        self.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.metrics.generation_tokens.inc(generated)
+        self.metrics.requests.labels(reason).inc()
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.running.dec()

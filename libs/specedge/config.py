@@ -26,6 +26,10 @@ Device = Annotated[
     str, typer.Option("--device", envvar="SPECEDGE_DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
 ]
 Dtype = Annotated[str, typer.Option("--dtype", envvar="SPECEDGE_DTYPE", help="auto, float32, float16 or bfloat16.")]
+MetricsPort = Annotated[
+    int, typer.Option("--metrics-port", envvar="SPECEDGE_METRICS_PORT",
+                      help="Serve Prometheus /metrics on this port (0: off).")
+]
 LogLevelOpt = Annotated[
     str, typer.Option("--log-level", envvar="SPECEDGE_LOG_LEVEL", help="debug, info, warning or error.")
 ]

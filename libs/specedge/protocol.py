@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import msgspec
@@ -244,12 +245,16 @@ def decode(data: bytes, kind: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
 class Rejections:
     """Refused messages, counted by reason and logged without their contents."""
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, on_reject: Callable[[str], None] | None = None) -> None:
+        """`on_reject(reason)`: also count it elsewhere (a metric)."""
         self.counts: Counter[str] = Counter()
         self._log = logger
+        self._on_reject = on_reject
 
     def __call__(self, reason: str, what: str) -> None:
         self.counts[reason] += 1
+        if self._on_reject is not None:
+            self._on_reject(reason)
         self._log.warning("rejected %s: %s (%d so far)", what, reason, self.counts[reason])
 
     def decode(self, data: bytes, kind: type[M], what: str) -> M | None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.config import LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
 from specedge_scheduler.settings import SchedulerSettings
 
 
@@ -39,6 +39,7 @@ def command(
     = 0,
     depth: Annotated[int, typer.Option(
         "--depth", envvar="SPECEDGE_DEPTH", help="Draft tree depth edges are asked for.")] = 4,
+    metrics_port: MetricsPort = 0,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -50,6 +51,6 @@ def command(
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
                      draft_timeout_s=draft_timeout,
                      session_ttl_s=session_ttl, strategy=strategy, budget=budget,
-                     server_budget=server_budget, depth=depth, name=name,
+                     server_budget=server_budget, depth=depth, metrics_port=metrics_port, name=name,
                      log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

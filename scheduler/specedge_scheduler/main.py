@@ -7,6 +7,7 @@ import contextlib
 import logging
 
 from specedge import bus, registry
+from specedge.metrics import SchedulerMetrics
 from specedge.service import Lifecycle
 from specedge.state import SessionStore, connect_redis
 from specedge_scheduler.policy import SchedulingPolicy
@@ -28,7 +29,9 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
                                   budget=settings.budget, depth=settings.depth,
                                   server_budget=settings.server_budget or None)
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
-        service = SchedulerService(nc, me.instance_id, store, policy, shape)
+        metrics = SchedulerMetrics()
+        metrics.serve(settings.metrics_port)
+        service = SchedulerService(nc, me.instance_id, store, policy, shape, metrics=metrics)
         await service.subscribe()
         await service.refresh()
         await stack.enter_async_context(registry.presence(nc, me))

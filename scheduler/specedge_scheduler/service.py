@@ -26,6 +26,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from specedge import protocol, registry, subjects
+from specedge.metrics import SchedulerMetrics
 from specedge.protocol import (
     CloseSession,
     DraftAssign,
@@ -62,11 +63,13 @@ class SchedulerService:
     HOUSEKEEPING_S = 0.1
 
     def __init__(self, nc: Client, instance_id: str, store: SessionStore, policy: SchedulingPolicy,
-                 draft_shape: dict[str, int], request_timeout_s: float = 30.0) -> None:
+                 draft_shape: dict[str, int], request_timeout_s: float = 30.0,
+                 metrics: SchedulerMetrics | None = None) -> None:
         self.nc, self.instance_id, self.store = nc, instance_id, store
         self.policy, self.draft_shape = policy, draft_shape
         self.request_timeout_s = request_timeout_s
-        self.reject = Rejections(log)
+        self.metrics = metrics or SchedulerMetrics()
+        self.reject = Rejections(log, lambda reason: self.metrics.rejected.labels(reason).inc())
         self._outputs: dict[str, _Output] = {}
         self._busy: set[str] = set()
         self._wake = asyncio.Event()
@@ -133,6 +136,7 @@ class SchedulerService:
             await self._verifier_gone(leave.instance_id, self.policy.verifier_gone(leave.instance_id))
 
     def _fall_back(self, edge: str, sessions: list[str]) -> None:
+        self.metrics.fallbacks.labels("edge_lost").inc(len(sessions))
         if sessions:
             log.warning("edge %s is gone; %d session(s) continue with server steps", edge, len(sessions))
         self._wake.set()
@@ -225,9 +229,14 @@ class SchedulerService:
         edge = msg.subject.split(".")[-2]
         if (tree := self.reject.decode(msg.data, DraftTreeMsg, f"a draft from {edge}")) is None:
             return
-        if (reason := self.policy.draft_arrived(tree, edge, time.monotonic(), tree.draft_ms / 1000)) is not None:
+        state, now = self.policy.sessions.get(tree.session_id), time.monotonic()
+        waiting_since = state.waiting_since if state is not None else None
+        if (reason := self.policy.draft_arrived(tree, edge, now, tree.draft_ms / 1000)) is not None:
             self.reject(reason, f"a draft from {edge}")
             return
+        self.metrics.edge_drafting.observe(tree.draft_ms / 1000)
+        if waiting_since is not None:
+            self.metrics.edge_round_trip.observe(now - waiting_since)
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -244,6 +253,8 @@ class SchedulerService:
                 housekept = now
                 await self._housekeeping(now)
             self.policy.server_side_trees()
+            self.metrics.running.set(len(self.policy.sessions))
+            self.metrics.waiting.set(self.policy.queued)
             timeout = 0.5
             for verifier in list(self.policy.verifiers):
                 if verifier in self._busy:
@@ -263,6 +274,7 @@ class SchedulerService:
         for verifier, lost in self.policy.expire_verifiers(now).items():
             await self._verifier_gone(verifier, lost)
         for edge, sessions in self.policy.expire_drafts(now).items():
+            self.metrics.fallbacks.labels("draft_deadline").inc(len(sessions))
             log.warning("edge %s missed the draft deadline for %d session(s); they continue with server steps",
                         edge, len(sessions))
             for sid in sessions:
@@ -285,6 +297,7 @@ class SchedulerService:
         if reply.forward_ms > 0 and reply.results:
             self.policy.verify_timed(verifier, sum(len(t.tokens) + 1 for t in batch), reply.forward_ms / 1000)
         by_session = {t.session_id: t for t in batch}
+        self._count_speculation(reply.results, by_session)
         for rejection in reply.rejected:
             self.reject(rejection.reason, f"a tree verified by {verifier}")
             tree = by_session.get(rejection.session_id)
@@ -296,6 +309,18 @@ class SchedulerService:
                 await self._fail(tree.session_id, f"the verifier keeps refusing its trees ({rejection.reason})")
         for result in reply.results:
             await self._deliver(result)
+
+    def _count_speculation(self, results: list[VerifyResult], trees: dict[str, DraftTreeMsg]) -> None:
+        m = self.metrics
+        if results:
+            m.batch_size.observe(len(results))
+        for result in results:
+            tree = trees.get(result.session_id)
+            m.drafts.inc()
+            m.draft_tokens.inc(len(tree.tokens) if tree is not None else 0)
+            m.accepted_tokens.inc(len(result.accepted))
+            for position in range(len(result.accepted)):
+                m.accepted_per_pos.labels(str(position)).inc()
 
     async def _catch_up(self, tree: DraftTreeMsg) -> bool:
         """A verifier committed this tree's cycle but its reply was lost (it died, or timed out):

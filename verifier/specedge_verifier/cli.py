@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import Device, Dtype, LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.config import Device, Dtype, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_verifier.settings import VerifierSettings
 
@@ -24,6 +24,7 @@ def command(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="KV cache slots (sessions held at once).")] = 8,
     max_len: Annotated[int, typer.Option(
         "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
+    metrics_port: MetricsPort = 0,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -31,7 +32,7 @@ def command(
     from specedge.service import run  # noqa: PLC0415
     from specedge_verifier.main import serve  # noqa: PLC0415
 
-    settings = build(VerifierSettings, nats_url=nats_url, redis_url=redis_url, name=name, log_level=log_level,
-                     target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
+    settings = build(VerifierSettings, nats_url=nats_url, redis_url=redis_url, metrics_port=metrics_port, name=name,
+                     log_level=log_level, target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
                      max_sessions=max_sessions, max_len=max_len)
     run(functools.partial(serve, settings), settings.log_level)

@@ -25,6 +25,7 @@ from specedge import protocol, subjects
 from specedge.engine.parties import Verifier
 from specedge.engine.runner import CacheFullError
 from specedge.engine.sampling import SamplingParams
+from specedge.metrics import VerifierMetrics
 from specedge.protocol import (
     CloseSession,
     PrefillReply,
@@ -47,9 +48,12 @@ log = logging.getLogger("specedge_verifier")
 class VerifierService:
     """Handlers for one verifier instance; `rejected` counts refusals by reason."""
 
-    def __init__(self, nc: Client, instance_id: str, verifier: Verifier, store: SessionStore) -> None:
+    def __init__(self, nc: Client, instance_id: str, verifier: Verifier, store: SessionStore,
+                 metrics: VerifierMetrics | None = None) -> None:
         self.nc, self.instance_id, self.verifier, self.store = nc, instance_id, verifier, store
-        self.reject = Rejections(log)
+        self.metrics = metrics or VerifierMetrics()
+        self.reject = Rejections(log, lambda reason: self.metrics.rejected.labels(reason).inc())
+        self.metrics.busy_fraction.set_function(self._busy_fraction)
         self._model_lock = asyncio.Lock()  # one forward pass at a time
         self._last: dict[str, VerifyResult] = {}  # each session's latest result, for replays
         self._used: dict[str, float] = {}  # session -> when it was last prefilled or verified
@@ -62,6 +66,11 @@ class VerifierService:
         await self.nc.subscribe(subjects.verifier_close(self.instance_id), cb=self.on_close)
         await self.nc.subscribe(subjects.stats("verifier", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
+
+    def _busy_fraction(self, window_s: float = 60.0) -> float:
+        """Share of the last `window_s` seconds spent in verification passes."""
+        start = time.monotonic() - window_s
+        return sum(end - max(begin, start) for begin, end in self.spans if end > start) / window_s
 
     async def on_stats(self, msg: Msg) -> None:
         request = StatsRequest() if not msg.data else self.reject.decode(msg.data, StatsRequest, "a stats request")
@@ -149,6 +158,7 @@ class VerifierService:
         if (error := await self._open(tree.session_id, record.tokens, params, record.cycle, keep)) is not None:
             return error
         self.reprefills += 1
+        self.metrics.reprefills.inc()
         log.info("session %s re-prefilled from %d committed tokens (cycle %d)", tree.session_id[:16],
                  len(record.tokens), record.cycle)
         return None
@@ -184,6 +194,8 @@ class VerifierService:
             forward_ms = 1000 * (time.perf_counter() - started)
             if good:
                 self.spans.append([at, time.monotonic()])
+                self.metrics.busy.inc(forward_ms / 1000)
+                self.metrics.forward_passes.inc()
             committed = []
             for result in results:
                 if (reason := await self._commit(result)) is None:

@@ -9,6 +9,7 @@ import logging
 from specedge import bus, registry
 from specedge.engine.loading import load_for_service
 from specedge.engine.parties import Verifier
+from specedge.metrics import VerifierMetrics
 from specedge.service import Lifecycle
 from specedge.state import SessionStore, connect_redis
 from specedge_verifier.handlers import VerifierService
@@ -26,6 +27,8 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
         verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len)
-        await VerifierService(nc, me.instance_id, verifier, store).subscribe()
+        metrics = VerifierMetrics()
+        metrics.serve(settings.metrics_port)
+        await VerifierService(nc, me.instance_id, verifier, store, metrics).subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
         await life.serve_until_stopped()
