@@ -10,6 +10,7 @@ error envelope live in `openai_api`, a generation's life in `sessions`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from specedge import bus, registry
 from specedge.metrics import GatewayMetrics
 from specedge.models import model_id
 from specedge.service import StartupError
-from specedge.state import ApiKeys, connect_redis
+from specedge.state import ApiKeys, ConcurrencyLimit, connect_redis
 from specedge_gateway.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -60,6 +61,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             except ConnectionError as exc:
                 raise StartupError(str(exc)) from None
             app.state.keys = ApiKeys(app.state.redis)
+            app.state.limit = ConcurrencyLimit(app.state.redis, settings.max_concurrent_per_key)
             await stack.enter_async_context(registry.presence(app.state.nc, me))
             yield
 
@@ -106,7 +108,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     async def respond(request: Request, spec: GenerationSpec, chat: bool, user: str):
         ids, max_new = prepare(spec)
-        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics)
+        limit = request.app.state.limit
+        if user and not await limit.acquire(user):
+            raise OpenAIError(429, f"too many concurrent requests for this API key (at most "
+                              f"{settings.max_concurrent_per_key}); retry when one finishes", "rate_limit_error",
+                              code="rate_limit_exceeded")
+        release = functools.partial(limit.release, user) if user else None
+        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release)
         name = "chatcmpl" if chat else "cmpl"
         ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": served_model}

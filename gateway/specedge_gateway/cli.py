@@ -24,6 +24,9 @@ def command(
     require_api_key: Annotated[bool, typer.Option(
         "--require-api-key/--no-api-key", envvar="SPECEDGE_REQUIRE_API_KEY",
         help="Require `Authorization: Bearer KEY` (keys from `specedge keys create`).")] = True,
+    max_concurrent_per_key: Annotated[int, typer.Option(
+        "--max-concurrent-per-key", envvar="SPECEDGE_MAX_CONCURRENT_PER_KEY",
+        help="Requests one API key's user may have generating at once; more get 429.")] = 16,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -32,5 +35,5 @@ def command(
 
     main(build(GatewaySettings, nats_url=nats_url, redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context,
-               require_api_key=require_api_key, name=name,
+               require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, name=name,
                log_level=log_level))

@@ -6,10 +6,11 @@ Owns the gateway's side of a session's life; HTTP formatting is `app.py`'s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -33,7 +34,8 @@ class Piece:
 
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
                    max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0,
-                   metrics: GatewayMetrics | None = None) -> AsyncIterator[Piece]:
+                   metrics: GatewayMetrics | None = None,
+                   on_close: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Piece]:
     """Text pieces of one generation, in order; the last one carries the finish reason."""
     timing = _Timing(metrics, len(prompt_ids))
     sid = uuid.uuid4().hex
@@ -84,6 +86,9 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                 yield Piece(piece, None, count)
     finally:
         timing.close()
+        if on_close is not None:  # the caller's concurrency slot
+            with contextlib.suppress(Exception):
+                await on_close()
         await sub.unsubscribe()
         if not finished:  # stop string, error or the client went away: free the session now
             await nc.publish(subjects.SESSIONS_CLOSE, protocol.encode(CloseSession(session_id=sid)))

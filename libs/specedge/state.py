@@ -12,6 +12,9 @@ Key schema (every key under `specedge:`; see docs/architecture.md):
   Same expiry.
 - `specedge:apikey:{sha256(key)}` (hash): user, label, created (unix seconds). No expiry:
   removed by `specedge keys revoke`.
+- `specedge:user:{user}:active` (integer): the user's requests generating now, over all
+  gateways. Expires an hour after the last request started (bounds what a crashed
+  gateway leaves); deleted when it falls to 0.
 
 A session's keys are deleted when it ends; the TTL bounds what a crashed scheduler leaves
 behind. Commits are idempotent: `commit()` appends a cycle's tokens only if the stored
@@ -210,3 +213,30 @@ class ApiKeys:
             return 0
         names = [n async for n in self.client.scan_iter(match=api_key_key(key_or_hash_prefix + "*"))]
         return await self.client.delete(*names) if names else 0
+
+
+# -- per-user concurrency ---------------------------------------------------------------
+
+def active_key(user: str) -> str:
+    return f"{PREFIX}:user:{user}:active"
+
+
+class ConcurrencyLimit:
+    """At most `limit` requests of one user generating at once, over all gateways."""
+
+    def __init__(self, client: aioredis.Redis, limit: int, ttl_s: int = 3600) -> None:
+        self.client, self.limit, self.ttl_s = client, limit, ttl_s
+
+    async def acquire(self, user: str) -> bool:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incr(active_key(user))
+            pipe.expire(active_key(user), self.ttl_s)
+            active, _ = await pipe.execute()
+        if active > self.limit:
+            await self.release(user)
+            return False
+        return True
+
+    async def release(self, user: str) -> None:
+        if await self.client.decr(active_key(user)) <= 0:
+            await self.client.delete(active_key(user))

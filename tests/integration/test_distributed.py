@@ -8,6 +8,7 @@ import shutil
 import signal
 import uuid
 
+import httpx
 import nats
 import openai
 import pytest
@@ -43,9 +44,10 @@ def cluster(servers, tmp_path_factory):
         "shared-edge": ["edge-agent", *common, "--max-len", "1024"],
         "server-drafter": ["edge-agent", *common, "--server-side", "--max-len", "1024"],
     }
-    ports = [free_port(), free_port()]
+    ports = [free_port(), free_port(), free_port()]
     for i, port in enumerate(ports):
         specs[f"gateway-{i + 1}"] = ["gateway", *common, "--redis-url", redis_url, "--port", str(port)]
+    specs["gateway-3"] += ["--max-concurrent-per-key", "1"]
     procs = {name: start_cli(argv, env, logs / f"{name}.log") for name, argv in specs.items()}
     ids = {}
     for name, proc in procs.items():
@@ -134,6 +136,30 @@ async def test_two_gateways_serve_the_same_users_exactly(cluster):
     tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
     expected = [tok.decode(prompt_and_reference(q, 20)[1], skip_special_tokens=True) for q in questions]
     assert answers == expected
+
+
+async def test_too_many_concurrent_requests_for_one_key_get_429_and_the_slot_comes_back(cluster):
+    url, key = cluster["gateways"][2], await create_key(cluster["redis_url"], "erin")
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "specedge-tiny-target", "max_tokens": 120, "stream": True,
+            "messages": [{"role": "user", "content": "Explain sorting algorithms with code."}]}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as first:
+            assert first.status_code == 200
+            lines = first.aiter_lines()
+            assert (await anext(lines)).startswith("data: ")  # generating now
+            second = await client.post("/v1/chat/completions", json={**body, "stream": False})
+            assert second.status_code == 429
+            assert second.json()["error"]["code"] == "rate_limit_exceeded"
+            async for _ in lines:
+                pass
+        client_redis = redis.Redis.from_url(cluster["redis_url"])
+        try:
+            assert wait_for(lambda: not client_redis.exists(state.active_key("erin")), 10, "the slot to come back")
+        finally:
+            client_redis.close()
+        third = await client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 8})
+        assert third.status_code == 200
 
 
 async def test_an_edge_with_another_tokenizer_is_told_and_stops(cluster, tmp_path):

@@ -27,7 +27,7 @@ def test_top_level_lists_every_role_and_up():
     ("role", "flags"),
     [
         ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--tokenizer", "--max-context",
-                     "--require-api-key", "--name", "--log-level"]),
+                     "--require-api-key", "--max-concurrent-per-key", "--name", "--log-level"]),
         ("scheduler", ["--nats-url", "--redis-url", "--max-batch", "--edge-timeout", "--verifier-timeout",
                        "--draft-timeout", "--session-ttl", "--strategy", "--budget", "--server-budget", "--depth",
                        "--metrics-port", "--name", "--log-level"]),
