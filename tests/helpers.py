@@ -63,3 +63,16 @@ async def committed_tokens(redis_url: str, session_id: str) -> list[int] | None:
     async with connect_redis(redis_url) as client:
         record = await SessionStore(client).load(session_id)
     return None if record is None else record.tokens
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples: `name{label=value,…}` (labels sorted) -> value."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return samples

@@ -19,7 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Mode = Literal["specedge", "server-only", "autoregressive"]
+from specedge.protocol import Mode
+
 MAX_STOP_SEQUENCES = 4
 
 

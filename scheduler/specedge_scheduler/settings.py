@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from specedge.config import RedisServiceSettings
+from specedge_scheduler.policy import Strategy
 
 
 class SchedulerSettings(RedisServiceSettings):
@@ -15,7 +14,7 @@ class SchedulerSettings(RedisServiceSettings):
     verifier_timeout_s: float = Field(default=6.0, gt=0)
     draft_timeout_s: float = Field(default=5.0, gt=0)
     session_ttl_s: int = Field(default=3600, ge=10)
-    strategy: Literal["fifo", "two-groups", "pipeline"] = "fifo"
+    strategy: Strategy = "fifo"
     budget: int = Field(default=32, ge=0)
     server_budget: int = Field(default=0, ge=0)  # 0: same as budget
     depth: int = Field(default=4, ge=0)

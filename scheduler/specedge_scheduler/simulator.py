@@ -18,6 +18,7 @@ the results.
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import itertools
 import json
@@ -138,6 +139,12 @@ def level_acceptance(mean_tokens: float, depth: int) -> float:
     return lo
 
 
+@functools.lru_cache(maxsize=4096)
+def _alpha(preset: Preset, budget: int, depth: int) -> float:
+    """The per-level acceptance for a tree shape (computed once per shape, not per tree)."""
+    return level_acceptance(expected_tokens(preset, budget, depth), depth)
+
+
 @dataclass
 class RunResult:
     mode: str              # "specedge" or "server-only"
@@ -249,7 +256,7 @@ def simulate_specedge(preset: Preset, strategy: Strategy, batch_size: int, edges
             for tree in batch:
                 state = policy.sessions[tree.session_id]
                 depth = state.depth or preset.depth
-                alpha = level_acceptance(expected_tokens(preset, len(tree.tokens), depth), depth)
+                alpha = _alpha(preset, len(tree.tokens), depth)
                 accepted = 0
                 while accepted < depth and rng.random() < alpha:
                     accepted += 1

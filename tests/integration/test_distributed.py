@@ -20,7 +20,7 @@ from specedge.launcher import free_port
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
 from specedge.protocol import SessionOpen
 from tests.helpers import committed_tokens, registered, start_cli, wait_for
-from tests.integration.test_serving_path import collect, open_session, prompt_and_reference
+from tests.sessions import collect, open_session, prompt_and_reference
 
 VERIFIER = ["verifier", "--max-len", "1024", "--max-sessions", "8"]
 SCHEDULER = ["scheduler", "--edge-timeout", "5", "--verifier-timeout", "5", "--draft-timeout", "3", "--budget", "16",

@@ -9,17 +9,15 @@ import random
 import signal
 import uuid
 
-import httpx
 import nats
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from specedge import protocol, registry, subjects
 from specedge.launcher import free_port
 from specedge.models import BUNDLED_DRAFT, bundled, tokenizer_fingerprint
 from specedge.protocol import DraftAssign, DraftTreeMsg, ServiceAnnouncement, SessionOpen, VerifyResult
-from tests.helpers import registered, start_cli, wait_for
-from tests.integration.test_serving_path import collect, open_session, prompt_and_reference
+from tests.helpers import registered, scrape, start_cli, wait_for
+from tests.sessions import collect, open_session, prompt_and_reference
 
 
 async def hostile_edge(nc, fingerprint: str, stop: asyncio.Event, sent: dict[str, int]) -> str:
@@ -82,14 +80,6 @@ async def hostile_edge(nc, fingerprint: str, stop: asyncio.Event, sent: dict[str
     return me.instance_id
 
 
-def scrape(url: str) -> dict[str, float]:
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        for s in family.samples:
-            out[s.name + str(sorted(s.labels.items()))] = s.value
-    return out
-
-
 async def test_a_hostile_edge_cannot_change_any_output_or_crash_anything(nats_url, redis_url, cli_env, tmp_path):
     metrics_port = free_port()
     procs = {
@@ -118,7 +108,7 @@ async def test_a_hostile_edge_cannot_change_any_output_or_crash_anything(nats_ur
         assert all(p.poll() is None for p in procs.values())  # nothing crashed
         refused = {k: v for k, v in scrape(f"http://127.0.0.1:{metrics_port}/metrics").items()
                    if k.startswith("specedge:rejected_messages_total")}
-        reasons = {k.split("'reason', '")[1].split("'")[0] for k in refused}
+        reasons = {k.split("reason=")[1].rstrip("}") for k in refused}
         assert {"malformed", "stale_cycle", "duplicate_draft"} <= reasons, reasons
         assert sum(refused.values()) >= sent["garbage"] + sent["stale"]
         stop.set()

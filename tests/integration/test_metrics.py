@@ -5,20 +5,9 @@ import signal
 import time
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from specedge.launcher import free_port
-from tests.helpers import registered, start_cli, wait_for
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Sample name (with its labels) -> value."""
-    samples = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return samples
+from tests.helpers import registered, scrape, start_cli, wait_for
 
 
 def test_metrics_add_up_across_gateway_scheduler_and_verifier(nats_url, redis_url, cli_env, tmp_path):

@@ -7,13 +7,11 @@ import uuid
 
 import nats
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specedge import protocol, subjects
-from specedge.models import BUNDLED_TARGET, bundled
-from specedge.protocol import SessionOpen, SessionOpened, TokenEvent
+from specedge import subjects
+from specedge.protocol import SessionOpen
 from tests.helpers import registered, start_cli, wait_for
+from tests.sessions import collect, open_session, prompt_and_reference
 
 
 @pytest.fixture
@@ -35,39 +33,6 @@ def stack(nats_url, redis_url, cli_env, tmp_path):
             proc.wait(timeout=20)
     for log in tmp_path.glob("*.log"):
         assert "Traceback" not in log.read_text(), log.read_text()
-
-
-def prompt_and_reference(text: str, new_tokens: int) -> tuple[list[int], list[int], list[int]]:
-    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
-    target = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
-    ids = tok(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      tokenize=False), add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        out = target.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens)[0, len(ids):]
-    return ids, out.tolist(), list(target.generation_config.eos_token_id)
-
-
-async def open_session(nc, request: SessionOpen) -> SessionOpened:
-    for _ in range(40):  # the scheduler learns of verifiers and edges from their heartbeats
-        reply = protocol.decode((await nc.request(subjects.SESSIONS_OPEN, protocol.encode(request),
-                                                  timeout=30)).data, SessionOpened)
-        if reply.error is None or "no verifier" not in reply.error:
-            return reply
-        await asyncio.sleep(0.25)
-    return reply
-
-
-async def collect(sub, on_first=None) -> tuple[list[int], list[TokenEvent]]:
-    tokens, events = [], []
-    while True:
-        event = protocol.decode((await sub.next_msg(timeout=60)).data, TokenEvent)
-        assert event.index == len(tokens)  # nothing lost, nothing repeated
-        tokens += event.tokens
-        events.append(event)
-        if len(events) == 1 and on_first:
-            on_first()
-        if event.finished:
-            return tokens, events
 
 
 async def test_a_session_streams_exactly_the_target_output(stack, nats_url):

@@ -6,13 +6,12 @@ import signal
 
 import nats
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from specedge import protocol, subjects
 from specedge.engine.parties import Drafter
 from specedge.engine.tree import TreeParams
-from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
+from specedge.models import BUNDLED_DRAFT, bundled
 from specedge.protocol import (
     CloseSession,
     DraftTreeMsg,
@@ -22,6 +21,7 @@ from specedge.protocol import (
     VerifyBatchRequest,
 )
 from tests.helpers import committed_tokens, record_session, registered, start_cli, wait_for
+from tests.sessions import prompt_and_reference
 
 
 @pytest.fixture
@@ -40,16 +40,6 @@ async def request(nc, subject: str, message, reply_type):
     return protocol.decode(reply.data, reply_type)
 
 
-def prompt_and_reference(text: str, new_tokens: int) -> tuple[list[int], list[int]]:
-    target = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
-    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
-    text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-    prompt = tok(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        reference = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens)
-    return prompt, reference[0, len(prompt):].tolist()
-
-
 def drafter() -> Drafter:
     return Drafter(AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_DRAFT)).eval(),
                    TreeParams(budget=16, depth=3, branch=4, beams=8))
@@ -57,7 +47,7 @@ def drafter() -> Drafter:
 
 async def test_speculative_decoding_over_nats_matches_transformers(verifier, nats_url, redis_url):
     instance, log_path = verifier
-    prompt, reference = prompt_and_reference("Parse a date string.", 32)
+    prompt, reference, _ = prompt_and_reference("Parse a date string.", 32)
     edge = drafter()
     edge.open("s1", prompt)
     await record_session(redis_url, "s1", prompt)
@@ -81,7 +71,7 @@ async def test_speculative_decoding_over_nats_matches_transformers(verifier, nat
 async def test_evicted_sessions_are_re_prefilled_from_redis_and_replays_never_commit_twice(
         verifier, nats_url, redis_url):
     instance, log_path = verifier
-    prompt, reference = prompt_and_reference("Merge two sorted lists.", 40)
+    prompt, reference, _ = prompt_and_reference("Merge two sorted lists.", 40)
     edge = drafter()
     edge.open("r", prompt)
     await record_session(redis_url, "r", prompt)  # recorded, never prefilled here
