@@ -7,6 +7,8 @@ On a result it applies it (reusing the proactive tree on a hit) and publishes th
 tree to the scheduler that owns the session. Malformed or stale messages are refused with
 a reason and counted, never fatal. If the server side refuses this edge altogether (its
 draft tokenizer differs from the target's), it says why and the agent stops.
+While tracing is on, each tree sent is a `draft` span — from the assignment or result
+arriving to the tree leaving — under the cycle span whose context that message carried.
 The draft engine is `specedge.engine.parties.Drafter`.
 """
 
@@ -20,8 +22,10 @@ from collections import deque
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
-from specedge import protocol, subjects
+from specedge import bus, protocol, subjects, telemetry
 from specedge.engine.parties import Drafter, StaleMessageError
 from specedge.engine.runner import CacheFullError
 from specedge.engine.tree import TreeParams
@@ -63,13 +67,16 @@ class EdgeService:
         self._sent_at: dict[str, float] = {}
         # (round trip ms from a tree leaving to its result arriving, the verifier's forward ms)
         self.round_trips: deque[tuple[float, float]] = deque(maxlen=10_000)
+        # session -> (its cycle's trace context, when the assignment/result arrived, proactive hit); tracing only
+        self._cycle: dict[str, tuple[otel_context.Context, int, bool]] = {}
 
     async def subscribe(self) -> None:
-        await self.nc.subscribe(subjects.edge_assign(self.instance_id), cb=self.on_assign)
-        self._results = await self.nc.subscribe(subjects.edge_result(self.instance_id), cb=self.on_result)
-        await self.nc.subscribe(subjects.edge_close(self.instance_id), cb=self.on_close)
-        await self.nc.subscribe(subjects.edge_refused(self.instance_id), cb=self.on_refused)
-        await self.nc.subscribe(subjects.stats("edge-agent", self.instance_id), cb=self.on_stats)
+        nc = self.nc
+        await bus.subscribe(nc, subjects.edge_assign(self.instance_id), cb=self.on_assign)
+        self._results = await bus.subscribe(nc, subjects.edge_result(self.instance_id), cb=self.on_result)
+        await bus.subscribe(nc, subjects.edge_close(self.instance_id), cb=self.on_close)
+        await bus.subscribe(nc, subjects.edge_refused(self.instance_id), cb=self.on_refused)
+        await bus.subscribe(nc, subjects.stats("edge-agent", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
 
     async def on_stats(self, msg: Msg) -> None:
@@ -98,6 +105,7 @@ class EdgeService:
         except (ProtocolError, ValueError) as exc:
             self.reject(getattr(exc, "reason", "bad_params"), "an assignment")
             return
+        self._cycle_began(assign.session_id, hit=False)
         async with self._lock:
             self.drafter.close(assign.session_id)
             try:
@@ -125,12 +133,14 @@ class EdgeService:
         if sent is not None:
             self.round_trips.append((1000 * (time.monotonic() - sent), result.verify_ms))
         self._stop_proactive(result.session_id)
+        arrived = time.time_ns()
         async with self._lock:
             try:
-                await asyncio.to_thread(self.drafter.on_result, result)
+                hit = await asyncio.to_thread(self.drafter.on_result, result)
             except (StaleMessageError, ValueError) as exc:
                 self.reject("stale_or_bad_result", f"a result for {result.session_id[:16]} ({exc})")
                 return
+            self._cycle_began(result.session_id, hit, arrived)
             if result.next_budget > 0 and result.next_depth > 0:
                 self.drafter.reshape(result.session_id, result.next_budget, result.next_depth)
         await self._send_next(result.session_id)
@@ -141,6 +151,7 @@ class EdgeService:
         self._stop_proactive(close.session_id)
         self._scheduler.pop(close.session_id, None)
         self._sent_at.pop(close.session_id, None)
+        self._cycle.pop(close.session_id, None)
         async with self._lock:
             self.drafter.close(close.session_id)
 
@@ -177,7 +188,8 @@ class EdgeService:
     async def _publish(self, tree: DraftTreeMsg) -> None:
         session_id = tree.session_id
         self._sent_at[session_id] = time.monotonic()
-        publish = self.nc.publish(subjects.drafts(self.instance_id, self._scheduler[session_id]), protocol.encode(tree))
+        publish = bus.publish(self.nc, subjects.drafts(self.instance_id, self._scheduler[session_id]),
+                              protocol.encode(tree), context=self._draft_span(tree))
         if self.one_way_delay_s:
             self._spawn(self._later(self.one_way_delay_s, publish))
         else:
@@ -186,6 +198,24 @@ class EdgeService:
         if self.proactive:
             self._drafting_ahead.add(session_id)
             self._spawn(self._draft_ahead(session_id))
+
+    def _cycle_began(self, session_id: str, hit: bool, arrived_ns: int | None = None) -> None:
+        """Remember the cycle this session now drafts for: the context its message carried."""
+        if telemetry.enabled():
+            self._cycle[session_id] = (otel_context.get_current(), arrived_ns or time.time_ns(), hit)
+
+    def _draft_span(self, tree: DraftTreeMsg) -> otel_context.Context | None:
+        """The `draft` span of a tree about to leave (from its cycle's start to now); its context."""
+        cycle = self._cycle.pop(tree.session_id, None)
+        if cycle is None:
+            return None
+        parent, began_ns, hit = cycle
+        span = telemetry.tracer.start_span("draft", context=parent, start_time=began_ns, attributes={
+            "specedge.session.id": tree.session_id, "specedge.cycle": tree.cycle,
+            "specedge.tree.nodes": len(tree.tokens), "specedge.tree.depth": telemetry.tree_depth(tree.parents),
+            "specedge.proactive_hit": hit, "specedge.draft_ms": tree.draft_ms})
+        span.end()
+        return trace.set_span_in_context(span)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)

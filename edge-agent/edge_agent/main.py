@@ -11,7 +11,7 @@ import logging
 
 from edge_agent.handlers import EdgeService
 from edge_agent.settings import EdgeAgentSettings
-from specedge import bus, registry
+from specedge import bus, registry, telemetry
 from specedge.engine.loading import load_for_service
 from specedge.engine.parties import Drafter
 from specedge.engine.tree import TreeParams
@@ -26,6 +26,7 @@ async def serve(settings: EdgeAgentSettings, life: Lifecycle) -> None:
                                max_sessions=str(settings.max_sessions), user=settings.user, pool=settings.pool,
                                **draft.registry_details())
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(telemetry.tracing("edge-agent", me.instance_id))  # flushed last
         # An edge may start before the server side is reachable: wait for NATS forever.
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id, initial_timeout_s=None))
         drafter = Drafter(draft.model, TreeParams(), max_sessions=settings.max_sessions, max_len=settings.max_len)

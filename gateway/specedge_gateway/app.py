@@ -4,7 +4,10 @@ Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streaming or not
 `GET /v1/models` — each behind a Bearer API key mapped to a user (`specedge keys`) —
 `GET /health` (open; 503 until a verifier is registered) and `GET /metrics` (open;
 Prometheus, `specedge.metrics.GatewayMetrics`). Request checking and the
-error envelope live in `openai_api`, a generation's life in `sessions`.
+error envelope live in `openai_api`, a generation's life in `sessions`. While tracing is
+on (`specedge.telemetry`: set up first and flushed last by the lifespan), each request
+is a server span of the FastAPI instrumentation — `/health` and `/metrics` excluded, or
+whatever `OTEL_PYTHON_FASTAPI_EXCLUDED_URLS` says.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from specedge import bus, registry
+from specedge import bus, registry, telemetry
 from specedge.metrics import GatewayMetrics
 from specedge.models import model_id
 from specedge.service import StartupError
@@ -49,12 +53,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     codec = TextCodec(settings.tokenizer)
     served_model = model_id(settings.tokenizer)
     metrics = GatewayMetrics()
+    me = registry.announcement("gateway", settings.name, settings.heartbeat_s,
+                               url=f"http://{settings.host}:{settings.port}", model=served_model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        me = registry.announcement("gateway", settings.name, settings.heartbeat_s,
-                                   url=f"http://{settings.host}:{settings.port}", model=served_model)
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(telemetry.tracing("gateway", me.instance_id, redis=True))  # flushed last
             try:
                 app.state.nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
                 app.state.redis = await stack.enter_async_context(connect_redis(settings.redis_url))
@@ -68,6 +73,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="SpecEdge", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OpenAIError, openai_error_handler)
+    if telemetry.exporters():  # the lifespan installs the provider the middleware's tracer then uses
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor  # noqa: PLC0415 - only when tracing
+
+        FastAPIInstrumentor.instrument_app(
+            app, excluded_urls=os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", "/health,/metrics"),
+            exclude_spans=["receive", "send"])  # no span per SSE chunk
     bearer = HTTPBearer(auto_error=False, description="An API key from `specedge keys create`.")
 
     # (Dependencies as defaults: the annotations are strings here and these are local names.)

@@ -1,7 +1,10 @@
 """One generation as the gateway sees it: open a session on the bus, turn its committed
 tokens into text pieces, stop on a stop string, close it when the caller goes away.
 
-Owns the gateway's side of a session's life; HTTP formatting is `app.py`'s.
+Owns the gateway's side of a session's life, including its span while tracing is on:
+`chat {model}` (or `text_completion {model}`) with the OpenTelemetry GenAI attributes,
+whose context the `SessionOpen` request carries to the scheduler, so that every span of
+the generation, on every service, is in its trace. HTTP formatting is `app.py`'s.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from specedge import protocol, subjects
+from specedge import bus, protocol, subjects, telemetry
 from specedge.metrics import GatewayMetrics
 from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent
 from specedge_gateway.openai_api import GenerationSpec, OpenAIError
@@ -39,15 +43,19 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
     """Text pieces of one generation, in order; the last one carries the finish reason."""
     timing = _Timing(metrics, len(prompt_ids))
     sid = uuid.uuid4().hex
-    sub = await nc.subscribe(subjects.session_tokens(sid))
+    span = _request_span(spec, sid, len(prompt_ids), max_new_tokens)
+    context = telemetry.context_of(span)
+    sub = await bus.subscribe(nc, subjects.session_tokens(sid))
     request = SessionOpen(
         session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=codec.eos_ids,
         sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed),
         mode=spec.mode, user=user)
     finished = False
+    count, reason = 0, None
     try:
         try:
-            reply = await nc.request(subjects.SESSIONS_OPEN, protocol.encode(request), timeout=30)
+            reply = await bus.request(nc, subjects.SESSIONS_OPEN, protocol.encode(request), timeout=30,
+                                      context=context)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             raise OpenAIError(503, "no scheduler is available; try again shortly", "server_error",
                               code="unavailable") from None
@@ -57,7 +65,6 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             raise OpenAIError(status, f"cannot start the generation: {opened.error}", "server_error",
                               code="unavailable")
         text = IncrementalText(codec, spec.stop)
-        count = 0
         while True:
             try:
                 msg = await sub.next_msg(timeout=token_timeout_s)
@@ -74,16 +81,23 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             timing.tokens(len(event.tokens))
             piece = text.add(event.tokens)
             if text.stopped:
-                timing.finish("stop", count)
-                yield Piece(piece, "stop", count)
+                reason = "stop"
+                timing.finish(reason, count)
+                yield Piece(piece, reason, count)
                 return
             if event.finished:
-                finished = True
-                timing.finish(event.finish_reason or "stop", count)
-                yield Piece(piece + text.flush(), event.finish_reason or "stop", count)
+                finished, reason = True, event.finish_reason or "stop"
+                timing.finish(reason, count)
+                yield Piece(piece + text.flush(), reason, count)
                 return
             if piece:
                 yield Piece(piece, None, count)
+    except Exception as exc:
+        if span is not None:
+            failed = isinstance(exc, OpenAIError)
+            span.set_status(Status(StatusCode.ERROR, exc.message if failed else repr(exc)))
+            span.set_attribute("error.type", (exc.code or exc.type) if failed else type(exc).__qualname__)
+        raise
     finally:
         timing.close()
         if on_close is not None:  # the caller's concurrency slot
@@ -91,7 +105,27 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                 await on_close()
         await sub.unsubscribe()
         if not finished:  # stop string, error or the client went away: free the session now
-            await nc.publish(subjects.SESSIONS_CLOSE, protocol.encode(CloseSession(session_id=sid)))
+            await bus.publish(nc, subjects.SESSIONS_CLOSE, protocol.encode(CloseSession(session_id=sid)),
+                              context=context)
+        if span is not None:
+            span.set_attribute("gen_ai.usage.output_tokens", count)
+            if reason is not None:
+                span.set_attribute("gen_ai.response.finish_reasons", [reason])
+            span.end()
+
+
+def _request_span(spec: GenerationSpec, session_id: str, prompt_tokens: int, max_new_tokens: int) -> Span | None:
+    """The generation's span (a child of the HTTP request's), named and described by the GenAI conventions."""
+    if not telemetry.enabled():
+        return None
+    operation = "chat" if spec.messages is not None else "text_completion"
+    return telemetry.tracer.start_span(f"{operation} {spec.model}", kind=SpanKind.CLIENT, attributes={
+        "gen_ai.operation.name": operation, "gen_ai.provider.name": "specedge",
+        "gen_ai.request.model": spec.model, "gen_ai.response.model": spec.model,
+        "gen_ai.request.max_tokens": max_new_tokens, "gen_ai.request.temperature": spec.temperature,
+        "gen_ai.request.top_p": spec.top_p, "gen_ai.request.seed": spec.seed,
+        "gen_ai.usage.input_tokens": prompt_tokens, "specedge.session.id": session_id, "specedge.mode": spec.mode,
+        "specedge.stream": spec.stream})
 
 
 class _Timing:

@@ -1,7 +1,12 @@
-"""The NATS connection every service uses: connect, reconnect forever, drain on exit.
+"""The NATS connection every service uses, and the one way messages go on and off it.
 
-Owns connection options and connection-state logging. It does not know any subject or
-message; those live in `subjects` and `protocol`.
+Owns connection options and connection-state logging, and trace context on the bus:
+`publish`, `request` and `subscribe` here are what services call instead of the client's
+own methods. The first two put the W3C trace context (`traceparent`, `tracestate`) of
+the current span — or of the context given — in the message headers; `subscribe` runs
+each callback with the context its message's headers carry as the current one, so a
+handler's spans are children of the sender's. No span, no headers. It does not know
+any subject or message; those live in `subjects` and `protocol`.
 
 nats-py retries the first connection too when reconnection is unlimited, so
 `connect()` bounds that first wait itself (`initial_timeout_s`; None = wait forever,
@@ -13,10 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +74,43 @@ async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0) -
                 await asyncio.wait_for(nc.drain(), timeout=5)
         if not nc.is_closed:
             await nc.close()
+
+
+def trace_headers(context: Context | None = None) -> dict[str, str] | None:
+    """The trace context of `context` (default: the current one) as NATS headers; None without a span."""
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context)
+    return carrier or None
+
+
+async def publish(nc: Client, subject: str, payload: bytes = b"", reply: str = "",
+                  context: Context | None = None) -> None:
+    """Publish with the trace context of `context` (default: the current one) in the headers."""
+    await nc.publish(subject, payload, reply=reply, headers=trace_headers(context))
+
+
+async def request(nc: Client, subject: str, payload: bytes, timeout: float,  # noqa: ASYNC109 - the client's own
+                  context: Context | None = None) -> Msg:
+    """Request/reply with the trace context of `context` (default: the current one) in the headers."""
+    return await nc.request(subject, payload, timeout=timeout, headers=trace_headers(context))
+
+
+async def subscribe(nc: Client, subject: str, cb: Callable[[Msg], Awaitable[None]] | None = None,
+                    queue: str = "") -> Subscription:
+    """Subscribe; each message's callback runs with the trace context from its headers as the current one."""
+    if cb is None:
+        return await nc.subscribe(subject, queue=queue)
+
+    async def traced(msg: Msg) -> None:
+        if not msg.headers or "traceparent" not in msg.headers:
+            await cb(msg)
+            return
+        token = otel_context.attach(propagate.extract(msg.headers))
+        try:
+            await cb(msg)
+        finally:
+            otel_context.detach(token)
+
+    return await nc.subscribe(subject, queue=queue, cb=traced)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from specedge import __version__, subjects
+from specedge import __version__, bus, subjects
 from specedge.protocol import ProtocolError, Role, ServiceAnnouncement, ServiceLeave, decode, encode
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,13 @@ async def presence(nc: Client, me: ServiceAnnouncement) -> AsyncIterator[Service
         if msg.reply:
             await msg.respond(payload)
 
-    sub = await nc.subscribe(subjects.REGISTRY_DISCOVER, cb=on_discover)
+    sub = await bus.subscribe(nc, subjects.REGISTRY_DISCOVER, cb=on_discover)
     await nc.flush()  # the subscription is live on the server before we say we are registered
 
     async def heartbeat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a heartbeat lost while reconnecting is fine
-                await nc.publish(subjects.registry_announce(me.role, me.instance_id), payload)
+                await bus.publish(nc, subjects.registry_announce(me.role, me.instance_id), payload)
             await asyncio.sleep(me.heartbeat_s)
 
     task = asyncio.create_task(heartbeat(), name=f"heartbeat-{me.instance_id}")
@@ -73,8 +73,8 @@ async def presence(nc: Client, me: ServiceAnnouncement) -> AsyncIterator[Service
             await task
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-            await nc.publish(
-                subjects.registry_leave(me.role, me.instance_id),
+            await bus.publish(
+                nc, subjects.registry_leave(me.role, me.instance_id),
                 encode(ServiceLeave(role=me.role, instance_id=me.instance_id)),
             )
             await nc.flush(timeout=2)
@@ -96,9 +96,9 @@ async def discover(nc: Client, wait_s: float = 0.5) -> list[ServiceAnnouncement]
             return
         found[ann.instance_id] = ann
 
-    sub = await nc.subscribe(inbox, cb=on_reply)
+    sub = await bus.subscribe(nc, inbox, cb=on_reply)
     try:
-        await nc.publish(subjects.REGISTRY_DISCOVER, b"", reply=inbox)
+        await bus.publish(nc, subjects.REGISTRY_DISCOVER, b"", reply=inbox)
         await nc.flush()
         await asyncio.sleep(wait_s)
     finally:

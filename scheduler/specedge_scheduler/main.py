@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from specedge import bus, registry
+from specedge import bus, registry, telemetry
 from specedge.metrics import SchedulerMetrics
 from specedge.service import Lifecycle
 from specedge.state import SessionStore, connect_redis
@@ -20,6 +20,7 @@ log = logging.getLogger("specedge_scheduler")
 async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
     me = registry.announcement("scheduler", settings.name, settings.heartbeat_s)
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(telemetry.tracing("scheduler", me.instance_id, redis=True))  # flushed last
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)),
                              settings.session_ttl_s)

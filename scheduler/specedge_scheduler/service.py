@@ -9,7 +9,7 @@ free, its next batch goes out in one request; each result goes back to the sessi
 and, as a `TokenEvent`, to whoever opened the session. Edges that stop heartbeating are
 dropped and their sessions continue with server steps; a verifier that stops is replaced
 by another, which re-prefills the session from its committed tokens in Redis — without
-losing or repeating a token. Decisions live in the policy.
+losing or repeating a token. Decisions live in the policy; spans in `tracing`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from specedge import protocol, registry, subjects
+from specedge import bus, protocol, registry, subjects, telemetry
 from specedge.metrics import SchedulerMetrics
 from specedge.protocol import (
     CloseSession,
@@ -48,6 +50,7 @@ from specedge.protocol import (
 )
 from specedge.state import SessionStore
 from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
+from specedge_scheduler.tracing import SessionSpans, batch_span
 
 log = logging.getLogger("specedge_scheduler")
 
@@ -56,6 +59,7 @@ log = logging.getLogger("specedge_scheduler")
 class _Output:
     max_new_tokens: int
     eos_ids: set[int]
+    spans: SessionSpans
     generated: int = 0
 
 
@@ -76,12 +80,13 @@ class SchedulerService:
         self._tasks: set[asyncio.Task] = set()
 
     async def subscribe(self) -> None:
-        await self.nc.subscribe(subjects.REGISTRY_ANNOUNCE_ALL, cb=self.on_announce)
-        await self.nc.subscribe(subjects.REGISTRY_LEAVE_ALL, cb=self.on_leave)
-        await self.nc.subscribe(subjects.SESSIONS_OPEN, queue="schedulers", cb=self.on_open)
-        await self.nc.subscribe(subjects.SESSIONS_CLOSE, cb=self.on_close)
-        await self.nc.subscribe(subjects.drafts_for(self.instance_id), cb=self.on_draft)
-        await self.nc.subscribe(subjects.stats("scheduler", self.instance_id), cb=self.on_stats)
+        nc = self.nc
+        await bus.subscribe(nc, subjects.REGISTRY_ANNOUNCE_ALL, cb=self.on_announce)
+        await bus.subscribe(nc, subjects.REGISTRY_LEAVE_ALL, cb=self.on_leave)
+        await bus.subscribe(nc, subjects.SESSIONS_OPEN, queue="schedulers", cb=self.on_open)
+        await bus.subscribe(nc, subjects.SESSIONS_CLOSE, cb=self.on_close)
+        await bus.subscribe(nc, subjects.drafts_for(self.instance_id), cb=self.on_draft)
+        await bus.subscribe(nc, subjects.stats("scheduler", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
 
     async def on_stats(self, msg: Msg) -> None:
@@ -120,7 +125,7 @@ class SchedulerService:
                 message = (f"the draft model's tokenizer ({fingerprint}) differs from every verifier's target "
                            "tokenizer: this edge gets no sessions; use a draft model of the target's family")
                 log.warning("edge %s (%s) refused: %s", ann.name, ann.details.get("model", "?"), message)
-                await self.nc.publish(subjects.edge_refused(ann.instance_id), protocol.encode(
+                await bus.publish(self.nc, subjects.edge_refused(ann.instance_id), protocol.encode(
                     EdgeRefused(reason="tokenizer_mismatch", message=message)))
         self._wake.set()
 
@@ -156,6 +161,18 @@ class SchedulerService:
             self.reject(exc.reason, "a session request")
             await msg.respond(protocol.encode(SessionOpened(session_id="", error=exc.reason)))
             return
+        parent = otel_context.get_current()  # the opener's span, from the message headers
+        if not telemetry.enabled():
+            await self._open(msg, request, parent)
+            return
+        with telemetry.tracer.start_as_current_span("open session", kind=SpanKind.SERVER, attributes={
+                "specedge.session.id": request.session_id, "specedge.mode": request.mode,
+                "specedge.prompt_tokens": len(request.tokens)}) as span:
+            if (error := await self._open(msg, request, parent)) is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
+
+    async def _open(self, msg: Msg, request: SessionOpen, parent: otel_context.Context) -> str | None:
+        """Assign, record, prefill and hand the session to its drafter; returns an error or None."""
         sid = request.session_id
         try:
             subjects.session_tokens(sid)  # the id must be usable in a subject
@@ -166,14 +183,14 @@ class SchedulerService:
                 assignment = self.policy.assign(sid, len(request.tokens), request.mode, request.user)
         except (ValueError, NoCapacityError) as exc:
             await msg.respond(protocol.encode(SessionOpened(session_id=sid, error=str(exc))))
-            return
+            return str(exc)
         prefill = PrefillRequest(session_id=sid, tokens=request.tokens, sampling=request.sampling)
         try:
             await self.store.create(sid, request.tokens, request.sampling, user=request.user, mode=request.mode,
                                     scheduler=self.instance_id, verifier=assignment.verifier,
                                     edge=assignment.edge or "")
-            reply = await self.nc.request(subjects.verifier_prefill(assignment.verifier), protocol.encode(prefill),
-                                          timeout=self.request_timeout_s)
+            reply = await bus.request(self.nc, subjects.verifier_prefill(assignment.verifier),
+                                      protocol.encode(prefill), timeout=self.request_timeout_s)
             error = protocol.decode(reply.data, PrefillReply).error
         except Exception as exc:
             error = f"prefill failed: {exc!r}"
@@ -182,25 +199,29 @@ class SchedulerService:
             with contextlib.suppress(Exception):
                 await self.store.end(sid)
             await msg.respond(protocol.encode(SessionOpened(session_id=sid, error=error)))
-            return
-        self._outputs[sid] = _Output(request.max_new_tokens, set(request.eos_ids))
+            return error
+        spans = SessionSpans(sid, parent)
+        self._outputs[sid] = _Output(request.max_new_tokens, set(request.eos_ids), spans)
         self.policy.draft_due(sid, time.monotonic())
+        spans.begin_cycle(0)
         if assignment.edge is not None:
-            await self.nc.publish(subjects.edge_assign(assignment.edge), protocol.encode(
+            await bus.publish(self.nc, subjects.edge_assign(assignment.edge), protocol.encode(
                 DraftAssign(session_id=sid, tokens=request.tokens, scheduler=self.instance_id,
-                            **{**self.draft_shape, "budget": self.policy.shape_for(sid)[0]})))
+                            **{**self.draft_shape, "budget": self.policy.shape_for(sid)[0]})), context=spans.context)
         await msg.respond(protocol.encode(SessionOpened(session_id=sid, verifier=assignment.verifier,
                                                         edge=assignment.edge)))
         self._wake.set()
+        return None
 
     async def on_close(self, msg: Msg) -> None:
         if (close := self.reject.decode(msg.data, CloseSession, "a close request")) is None:
             return
         await self._end(close.session_id)
 
-    async def _end(self, session_id: str) -> None:
+    async def _end(self, session_id: str, error: str | None = None) -> None:
         state = self.policy.sessions.get(session_id)
-        self._outputs.pop(session_id, None)
+        if (output := self._outputs.pop(session_id, None)) is not None:
+            output.spans.close(error)
         self.policy.finish(session_id)
         if state is None:
             return
@@ -209,9 +230,9 @@ class SchedulerService:
         except Exception as exc:  # the keys expire on their own
             log.warning("could not delete session %s from Redis: %r", session_id[:16], exc)
         close = protocol.encode(CloseSession(session_id=session_id))
-        await self.nc.publish(subjects.verifier_close(state.verifier), close)
+        await bus.publish(self.nc, subjects.verifier_close(state.verifier), close)
         if state.edge is not None:
-            await self.nc.publish(subjects.edge_close(state.edge), close)
+            await bus.publish(self.nc, subjects.edge_close(state.edge), close)
 
     # -- drafts and batches -----------------------------------------------------------
 
@@ -222,8 +243,8 @@ class SchedulerService:
             log.error("session %s ends: %s", session_id[:16], error)
             event = TokenEvent(session_id=session_id, index=output.generated, tokens=[], finished=True,
                                finish_reason="error", error=error)
-            await self.nc.publish(subjects.session_tokens(session_id), protocol.encode(event))
-        await self._end(session_id)
+            await bus.publish(self.nc, subjects.session_tokens(session_id), protocol.encode(event))
+        await self._end(session_id, error)
 
     async def on_draft(self, msg: Msg) -> None:
         edge = msg.subject.split(".")[-2]
@@ -234,6 +255,8 @@ class SchedulerService:
         if (reason := self.policy.draft_arrived(tree, edge, now, tree.draft_ms / 1000)) is not None:
             self.reject(reason, f"a draft from {edge}")
             return
+        if (output := self._outputs.get(tree.session_id)) is not None:
+            output.spans.draft_arrived(tree.cycle)
         self.metrics.edge_drafting.observe(tree.draft_ms / 1000)
         if waiting_since is not None:
             self.metrics.edge_round_trip.observe(now - waiting_since)
@@ -278,22 +301,32 @@ class SchedulerService:
             log.warning("edge %s missed the draft deadline for %d session(s); they continue with server steps",
                         edge, len(sessions))
             for sid in sessions:
-                await self.nc.publish(subjects.edge_close(edge), protocol.encode(CloseSession(session_id=sid)))
+                await bus.publish(self.nc, subjects.edge_close(edge), protocol.encode(CloseSession(session_id=sid)))
 
     async def _verify(self, verifier: str, batch: list[DraftTreeMsg]) -> None:
         request = VerifyBatchRequest(batch_id=uuid.uuid4().hex[:12], trees=batch)
+        span = batch_span(request.batch_id, verifier, batch,
+                          [o.spans if (o := self._outputs.get(t.session_id)) else None for t in batch])
         try:
-            data = await self.nc.request(subjects.verifier_verify(verifier), protocol.encode(request),
-                                         timeout=self.request_timeout_s)
+            data = await bus.request(self.nc, subjects.verifier_verify(verifier), protocol.encode(request),
+                                     timeout=self.request_timeout_s, context=telemetry.context_of(span))
             reply = protocol.decode(data.data, VerifyBatchReply)
         except Exception as exc:
             log.warning("batch for verifier %s failed (%r); its trees wait for a verifier", verifier, exc)
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                span.end()
             self.policy.requeue(batch)
             await asyncio.sleep(0.5)  # a dead verifier answers at once: do not spin until it expires
             return
         finally:
             self._busy.discard(verifier)
             self._wake.set()
+        if span is not None:
+            span.set_attributes({"specedge.verify.forward_ms": reply.forward_ms,
+                                 "specedge.verify.accepted_tokens": sum(len(r.accepted) for r in reply.results),
+                                 "specedge.verify.rejected": len(reply.rejected)})
+            span.end()
         if reply.forward_ms > 0 and reply.results:
             self.policy.verify_timed(verifier, sum(len(t.tokens) + 1 for t in batch), reply.forward_ms / 1000)
         by_session = {t.session_id: t for t in batch}
@@ -352,10 +385,14 @@ class SchedulerService:
         event = TokenEvent(session_id=sid, index=output.generated, tokens=keep, finished=reason is not None,
                            finish_reason=reason)
         output.generated += len(keep)
-        await self.nc.publish(subjects.session_tokens(sid), protocol.encode(event))
+        with output.spans.delivering(result, len(keep), reason) as delivery:
+            await bus.publish(self.nc, subjects.session_tokens(sid), protocol.encode(event), context=delivery)
+            if reason is None:
+                output.spans.begin_cycle(result.cycle + 1)
+                if state.edge is not None:
+                    budget, depth = self.policy.shape_for(sid)
+                    result = msgspec.structs.replace(result, next_budget=budget, next_depth=depth)
+                    await bus.publish(self.nc, subjects.edge_result(state.edge), protocol.encode(result),
+                                      context=output.spans.context)
         if reason is not None:
             await self._end(sid)
-        elif state.edge is not None:
-            budget, depth = self.policy.shape_for(sid)
-            result = msgspec.structs.replace(result, next_budget=budget, next_depth=depth)
-            await self.nc.publish(subjects.edge_result(state.edge), protocol.encode(result))

@@ -8,6 +8,9 @@ is published; a tree for a session this verifier does not hold (its cache was ev
 or the session moved here from a verifier that died) is re-prefilled from the committed
 tokens in Redis; a replay of the cycle just verified gets the same result again. The
 target-side engine is `specedge.engine.parties.Verifier`; batching is the scheduler's.
+While tracing is on, a prefill is a `prefill` span and a batch a `verify batch` span
+with its model pass as a `forward pass` child, under the scheduler's span (the request
+headers carry its context).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from collections import deque
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
 
-from specedge import protocol, subjects
+from specedge import bus, protocol, subjects, telemetry
 from specedge.engine.parties import Verifier
 from specedge.engine.runner import CacheFullError
 from specedge.engine.sampling import SamplingParams
@@ -61,10 +65,11 @@ class VerifierService:
         self.spans: deque[list[float]] = deque(maxlen=5000)  # recent verification passes, for timelines
 
     async def subscribe(self) -> None:
-        await self.nc.subscribe(subjects.verifier_prefill(self.instance_id), cb=self.on_prefill)
-        await self.nc.subscribe(subjects.verifier_verify(self.instance_id), cb=self.on_verify)
-        await self.nc.subscribe(subjects.verifier_close(self.instance_id), cb=self.on_close)
-        await self.nc.subscribe(subjects.stats("verifier", self.instance_id), cb=self.on_stats)
+        nc = self.nc
+        await bus.subscribe(nc, subjects.verifier_prefill(self.instance_id), cb=self.on_prefill)
+        await bus.subscribe(nc, subjects.verifier_verify(self.instance_id), cb=self.on_verify)
+        await bus.subscribe(nc, subjects.verifier_close(self.instance_id), cb=self.on_close)
+        await bus.subscribe(nc, subjects.stats("verifier", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
 
     def _busy_fraction(self, window_s: float = 60.0) -> float:
@@ -103,8 +108,12 @@ class VerifierService:
             self.reject("bad_sampling", "a prefill request")
             await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_sampling"))
             return
-        async with self._model_lock:
-            error = await self._open(request.session_id, request.tokens, params, cycle=0)
+        with telemetry.span("prefill", SpanKind.SERVER, {"specedge.session.id": request.session_id,
+                                                         "specedge.prompt_tokens": len(request.tokens)}) as span:
+            async with self._model_lock:
+                error = await self._open(request.session_id, request.tokens, params, cycle=0)
+            if span is not None and error:
+                span.set_attribute("specedge.error", error)
         await self._reply(msg, PrefillReply(session_id=request.session_id, committed_len=len(request.tokens),
                                             error=error))
 
@@ -171,6 +180,15 @@ class VerifierService:
             rejection = Rejection(session_id="", reason=exc.reason)
             await self._reply(msg, VerifyBatchReply(batch_id="", rejected=[rejection]))
             return
+        with telemetry.span("verify batch", SpanKind.SERVER, {
+                "specedge.batch.id": request.batch_id, "specedge.batch.size": len(request.trees)}) as span:
+            reply = await self._verify(request)
+            if span is not None:
+                span.set_attributes({"specedge.verify.rejected": len(reply.rejected),
+                                     "specedge.verify.results": len(reply.results)})
+        await self._reply(msg, reply)
+
+    async def _verify(self, request: VerifyBatchRequest) -> VerifyBatchReply:
         async with self._model_lock:
             good, replays, rejected, seen = [], [], [], set()
             batch = frozenset(t.session_id for t in request.trees)
@@ -189,9 +207,14 @@ class VerifierService:
                 else:
                     self.reject(reason, f"a tree for session {tree.session_id[:16]}")
                     rejected.append(Rejection(session_id=tree.session_id, reason=reason))
-            started, at = time.perf_counter(), time.monotonic()
-            results = await asyncio.to_thread(self.verifier.verify, good) if good else []
-            forward_ms = 1000 * (time.perf_counter() - started)
+            with telemetry.span("forward pass", attributes={
+                    "specedge.batch.size": len(good), "specedge.batch.nodes": sum(len(t.tokens) + 1 for t in good)
+            }) as span:
+                started, at = time.perf_counter(), time.monotonic()
+                results = await asyncio.to_thread(self.verifier.verify, good) if good else []
+                forward_ms = 1000 * (time.perf_counter() - started)
+                if span is not None:
+                    span.set_attribute("specedge.accepted_len", sum(len(r.accepted) for r in results))
             if good:
                 self.spans.append([at, time.monotonic()])
                 self.metrics.busy.inc(forward_ms / 1000)
@@ -204,8 +227,8 @@ class VerifierService:
                     rejected.append(Rejection(session_id=result.session_id, reason=reason))
             self._last.update((r.session_id, r) for r in committed)
             self._used.update((r.session_id, time.monotonic()) for r in committed)
-        await self._reply(msg, VerifyBatchReply(batch_id=request.batch_id, results=committed + replays,
-                                                rejected=rejected, forward_ms=forward_ms))
+        return VerifyBatchReply(batch_id=request.batch_id, results=committed + replays, rejected=rejected,
+                                forward_ms=forward_ms)
 
     async def _commit(self, result: VerifyResult) -> str | None:
         """Commit a verified cycle to Redis; on refusal drop the local cache (it is ahead of the

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from specedge import bus, registry
+from specedge import bus, registry, telemetry
 from specedge.engine.loading import load_for_service
 from specedge.engine.parties import Verifier
 from specedge.metrics import VerifierMetrics
@@ -24,6 +24,7 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
                                max_sessions=str(settings.max_sessions), max_len=str(settings.max_len),
                                **target.registry_details())
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(telemetry.tracing("verifier", me.instance_id, redis=True))  # flushed last
         nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
         verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len)
