@@ -2,8 +2,8 @@
 decodes each `ExportTraceServiceRequest` with opentelemetry-proto and keeps the spans.
 
 Tests start one in-process and point the services' `OTEL_EXPORTER_OTLP_ENDPOINT` at it.
-`python -m tests.otlp --port N` runs one as a throwaway sink (it prints the span count
-on exit), e.g. for measuring tracing overhead with `specedge bench`.
+`python -m tests.otlp --port N` runs one as a throwaway sink that decodes nothing (it
+prints what it got on exit), e.g. for measuring tracing overhead with `specedge bench`.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def render(spans: list[Span], trace_id: str) -> str:
 
 
 class Receiver:
-    """An OTLP/HTTP receiver on a loopback port; `spans` holds everything received."""
+    """An OTLP/HTTP receiver on a loopback port; `spans` holds everything received (with
+    `keep=False` nothing is decoded or kept, and `count` is bytes instead of spans)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, keep: bool = True) -> None:
         self.spans: list[Span] = []
@@ -103,12 +104,11 @@ class Receiver:
                     self.send_response(404)
                     self.end_headers()
                     return
-                spans = decode(body)
+                spans = decode(body) if keep else []  # a sink only counts what it is sent
                 with receiver._lock:
                     receiver.requests += 1
-                    receiver.count += len(spans)
-                    if keep:
-                        receiver.spans += spans
+                    receiver.count += len(body) if not keep else len(spans)
+                    receiver.spans += spans
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -151,7 +151,7 @@ def main() -> None:
         print(f"OTLP/HTTP receiver at {receiver.url}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        print(f"received {receiver.count} spans in {receiver.requests} requests", file=sys.stderr)
+        print(f"received {receiver.requests} export requests, {receiver.count} bytes", file=sys.stderr)
 
 
 if __name__ == "__main__":

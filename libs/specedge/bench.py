@@ -21,7 +21,9 @@ Server-side drafters' sessions are verified in lockstep (the scheduler waits for
 drafter's whole cohort), as a server running both models would batch them.
 
 Writes `results.json`, `report.md` and PNG plots to `--out`. The services log at
-`warning` unless `SPECEDGE_BENCH_LOG_LEVEL` says otherwise.
+`warning` unless `SPECEDGE_BENCH_LOG_LEVEL` says otherwise. They inherit the `OTEL_*`
+environment; `--otlp-endpoint URL` turns their tracing on (OTLP/HTTP to URL) for this
+run, and the report says whether tracing was on.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from specedge import bus, protocol, registry, subjects
+from specedge import bus, protocol, registry, subjects, telemetry
 from specedge.launcher import Launcher
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 from specedge.protocol import (
@@ -77,6 +79,7 @@ class BenchSettings(BaseModel):
     server_budget: int = Field(default=64, ge=1)  # the paper's server-only baseline
     depth: int = Field(default=4, ge=1)
     strategy: str = "fifo"
+    otlp_endpoint: str | None = None  # the services' OTEL_EXPORTER_OTLP_ENDPOINT (default: inherited)
     out: Path = Path("bench-out")
     target: str = Field(default_factory=lambda: bundled(BUNDLED_TARGET))
     draft: str = Field(default_factory=lambda: bundled(BUNDLED_DRAFT))
@@ -248,12 +251,27 @@ def _pin(pid: int, cores: list[int]) -> None:
         log.debug("could not pin %d", pid)
 
 
+def service_env(settings: BenchSettings) -> dict[str, str]:
+    """The services' environment: ours, one torch thread each, quieter logs, the OTLP endpoint if given."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "SPECEDGE_LOG_LEVEL": os.environ.get("SPECEDGE_BENCH_LOG_LEVEL", "warning")}
+    if settings.otlp_endpoint:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = settings.otlp_endpoint
+    return env
+
+
+def tracing_of(env: dict[str, str]) -> str:
+    """What the services do with spans under `env`: `off`, or the exporters and where OTLP goes."""
+    names = telemetry.exporters(env)
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return "off" if not names else ", ".join(f"{n} to {endpoint}" if n == "otlp" else n for n in names)
+
+
 def deploy(launcher: Launcher, settings: BenchSettings) -> tuple[str, dict[str, list[str]], list[int]]:
     """Start servers and services; returns the NATS URL, instance ids by role, and the cores used."""
     nats_url, redis_url = launcher.start_nats().url, launcher.start_redis().url
     cli = [sys.executable, "-m", "specedge.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "SPECEDGE_LOG_LEVEL": os.environ.get("SPECEDGE_BENCH_LOG_LEVEL", "warning")}
+    env = service_env(settings)
     edges = max(settings.batch_sizes)
     cores = sorted(os.sched_getaffinity(0))
     server_cores, edge_cores = (cores[:1], cores[1:]) if len(cores) > 1 else (cores, cores)
@@ -425,7 +443,8 @@ def run_bench(settings: BenchSettings) -> int:
     written = plots(runs, timeline, settings.out)
     settings_out = {**settings.model_dump(mode="json"), "cores": len(cores),
                     "pinning": "server side on core 0, edges and the rest on the others" if len(cores) > 1
-                    else "none (one core)", "throughput_in_table": "generated tokens per server busy second"}
+                    else "none (one core)", "throughput_in_table": "generated tokens per server busy second",
+                    "tracing": tracing_of(service_env(settings))}
     (settings.out / "results.json").write_text(json.dumps({"settings": settings_out,
                                                            "runs": [asdict(r) for r in runs]}, indent=2))
     command = "specedge bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "specedge bench"
@@ -434,7 +453,8 @@ def run_bench(settings: BenchSettings) -> int:
               f"tokens, greedy, tree budget {settings.budget} (server-only: "
               f"{settings.server_budget}, as the paper's baseline) depth {settings.depth}, "
               f"emulated RTT {settings.rtt_ms} ms, "
-              f"{len(cores)} cores ({settings_out['pinning']}); {time.monotonic() - started:.0f} s.",
+              f"{len(cores)} cores ({settings_out['pinning']}); tracing {settings_out['tracing']}; "
+              f"{time.monotonic() - started:.0f} s.",
               "*Server tok/s (busy)* = generated tokens per second of server work (verification passes, plus "
               "the server drafter's drafting in server-only mode); *(wall)* per second of the run.", "",
               "## Summary over categories", "", summary_table(runs), "", "## By category", "",

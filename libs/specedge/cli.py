@@ -70,6 +70,8 @@ def bench(
     edge_price_per_h: float = typer.Option(0.35, "--edge-price-per-h", min=0.0, help="Edge $/hour."),
     strategy: str = typer.Option("fifo", "--strategy", help="The scheduler's strategy: fifo, two-groups, pipeline."),
     quick: bool = typer.Option(False, "--quick", help="3 categories, 2 prompts each, 32 tokens, batch 1,2."),
+    otlp_endpoint: str | None = typer.Option(None, "--otlp-endpoint", help="Trace the services: OTLP/HTTP "
+                                             "to this URL (default: their inherited OTEL_* environment)."),
     out: str = typer.Option("bench-out", "--out", help="Folder for results.json, report.md and plots."),
 ) -> None:
     """Benchmark the real system on this machine: modes side by side, the paper's table."""
@@ -84,7 +86,8 @@ def bench(
     try:
         settings = BenchSettings(modes=tuple(m.strip() for m in modes.split(",")), prompts=prompts, rtt_ms=rtt_ms,
                                  server_price_per_h=server_price_per_h, edge_price_per_h=edge_price_per_h,
-                                 strategy=strategy, out=out, **{k: v for k, v in values.items() if v is not None})
+                                 strategy=strategy, otlp_endpoint=otlp_endpoint, out=out,
+                                 **{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:

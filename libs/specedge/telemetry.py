@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -43,9 +43,9 @@ tracer = trace.get_tracer("specedge", __version__)
 _provider: Any = None  # the SDK's TracerProvider while tracing is on
 
 
-def exporters() -> list[str]:
-    """The span exporters the environment asks for (empty: tracing is off)."""
-    env = os.environ
+def exporters(env: Mapping[str, str] | None = None) -> list[str]:
+    """The span exporters the environment (default: this process's) asks for; empty: tracing is off."""
+    env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return []
     names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
