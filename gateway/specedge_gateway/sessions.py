@@ -43,9 +43,9 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
     """Text pieces of one generation, in order; the last one carries the finish reason."""
     timing = _Timing(metrics, len(prompt_ids))
     sid = uuid.uuid4().hex
-    span = _request_span(spec, sid, len(prompt_ids), max_new_tokens)
-    context = telemetry.context_of(span)
     sub = await bus.subscribe(nc, subjects.session_tokens(sid))
+    span = _request_span(spec, sid, len(prompt_ids), max_new_tokens)  # ended below, whatever happens
+    context = telemetry.context_of(span)
     request = SessionOpen(
         session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=codec.eos_ids,
         sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed),

@@ -16,6 +16,8 @@ inter-token latency (per session: from its first token event to its last, per to
 after the first event), time to first token, and cost
 (server $/h × wall + edges used × $/h × wall, per 1000 tokens). Server throughput is
 reported per server busy second (the table's figure) and per wall second.
+`results.json` also has the CPU seconds all services used in each run (`service_cpu_s`),
+a figure other load on the machine disturbs less than wall time.
 
 Server-side drafters' sessions are verified in lockstep (the scheduler waits for the
 drafter's whole cohort), as a server running both models would batch them.
@@ -136,13 +138,26 @@ class Run:
     ttft_ms_mean: float
     cost_per_1k_tokens_usd: float
     proactive_hit_rate: float | None
+    service_cpu_s: float = 0.0  # CPU time (user + system) of all services during the run
 
 
 class Bench:
     """The deployment under test, and the runs made against it."""
 
-    def __init__(self, settings: BenchSettings, nats_url: str, ids: dict[str, list[str]]) -> None:
-        self.settings, self.nats_url, self.ids = settings, nats_url, ids
+    def __init__(self, settings: BenchSettings, nats_url: str, ids: dict[str, list[str]],
+                 pids: Sequence[int] = ()) -> None:
+        self.settings, self.nats_url, self.ids, self.pids = settings, nats_url, ids, list(pids)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the services have used so far."""
+        total = 0.0
+        for pid in self.pids:
+            try:
+                times = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
 
     async def stats(self, nc, role: str, instance: str, since: float = 0.0) -> ServiceStats:
         request = protocol.encode(StatsRequest(since=since))
@@ -190,6 +205,7 @@ class Bench:
     async def run(self, nc, mode: Mode, category: str, batch: int, prompts: list[list[int]], eos: list[int],
                   progress: tqdm) -> Run:
         before = await self.snapshot(nc, since=time.monotonic())
+        cpu = self.cpu_s()
         started = time.monotonic()
         traces: list[SessionTrace] = []
         for i in range(0, len(prompts), batch):
@@ -197,6 +213,7 @@ class Bench:
             traces += await asyncio.gather(*(self.session(nc, p, mode, eos) for p in wave))
             progress.update(len(wave))
         wall = time.monotonic() - started
+        cpu = self.cpu_s() - cpu
         after = await self.snapshot(nc, since=started)
 
         def delta(instance: str, counter: str) -> float:
@@ -225,7 +242,8 @@ class Bench:
             itl_ms_mean=statistics.fmean(itls) if itls else 0.0,
             ttft_ms_mean=1000 * statistics.fmean(t.events[0][0] - t.opened_at for t in traces),
             cost_per_1k_tokens_usd=1000 * dollars / max(tokens, 1),
-            proactive_hit_rate=hits / attempts if attempts else (None if mode != "specedge" else 0.0))
+            proactive_hit_rate=hits / attempts if attempts else (None if mode != "specedge" else 0.0),
+            service_cpu_s=cpu)
 
     @staticmethod
     def _cycles(trace: SessionTrace) -> list[int]:
@@ -426,7 +444,8 @@ def run_bench(settings: BenchSettings) -> int:
     with Launcher() as launcher:
         log.info("starting nats-server, redis-server and %d services", 3 + max(settings.batch_sizes))
         nats_url, ids, cores = deploy(launcher, settings)
-        bench = Bench(settings, nats_url, ids)
+        bench = Bench(settings, nats_url, ids, [c.pid for c in launcher.children
+                                                if c.name not in ("nats-server", "redis-server")])
 
         async def everything() -> None:
             nonlocal timeline

@@ -22,7 +22,8 @@ SERVICES = {"specedge-gateway", "specedge-scheduler", "specedge-verifier", "spec
 
 def test_one_streaming_request_is_one_trace_with_a_span_per_cycle(nats_url, redis_url, cli_env, tmp_path):
     with Receiver() as receiver:
-        env = {**cli_env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+        # A batch delay longer than the test: every span arrives through the flush on SIGTERM.
+        env = {**cli_env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "600000"}
         port = free_port()
         procs = {
             "verifier": start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url, "--max-len", "1024"],
