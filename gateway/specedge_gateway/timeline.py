@@ -21,7 +21,7 @@ import time
 from nats.aio.client import Client
 
 from specedge import protocol, registry, subjects
-from specedge.protocol import ProtocolError, ServiceAnnouncement, ServiceStats, StatsRequest
+from specedge.protocol import ServiceAnnouncement, ServiceStats, StatsRequest
 
 log = logging.getLogger("specedge_gateway")
 
@@ -63,23 +63,29 @@ class Timeline:
     async def services(self) -> list[ServiceAnnouncement]:
         async with self._lock:
             if time.monotonic() - self._discovered_at > DISCOVERY_TTL_S:
-                self._services = await registry.discover(self.nc, wait_s=0.15)
+                try:
+                    self._services = await registry.discover(self.nc, wait_s=0.15)
+                except Exception as exc:  # NATS unreachable right now: show what we knew
+                    log.debug("discovery failed: %r", exc)
                 self._discovered_at = time.monotonic()
             return self._services
 
-    async def _ask(self, service: ServiceAnnouncement, window_s: float) -> tuple[ServiceStats, float] | None:
-        """The service's stats and its clock's offset to ours (ours = theirs + offset); None if silent."""
+    async def _ask(self, service: ServiceAnnouncement,
+                   window_s: float) -> tuple[ServiceStats, float | None] | None:
+        """The service's stats and its clock's offset to ours (ours = theirs + offset; None if
+        unknown); None if it did not answer."""
         request = protocol.encode(StatsRequest(window_s=window_s))
         sent = time.monotonic()
         try:
             reply = await self.nc.request(subjects.stats(service.role, service.instance_id), request,
                                           timeout=STATS_TIMEOUT_S)
             stats = protocol.decode(reply.data, ServiceStats)
-        except (TimeoutError, ProtocolError, Exception) as exc:  # gone, busy, or an old version
+        except Exception as exc:  # gone, busy, disconnected, or a malformed reply
             log.debug("no stats from %s: %r", service.instance_id, exc)
             return None
-        received = time.monotonic()
-        return stats, ((sent + received) / 2 - stats.now) if stats.now else float("nan")
+        if not stats.now:  # a service too old to say its clock: its spans cannot be placed
+            return stats, None
+        return stats, (sent + time.monotonic()) / 2 - stats.now
 
     async def snapshot(self, window_s: float) -> dict:
         """Rows of spans (verifiers first, then edge agents by name) and scheduler counters."""
@@ -94,7 +100,7 @@ class Timeline:
                     schedulers.append({"name": service.name, "counters": answer[0].counters})
                 continue
             row = {"role": service.role, "name": service.name, "pool": service.details.get("pool", ""),
-                   "ok": answer is not None and answer[1] == answer[1], "spans": [], "busy": 0.0}
+                   "ok": answer is not None and answer[1] is not None, "spans": [], "busy": 0.0}
             if row["ok"]:
                 stats, offset = answer
                 spans = [[max(-window_s, a + offset - now), min(0.0, b + offset - now)]
