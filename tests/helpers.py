@@ -99,7 +99,7 @@ def specedge_up(*args: str) -> Iterator[Stack]:
     proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0", *args], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     line = proc.stdout.readline()
-    match = re.search(r"gateway (http://\S+) .*API key (\S+) ;.*redis (redis://\S+)\.", line)
+    match = re.search(r"gateway (http://\S+) .*API key (\S+) ;.*redis (redis://[^\s;]+)[;.]", line)
     if not match:
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError(f"specedge up did not start: {line!r}")

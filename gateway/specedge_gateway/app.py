@@ -63,7 +63,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                    url=f"http://{settings.host}:{settings.port}", model=served_model)
         async with contextlib.AsyncExitStack() as stack:
             try:
-                app.state.nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
+                app.state.nc = await stack.enter_async_context(bus.connect(
+                    settings.nats_url, me.instance_id, credentials=settings.credentials))
                 app.state.redis = await stack.enter_async_context(connect_redis(settings.redis_url))
             except ConnectionError as exc:
                 raise StartupError(str(exc)) from None

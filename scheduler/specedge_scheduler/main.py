@@ -20,7 +20,8 @@ log = logging.getLogger("specedge_scheduler")
 async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
     me = registry.announcement("scheduler", settings.name, settings.heartbeat_s)
     async with contextlib.AsyncExitStack() as stack:
-        nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
+        nc = await stack.enter_async_context(bus.connect(
+            settings.nats_url, me.instance_id, credentials=settings.credentials))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)),
                              settings.session_ttl_s)
         policy = SchedulingPolicy(max_batch=settings.max_batch, edge_timeout_s=settings.edge_timeout_s,

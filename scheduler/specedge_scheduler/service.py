@@ -97,16 +97,26 @@ class SchedulerService:
     # -- membership ---------------------------------------------------------------------
 
     async def on_announce(self, msg: Msg) -> None:
+        """Believe an announcement only on its own subject: NATS permissions bind that subject
+        (an edge's id, pool and user) to the announcer's credentials."""
         try:
-            await self._seen(protocol.decode(msg.data, ServiceAnnouncement))
+            ann = protocol.decode(msg.data, ServiceAnnouncement)
+            if msg.subject != registry.announce_subject(ann):
+                self.reject("identity_mismatch", f"an announcement of {ann.role} {ann.instance_id} on {msg.subject}")
+                return
+            await self._seen(ann)
         except (ProtocolError, ValueError):
             self.reject("bad_announcement", "an announcement")
 
     async def refresh(self) -> None:
-        """Ask the bus who is there now (at start, and when no verifier is known)."""
+        """Ask the bus who is there now (at start, and when no verifier is known).
+
+        Edges' discovery replies are not believed (a reply's subject binds nobody); edges
+        are learnt from their announcements, within one heartbeat."""
         for ann in await registry.discover(self.nc, wait_s=0.3):
-            with contextlib.suppress(ValueError):
-                await self._seen(ann)
+            if ann.role != "edge-agent":
+                with contextlib.suppress(ValueError):
+                    await self._seen(ann)
 
     async def _seen(self, ann: ServiceAnnouncement) -> None:
         capacity = int(ann.details.get("max_sessions", "0"))

@@ -116,6 +116,24 @@ def test_docker_compose_config_validates():
     assert result.returncode == 0, result.stderr
 
 
+def test_every_service_logs_in_to_nats_with_an_account_the_one_shot_creates():
+    services = COMPOSE["services"]
+    script = services["nats-auth"]["command"][-1]
+    created = {f"specedge-{role}" for role in ("gateway", "scheduler", "verifier")} if "nats-auth init" in script \
+        else set()
+    created |= {f"edge-{edge}" for edge in re.findall(r"add-edge (\S+)", script)}
+    expected = {"gateway": "specedge-gateway", "scheduler": "specedge-scheduler", "verifier": "specedge-verifier",
+                "verifier-gpu": "specedge-verifier", "server-drafter": "edge-server-drafter",
+                "edge-agent": "edge-demo-edge"}
+    for name, account in expected.items():
+        assert services[name]["environment"]["SPECEDGE_CREDENTIALS"] == f"/auth/{account}.creds.json", name
+        assert account in created, (name, account)
+        assert "nats-auth:/auth:ro" in services[name]["volumes"], name
+    assert "nats-auth:/etc/nats/auth:ro" in services["nats"]["volumes"]
+    assert re.search(r"^include auth/auth.conf$", (REPO / "services/nats/nats.conf").read_text(), re.M)
+    assert "--server-side" in script.split("add-edge server-drafter")[1].split("&&")[0]
+
+
 GRAFANA = REPO / "services/grafana"
 DASHBOARD = json.loads((GRAFANA / "dashboards/specedge.json").read_text())
 

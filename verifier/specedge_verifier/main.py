@@ -24,7 +24,8 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
                                max_sessions=str(settings.max_sessions), max_len=str(settings.max_len),
                                **target.registry_details())
     async with contextlib.AsyncExitStack() as stack:
-        nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
+        nc = await stack.enter_async_context(bus.connect(
+            settings.nats_url, me.instance_id, credentials=settings.credentials))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
         verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len)
         metrics = VerifierMetrics()
