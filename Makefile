@@ -1,6 +1,8 @@
 # The two commands: `make up` runs the whole system, `make test` runs the tests.
 # Both create (or reuse) the project virtualenv .venv and install the pinned dependencies
-# (requirements.txt) and the five project distributions into it first.
+# (requirements.txt) and the five project distributions into it first. `make test` (and
+# `make install`) also install Debian's `chromium` when /usr/bin/chromium is missing: the
+# dashboard test drives it headless (as root with apt-get; otherwise it says what to do).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +12,7 @@ DISTS  := libs gateway scheduler verifier edge-agent
 PYPROJECTS := $(foreach d,$(DISTS),$(d)/pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: up test lint install models clean help
+.PHONY: up test lint install browser models clean help
 
 help:
 	@echo "make up      run nats-server, redis-server and the four services (Ctrl-C stops all)"
@@ -18,7 +20,7 @@ help:
 	@echo "make lint    ruff"
 	@echo "make models  retrain the bundled tiny models (about 25 minutes on 2 CPU cores; not in CI)"
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): requirements.txt $(PYPROJECTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,10 +30,26 @@ $(STAMP): requirements.txt $(PYPROJECTS)
 	$(BIN)/python -m pip check
 	touch $@
 
+# Idempotent: nothing to do when chromium is there; apt-get update only when the install
+# cannot find the package without it.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian chromium (for the dashboard test)"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+				|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
+				|| exit 1; \
+		else \
+			echo "note: no /usr/bin/chromium; install Debian's chromium (apt-get install chromium)" \
+				"or the dashboard test is skipped"; \
+		fi; \
+	fi
+
 up: $(STAMP)
 	$(BIN)/specedge up
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import nats
 
@@ -76,3 +81,30 @@ def scrape(url: str) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return samples
+
+
+@dataclasses.dataclass
+class Stack:
+    """A running `specedge up`: the gateway's URL, the API key it printed, its Redis."""
+
+    url: str
+    key: str
+    redis_url: str
+
+
+@contextlib.contextmanager
+def specedge_up(*args: str) -> Iterator[Stack]:
+    """`specedge up --port 0 ARGS` until the block ends (then Ctrl-C; it must exit 0)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECEDGE_")}
+    proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    match = re.search(r"gateway (http://\S+) .*API key (\S+) ;.*redis (redis://[^\s;]+)[;.]", line)
+    if not match:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"specedge up did not start: {line!r}")
+    try:
+        yield Stack(*match.groups())
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

@@ -80,8 +80,10 @@ class EdgeService:
         counters = {"busy_s": s.busy_s, "forward_passes": s.forward_passes, "proactive_hits": s.proactive_hits,
                     "proactive_attempts": s.proactive_attempts, "drafts_sent": self.drafts_sent}
         if msg.reply:
+            now = time.monotonic()
             await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters,
-                                                           spans=spans_since(self.spans, request.since))))
+                                                           spans=spans_since(self.spans, request.cutoff(now)),
+                                                           now=now)))
 
     async def on_refused(self, msg: Msg) -> None:
         if (refused := self.reject.decode(msg.data, EdgeRefused, "a refusal")) is None:

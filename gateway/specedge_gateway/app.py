@@ -2,9 +2,13 @@
 
 Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streaming or not),
 `GET /v1/models` — each behind a Bearer API key mapped to a user (`specedge keys`) —
-`GET /health` (open; 503 until a verifier is registered) and `GET /metrics` (open;
-Prometheus, `specedge.metrics.GatewayMetrics`). Request checking and the
-error envelope live in `openai_api`, a generation's life in `sessions`.
+`GET /health` (open; 503 until a verifier is registered), `GET /metrics` (open;
+Prometheus, `specedge.metrics.GatewayMetrics`) and `GET /dashboard` (open unless
+`--no-dashboard`; the live view, `dashboard`). Request checking and the error envelope
+live in `openai_api`, a generation's life in `sessions`.
+
+A non-streaming reply carries the request's speculation in an extension field
+`"specedge"` (`live.RequestStats`: verifications, drafted and accepted tokens).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from specedge.metrics import GatewayMetrics
 from specedge.models import model_id
 from specedge.service import StartupError
 from specedge.state import ApiKeys, ConcurrencyLimit, connect_redis
+from specedge_gateway.dashboard import add_dashboard
+from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -49,6 +55,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     codec = TextCodec(settings.tokenizer)
     served_model = model_id(settings.tokenizer)
     metrics = GatewayMetrics()
+    live = LiveStats()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,7 +122,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                               f"{settings.max_concurrent_per_key}); retry when one finishes", "rate_limit_error",
                               code="rate_limit_exceeded")
         release = functools.partial(limit.release, user) if user else None
-        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release)
+        stats = RequestStats(mode=spec.mode)
+        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release,
+                          live=live, stats=stats)
         name = "chatcmpl" if chat else "cmpl"
         ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": served_model}
@@ -129,7 +138,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                        "finish_reason": last.finish_reason} if chat else
                       {"index": 0, "text": content, "finish_reason": last.finish_reason, "logprobs": None})
             return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                    "usage": usage(len(ids), last.completion_tokens)}
+                    "usage": usage(len(ids), last.completion_tokens), "specedge": stats.as_dict()}
         first = await anext(pieces)  # errors before the first token are still plain HTTP errors
         return StreamingResponse(stream(first, pieces, head, chat, len(ids), spec.include_usage),
                                  media_type="text/event-stream")
@@ -183,6 +192,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.dashboard:
+        add_dashboard(app, live)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -28,6 +28,9 @@ def command(
     max_concurrent_per_key: Annotated[int, typer.Option(
         "--max-concurrent-per-key", envvar="SPECEDGE_MAX_CONCURRENT_PER_KEY",
         help="Requests one API key's user may have generating at once; more get 429.")] = 16,
+    dashboard: Annotated[bool, typer.Option(
+        "--dashboard/--no-dashboard", envvar="SPECEDGE_DASHBOARD",
+        help="Serve the live view at /dashboard (no API key needed; it shows timings, not prompts).")] = True,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
@@ -37,5 +40,6 @@ def command(
     main(build(GatewaySettings, nats_url=nats_url, credentials=credentials,
                redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context,
-               require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, name=name,
+               require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,
+               name=name,
                log_level=log_level))

@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from specedge import protocol, subjects
 from specedge.metrics import GatewayMetrics
 from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent
+from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import GenerationSpec, OpenAIError
 from specedge_gateway.text import IncrementalText, TextCodec
 
@@ -35,9 +36,13 @@ class Piece:
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
                    max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0,
                    metrics: GatewayMetrics | None = None,
-                   on_close: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Piece]:
-    """Text pieces of one generation, in order; the last one carries the finish reason."""
-    timing = _Timing(metrics, len(prompt_ids))
+                   on_close: Callable[[], Awaitable[None]] | None = None,
+                   live: LiveStats | None = None, stats: RequestStats | None = None) -> AsyncIterator[Piece]:
+    """Text pieces of one generation, in order; the last one carries the finish reason.
+
+    `live` collects recent cycles and latencies for the dashboard; `stats`, this request's
+    speculation (drafted and accepted tokens per verification)."""
+    timing = _Timing(metrics, len(prompt_ids), live)
     sid = uuid.uuid4().hex
     sub = await nc.subscribe(subjects.session_tokens(sid))
     request = SessionOpen(
@@ -71,7 +76,9 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                 finished = True  # the scheduler has ended it already
                 raise OpenAIError(503, f"the generation failed: {event.error}", "server_error", code="unavailable")
             count += len(event.tokens)
-            timing.tokens(len(event.tokens))
+            timing.tokens(event)
+            if stats is not None and event.tokens:
+                stats.cycle(event.drafted, event.accepted)
             piece = text.add(event.tokens)
             if text.stopped:
                 timing.finish("stop", count)
@@ -95,26 +102,38 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
 
 
 class _Timing:
-    """One request's latencies and tokens, into the gateway's metrics (no-op without them)."""
+    """One request's latencies and tokens, into the gateway's metrics and live view (each optional)."""
 
-    def __init__(self, metrics: GatewayMetrics | None, prompt_tokens: int) -> None:
-        self.metrics, self.prompt_tokens = metrics, prompt_tokens
+    def __init__(self, metrics: GatewayMetrics | None, prompt_tokens: int, live: LiveStats | None = None) -> None:
+        self.metrics, self.prompt_tokens, self.live = metrics, prompt_tokens, live
         self.started = self.last = time.monotonic()
         self.first = True
         self.done = False
         if metrics is not None:
             metrics.running.inc()
+        if live is not None:
+            live.running += 1
 
-    def tokens(self, n: int) -> None:
-        if self.metrics is None or n == 0:
+    def tokens(self, event: TokenEvent) -> None:
+        n = len(event.tokens)
+        if n == 0:
             return
         now = time.monotonic()
+        if self.live is not None:
+            self.live.cycle(now, n, event.drafted, event.accepted)
         if self.first:
-            self.metrics.time_to_first_token.observe(now - self.started)
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.observe(now - self.started)
+            if self.live is not None:
+                self.live.first_token(now, now - self.started)
             self.first = False
         else:
-            for _ in range(n):  # a cycle that commits n tokens: n tokens of cycle / n each
-                self.metrics.inter_token_latency.observe((now - self.last) / n)
+            per_token = (now - self.last) / n  # a cycle that commits n tokens: n tokens of cycle / n each
+            if self.metrics is not None:
+                for _ in range(n):
+                    self.metrics.inter_token_latency.observe(per_token)
+            if self.live is not None:
+                self.live.inter_token(now, per_token)
         self.last = now
 
     def finish(self, reason: str, generated: int) -> None:
@@ -129,3 +148,5 @@ class _Timing:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.running.dec()
+        if self.live is not None:
+            self.live.running -= 1

@@ -91,7 +91,8 @@ class SchedulerService:
                     "busy_verifiers": len(self._busy), "edges": len(p.edges),
                     "rejected": sum(self.reject.counts.values())}
         if msg.reply:
-            await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters)))
+            await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters,
+                                                           now=time.monotonic())))
 
     # -- membership ---------------------------------------------------------------------
 
@@ -318,7 +319,8 @@ class SchedulerService:
             if not self.policy.refused(tree):
                 await self._fail(tree.session_id, f"the verifier keeps refusing its trees ({rejection.reason})")
         for result in reply.results:
-            await self._deliver(result)
+            tree = by_session.get(result.session_id)
+            await self._deliver(result, len(tree.tokens) if tree is not None else 0)
 
     def _count_speculation(self, results: list[VerifyResult], trees: dict[str, DraftTreeMsg]) -> None:
         m = self.metrics
@@ -340,10 +342,13 @@ class SchedulerService:
             return False
         new = record.tokens[tree.committed_len:]
         await self._deliver(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
-                                         committed_len=tree.committed_len, accepted=new[:-1], bonus=new[-1]))
+                                         committed_len=tree.committed_len, accepted=new[:-1], bonus=new[-1]),
+                            len(tree.tokens))
         return True
 
-    async def _deliver(self, result: protocol.VerifyResult) -> None:
+    async def _deliver(self, result: protocol.VerifyResult, drafted: int) -> None:
+        """Commit a verified cycle: its tokens (and what was drafted and accepted) to the
+        caller, the result to the session's edge; end the session when it is done."""
         sid = result.session_id
         output, state = self._outputs.get(sid), self.policy.sessions.get(sid)
         if output is None or state is None:
@@ -360,7 +365,7 @@ class SchedulerService:
                 reason = "length"
                 break
         event = TokenEvent(session_id=sid, index=output.generated, tokens=keep, finished=reason is not None,
-                           finish_reason=reason)
+                           finish_reason=reason, drafted=drafted, accepted=len(result.accepted))
         output.generated += len(keep)
         await self.nc.publish(subjects.session_tokens(sid), protocol.encode(event))
         if reason is not None:

@@ -28,7 +28,7 @@ def test_top_level_lists_every_role_and_up():
     [
         ("gateway", ["--nats-url", "--credentials",
                      "--redis-url", "--host", "--port", "--tokenizer", "--max-context",
-                     "--require-api-key", "--max-concurrent-per-key", "--name", "--log-level"]),
+                     "--require-api-key", "--max-concurrent-per-key", "--dashboard", "--name", "--log-level"]),
         ("scheduler", ["--nats-url", "--credentials",
                      "--redis-url", "--max-batch", "--edge-timeout", "--verifier-timeout",
                        "--draft-timeout", "--session-ttl", "--strategy", "--budget", "--server-budget", "--depth",
@@ -51,7 +51,7 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         env = "SPECEDGE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert env in text, env
     options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter",
-                                                               "--no-proactive"}
+                                                               "--no-proactive", "--no-dashboard"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 
 

@@ -79,8 +79,9 @@ class VerifierService:
         counters = {"busy_s": self.verifier.busy_s, "forward_passes": self.verifier.forward_passes,
                     "sessions": len(self.verifier.sessions), "reprefills": self.reprefills,
                     "evictions": self.evictions, "rejected": sum(self.reject.counts.values())}
+        now = time.monotonic()
         await self._reply(msg, ServiceStats(instance_id=self.instance_id, counters=counters,
-                                            spans=spans_since(self.spans, request.since)))
+                                            spans=spans_since(self.spans, request.cutoff(now)), now=now))
 
     async def _reply(self, msg: Msg, message: protocol.Message) -> None:
         if msg.reply:
