@@ -27,7 +27,7 @@ from specedge import bus, registry
 from specedge.metrics import GatewayMetrics
 from specedge.models import model_id
 from specedge.service import StartupError
-from specedge.state import ApiKeys, ConcurrencyLimit, connect_redis
+from specedge.state import ApiKeys, ConcurrencyLimit, SessionStore, connect_redis
 from specedge_gateway.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -62,6 +62,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 raise StartupError(str(exc)) from None
             app.state.keys = ApiKeys(app.state.redis)
             app.state.limit = ConcurrencyLimit(app.state.redis, settings.max_concurrent_per_key)
+            app.state.store = SessionStore(app.state.redis)  # committed tokens, to fill a gap in a stream
             await stack.enter_async_context(registry.presence(app.state.nc, me))
             yield
 
@@ -114,7 +115,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                               f"{settings.max_concurrent_per_key}); retry when one finishes", "rate_limit_error",
                               code="rate_limit_exceeded")
         release = functools.partial(limit.release, user) if user else None
-        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release)
+        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release,
+                          store=request.app.state.store)
         name = "chatcmpl" if chat else "cmpl"
         ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": served_model}
