@@ -132,6 +132,7 @@ class SchedulerService:
         if self._bus_quiet:
             self._bus_quiet = False
             self.policy.seen_all(now)  # nobody could heartbeat while the bus was down
+            self._schedulers = dict.fromkeys(self._schedulers, now)  # nor could other schedulers
             log.info("heartbeats again: the bus is back")
         if ann.role == "scheduler":
             self._schedulers[ann.instance_id] = now
