@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specedge import bus, registry
 from specedge.metrics import GatewayMetrics
@@ -33,6 +34,7 @@ from specedge_gateway.openai_api import (
     CompletionRequest,
     GenerationSpec,
     OpenAIError,
+    http_error_handler,
     openai_error_handler,
     to_generation,
     usage,
@@ -69,6 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app = FastAPI(title="SpecEdge", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OpenAIError, openai_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     bearer = HTTPBearer(auto_error=False, description="An API key from `specedge keys create`.")
 
     # (Dependencies as defaults: the annotations are strings here and these are local names.)
