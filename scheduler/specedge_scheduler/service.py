@@ -443,6 +443,9 @@ class SchedulerService:
         self._takeover = asyncio.create_task(self._take_over(now))
 
     async def _take_over(self, now: float) -> None:
+        """Claim and go on with each session whose scheduler is silent for the timeout and that
+        nothing has committed to for as long (so a scheduler we have not heard yet, just
+        started, keeps its new sessions)."""
         timeout = self.policy.verifier_timeout_s
         live = {s for s, seen in self._schedulers.items() if now - seen <= timeout} | {self.instance_id}
         try:
@@ -450,8 +453,9 @@ class SchedulerService:
                 if sid in self.policy.sessions:
                     continue
                 record = await self.store.load(sid)
-                if record is None or not record.scheduler or record.scheduler in live or record.max_new_tokens < 1:
-                    continue  # alive, owned by a live scheduler, or not opened by a scheduler
+                if (record is None or not record.scheduler or record.scheduler in live or record.max_new_tokens < 1
+                        or record.idle_s < timeout):
+                    continue  # gone, owned by a live scheduler, not opened by one, or committed to lately
                 if not await self.store.claim(sid, record.scheduler, self.instance_id):
                     continue  # another scheduler was quicker
                 if record.idle_s > self.ORPHAN_MAX_IDLE_S:
