@@ -384,7 +384,11 @@ class SchedulerService:
     async def _catch_up(self, tree: DraftTreeMsg) -> bool:
         """A verifier committed this tree's cycle but its reply was lost (it died, or timed out):
         deliver that cycle from Redis instead of drafting it again. True if it did."""
-        record = await self.store.load(tree.session_id)
+        try:
+            record = await self.store.load(tree.session_id)
+        except Exception as exc:  # Redis unreachable: refused like any other stale tree
+            log.warning("cannot read session %s from Redis: %r", tree.session_id[:16], exc)
+            return False
         if record is None or record.cycle != tree.cycle + 1 or len(record.tokens) <= tree.committed_len:
             return False
         new = record.tokens[tree.committed_len:]
