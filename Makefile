@@ -12,11 +12,12 @@ DISTS  := libs gateway scheduler verifier edge-agent
 PYPROJECTS := $(foreach d,$(DISTS),$(d)/pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: up test lint install browser models clean help
+.PHONY: up test soak lint install browser models clean help
 
 help:
 	@echo "make up      run nats-server, redis-server and the four services (Ctrl-C stops all)"
 	@echo "make test    run the test suite (unit, integration with real servers, end to end)"
+	@echo "make soak    load test: 64 streaming clients for 5 minutes against specedge up (docs/benchmarks.md)"
 	@echo "make lint    ruff"
 	@echo "make models  retrain the bundled tiny models (about 25 minutes on 2 CPU cores; not in CI)"
 
@@ -51,6 +52,13 @@ up: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The short variant (8 clients, 20 s) runs in `make test`; this is the full one.
+SOAK_CLIENTS ?= 64
+SOAK_SECONDS ?= 300
+soak: $(STAMP)
+	SPECEDGE_SOAK_CLIENTS=$(SOAK_CLIENTS) SPECEDGE_SOAK_SECONDS=$(SOAK_SECONDS) SPECEDGE_SOAK_REPORT=soak-report.json \
+		$(BIN)/python -m pytest tests/e2e/test_soak.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -26,12 +26,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specedge import bus, registry
 from specedge.metrics import GatewayMetrics
 from specedge.models import model_id
 from specedge.service import StartupError
-from specedge.state import ApiKeys, ConcurrencyLimit, connect_redis
+from specedge.state import ApiKeys, ConcurrencyLimit, SessionStore, connect_redis
 from specedge_gateway.dashboard import add_dashboard
 from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import (
@@ -39,6 +40,7 @@ from specedge_gateway.openai_api import (
     CompletionRequest,
     GenerationSpec,
     OpenAIError,
+    http_error_handler,
     openai_error_handler,
     to_generation,
     usage,
@@ -70,12 +72,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 raise StartupError(str(exc)) from None
             app.state.keys = ApiKeys(app.state.redis)
             app.state.limit = ConcurrencyLimit(app.state.redis, settings.max_concurrent_per_key)
+            app.state.store = SessionStore(app.state.redis)  # committed tokens, to fill a gap in a stream
             await stack.enter_async_context(registry.presence(app.state.nc, me))
             yield
 
     app = FastAPI(title="SpecEdge", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OpenAIError, openai_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     bearer = HTTPBearer(auto_error=False, description="An API key from `specedge keys create`.")
 
     # (Dependencies as defaults: the annotations are strings here and these are local names.)
@@ -124,7 +128,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         release = functools.partial(limit.release, user) if user else None
         stats = RequestStats(mode=spec.mode)
         pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release,
-                          live=live, stats=stats)
+                          live=live, stats=stats, store=request.app.state.store)
         name = "chatcmpl" if chat else "cmpl"
         ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": served_model}

@@ -107,4 +107,5 @@ async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0,
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.drain(), timeout=5)
         if not nc.is_closed:
-            await nc.close()
+            with contextlib.suppress(Exception):  # the server may be gone: closing must not fail the exit
+                await nc.close()

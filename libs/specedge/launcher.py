@@ -90,6 +90,7 @@ class Child:
     name: str
     process: subprocess.Popen
     url: str = ""
+    port: int = 0  # a server's port
 
     @property
     def pid(self) -> int:
@@ -162,16 +163,18 @@ class Launcher:
 
     def start_nats(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
         """A real nats-server with JetStream and authentication (`nats_auth`) on a free loopback
-        port (or `port`), healthy on return. Its `url` carries the admin account's login."""
+        port (or `port`: a restart on the same one), healthy on return. Its `url` carries the
+        admin account's login."""
         admin = Credentials.load(self.nats_auth.credentials_path(service_identity("admin").nats_user))
-        for _attempt in range(1 if port else 3):
-            port_now, monitor = port or free_port(), free_port()
+        wanted = port
+        for _attempt in range(3):
+            port_now, monitor = wanted or free_port(), free_port()
             store = self.workdir / f"jetstream-{port_now}"
             child = self.spawn("nats-server", [
                 find_nats_server(), "-c", str(self.nats_auth.config_path), "-a", LOOPBACK, "-p", str(port_now),
                 "-m", str(monitor), "-js", "-sd", str(store),  # no --name: a reload would refuse it
             ], quiet=True)
-            child.url = f"nats://{admin.nats_user}:{admin.password}@{LOOPBACK}:{port_now}"
+            child.url, child.port = f"nats://{admin.nats_user}:{admin.password}@{LOOPBACK}:{port_now}", port_now
             health = f"http://{LOOPBACK}:{monitor}/healthz?js-enabled-only=true"
             if _wait(functools.partial(_http_ok, health), child, timeout_s):
                 log.info("nats-server ready at nats://%s:%d (JetStream and authentication on)", LOOPBACK, port_now)
@@ -179,21 +182,40 @@ class Launcher:
             self._discard(child)
         raise LauncherError("nats-server did not become healthy")
 
-    def start_redis(self, timeout_s: float = 20.0) -> Child:
-        """A real redis-server on a free loopback port (no persistence), healthy on return."""
+    def start_redis(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
+        """A real redis-server on a free loopback port (or `port`: a restart on the same one),
+        healthy on return. It persists to an append-only file in its own folder under the
+        scratch directory (fsync every second; a clean stop writes everything), so a restart
+        on the same port finds its sessions again (docs/reliability.md)."""
+        wanted = port
         for _attempt in range(3):
-            port = free_port()
+            port = wanted or free_port()
+            data = self.workdir / f"redis-{port}"
+            data.mkdir(exist_ok=True)
             child = self.spawn("redis-server", [
                 find_redis_server(), "--bind", LOOPBACK, "--port", str(port),
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
                 "--protected-mode", "yes",
             ], quiet=True)
-            child.url = f"redis://{LOOPBACK}:{port}/0"
+            child.url, child.port = f"redis://{LOOPBACK}:{port}/0", port
             if _wait(functools.partial(_redis_ping, port), child, timeout_s):
                 log.info("redis-server ready at %s", child.url)
                 return child
             self._discard(child)
         raise LauncherError("redis-server did not become healthy")
+
+    def restart(self, child: Child, kill: bool = False) -> Child:
+        """Stop a server this launcher started (SIGTERM, or SIGKILL with `kill`) and start it
+        again on the same port with the same data folder; the new child replaces it. Call it
+        from a thread that outlives the server: Linux's parent-death signal is per thread."""
+        starts = {"nats-server": self.start_nats, "redis-server": self.start_redis}
+        if child.name not in starts:
+            raise ValueError(f"only servers restart, not {child.name}")
+        if kill and child.alive():
+            child.process.kill()
+        child.stop()
+        self.children.remove(child)
+        return starts[child.name](port=child.port)
 
     def _discard(self, child: Child) -> None:
         child.stop(grace_s=2)

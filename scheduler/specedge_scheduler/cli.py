@@ -26,6 +26,10 @@ def command(
     draft_timeout: Annotated[float, typer.Option(
         "--draft-timeout", envvar="SPECEDGE_DRAFT_TIMEOUT",
         help="Seconds an edge may take to send a session's next draft before it continues server-side.")] = 5.0,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", envvar="SPECEDGE_REQUEST_TIMEOUT",
+        help="Seconds to wait for a verifier's answer (a lost one is asked again), and for Redis to come back.")]
+    = 30.0,
     session_ttl: Annotated[int, typer.Option(
         "--session-ttl", envvar="SPECEDGE_SESSION_TTL",
         help="Seconds a session's Redis keys outlive its last commit (bounds what a crash leaves).")] = 3600,
@@ -51,7 +55,7 @@ def command(
     settings = build(SchedulerSettings, nats_url=nats_url, credentials=credentials,
                      redis_url=redis_url, max_batch=max_batch,
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
-                     draft_timeout_s=draft_timeout,
+                     draft_timeout_s=draft_timeout, request_timeout_s=request_timeout,
                      session_ttl_s=session_ttl, strategy=strategy, budget=budget,
                      server_budget=server_budget, depth=depth, metrics_port=metrics_port, name=name,
                      log_level=log_level)

@@ -32,7 +32,8 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
         metrics = SchedulerMetrics()
         metrics.serve(settings.metrics_port)
-        service = SchedulerService(nc, me.instance_id, store, policy, shape, metrics=metrics)
+        service = SchedulerService(nc, me.instance_id, store, policy, shape, metrics=metrics,
+                                   request_timeout_s=settings.request_timeout_s, heartbeat_s=settings.heartbeat_s)
         await service.subscribe()
         await service.refresh()
         await stack.enter_async_context(registry.presence(nc, me))

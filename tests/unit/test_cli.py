@@ -26,12 +26,12 @@ def test_top_level_lists_every_role_and_up():
 @pytest.mark.parametrize(
     ("role", "flags"),
     [
-        ("gateway", ["--nats-url", "--credentials",
-                     "--redis-url", "--host", "--port", "--tokenizer", "--max-context",
-                     "--require-api-key", "--max-concurrent-per-key", "--dashboard", "--name", "--log-level"]),
-        ("scheduler", ["--nats-url", "--credentials",
-                     "--redis-url", "--max-batch", "--edge-timeout", "--verifier-timeout",
-                       "--draft-timeout", "--session-ttl", "--strategy", "--budget", "--server-budget", "--depth",
+        ("gateway", ["--nats-url", "--credentials", "--redis-url", "--host", "--port", "--tokenizer",
+                     "--max-context", "--require-api-key", "--max-concurrent-per-key", "--dashboard", "--name",
+                     "--log-level"]),
+        ("scheduler", ["--nats-url", "--credentials", "--redis-url", "--max-batch", "--edge-timeout",
+                       "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",
+                       "--budget", "--server-budget", "--depth",
                        "--metrics-port", "--name", "--log-level"]),
         ("verifier", ["--nats-url", "--credentials",
                      "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",

@@ -156,3 +156,33 @@ def test_no_tree_is_queued_before_the_session_is_prefilled():
     assert p.draft_arrived(tree("s1"), "e1") is not None
     p.draft_due("s1", 0.0)
     assert [t.session_id for t in p.server_side_trees()] == ["s1"]
+
+
+def test_a_session_taken_over_keeps_its_verifier_and_goes_on_from_its_committed_cycle():
+    p = policy()
+    p.assign("other", 10)  # v1 now has less room than v2 would after…
+    a = p.assign("orphan", 25, prefer="v1", cycle=3)  # …but the orphan's cache is on v1
+    p.draft_due("orphan", 0.0)
+    assert a.verifier == "v1" and (p.sessions["orphan"].cycle, p.sessions["orphan"].committed_len) == (3, 25)
+    assert a.edge is None  # the only edge is taken: server steps, from where it was
+    steps = {t.session_id: (t.cycle, t.committed_len) for t in p.server_side_trees()}
+    assert steps["orphan"] == (3, 25)
+    b = p.assign("moved", 12, prefer="gone-verifier", cycle=1)  # its verifier is gone: the one with most room
+    assert b.verifier == "v2" and p.sessions["moved"].cycle == 1
+
+
+def test_refusals_that_say_nothing_about_the_session_never_end_it():
+    p = policy()
+    opened(p, "s1", 10)
+    for _ in range(10 * SchedulingPolicy.MAX_REFUSALS):
+        assert p.refused(tree("s1"), count=False)
+        p.next_batch("v1")
+    assert p.sessions["s1"].refusals == 0
+
+
+def test_after_the_bus_was_down_nobody_is_expired_for_its_silence():
+    p = policy()
+    opened(p, "s1", 10)
+    p.seen_all(now=100)  # the first heartbeat after an outage
+    assert p.expire_verifiers(now=104) == {} and p.expire_edges(now=104) == {}
+    assert set(p.expire_edges(now=106)) == {"e1"}

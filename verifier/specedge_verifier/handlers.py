@@ -145,7 +145,7 @@ class VerifierService:
             record = await self.store.load(tree.session_id)
         except Exception as exc:
             log.warning("cannot read session %s from Redis: %r", tree.session_id[:16], exc)
-            return "unknown_session"
+            return "state_unavailable"
         if record is None:
             return "unknown_session"
         if (record.cycle, len(record.tokens)) != (tree.cycle, tree.committed_len):
