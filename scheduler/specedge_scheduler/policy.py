@@ -88,6 +88,8 @@ class SchedulingPolicy:
     """Least-loaded assignment and FIFO batching; silent edges and verifiers time out."""
 
     MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
+    DEADLINE_MARGIN = 4.0  # an edge with measured turnarounds has this × its recent peak to draft,
+    MIN_DRAFT_DEADLINE_S = 1.0  # but at least this, and at most `draft_timeout_s`
 
     def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0,
                  draft_timeout_s: float = 5.0, strategy: Strategy = "fifo", budget: int = 32, depth: int = 4,
@@ -183,7 +185,7 @@ class SchedulingPolicy:
         late: dict[str, list[str]] = {}
         for state in self.sessions.values():
             if (state.edge is not None and not state.in_flight and state.waiting_since is not None
-                    and now - state.waiting_since > self.draft_timeout_s):
+                    and now - state.waiting_since > self.draft_deadline_s(state)):
                 late.setdefault(state.edge, []).append(state.session_id)
                 edge = self.edges.get(state.edge)
                 if edge is not None:
@@ -191,6 +193,16 @@ class SchedulingPolicy:
                 state.edge, state.waiting_since = None, None
                 self._edgeless.add(state.session_id)
         return late
+
+    def draft_deadline_s(self, state: SessionState) -> float:
+        """How long the session's edge has for its next draft: `draft_timeout_s` for a first
+        tree (the edge prefills the prompt first) or an edge not measured yet; else
+        `DEADLINE_MARGIN` × its recent peak turnaround within [`MIN_DRAFT_DEADLINE_S`,
+        `draft_timeout_s`] — so a dead edge's sessions go on within about a second."""
+        timing = self.timings.get(state.edge or "")
+        if state.cycle == 0 or timing is None or timing.peak_s is None:
+            return self.draft_timeout_s
+        return min(self.draft_timeout_s, max(self.MIN_DRAFT_DEADLINE_S, self.DEADLINE_MARGIN * timing.peak_s))
 
     # -- sessions -----------------------------------------------------------------
 

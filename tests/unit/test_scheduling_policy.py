@@ -186,3 +186,31 @@ def test_after_the_bus_was_down_nobody_is_expired_for_its_silence():
     p.seen_all(now=100)  # the first heartbeat after an outage
     assert p.expire_verifiers(now=104) == {} and p.expire_edges(now=104) == {}
     assert set(p.expire_edges(now=106)) == {"e1"}
+
+
+def test_the_draft_deadline_follows_the_edges_measured_turnaround():
+    p = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0)
+    p.verifier_seen("v1", capacity=4, now=0)
+    p.edge_seen("e1", capacity=4, now=0)
+    opened(p, "s1", 10)
+    assert p.expire_drafts(now=4.9) == {}  # a first tree: the edge prefills first, full timeout
+    now, length = 0.0, 10
+    for cycle in range(5):  # fast cycles: 50 ms turnaround
+        now += 0.05
+        assert p.draft_arrived(tree("s1", cycle, length), "e1", now=now) is None
+        p.next_batch("v1")
+        p.verified("s1", 2, now)
+        length += 2
+    assert p.expire_drafts(now=now + 0.9) == {}  # at least MIN_DRAFT_DEADLINE_S
+    assert p.expire_drafts(now=now + 1.1) == {"e1": ["s1"]}  # a dead edge: on within about a second
+    assert p.sessions["s1"].edge is None
+
+    slow = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0)
+    slow.verifier_seen("v1", capacity=4, now=0)
+    slow.edge_seen("e1", capacity=4, now=0)
+    opened(slow, "s1", 10)
+    assert slow.draft_arrived(tree("s1", 0, 10), "e1", now=0.8) is None  # a slow edge: 0.8 s per tree
+    slow.next_batch("v1")
+    slow.verified("s1", 2, 0.8)
+    assert slow.expire_drafts(now=0.8 + 3.1) == {}  # 4 × 0.8 s
+    assert slow.expire_drafts(now=0.8 + 3.3) == {"e1": ["s1"]}
