@@ -1,6 +1,8 @@
 # The two commands: `make up` runs the whole system, `make test` runs the tests.
 # Both create (or reuse) the project virtualenv .venv and install the pinned dependencies
-# (requirements.txt) and the five project distributions into it first.
+# (requirements.txt) and the five project distributions into it first. `make test` (and
+# `make install`) also install Debian's `chromium` when /usr/bin/chromium is missing: the
+# dashboard test drives it headless (as root with apt-get; otherwise it says what to do).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,15 +12,16 @@ DISTS  := libs gateway scheduler verifier edge-agent
 PYPROJECTS := $(foreach d,$(DISTS),$(d)/pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: up test lint install models clean help
+.PHONY: up test soak lint install browser models clean help
 
 help:
 	@echo "make up      run nats-server, redis-server and the four services (Ctrl-C stops all)"
 	@echo "make test    run the test suite (unit, integration with real servers, end to end)"
+	@echo "make soak    load test: 64 streaming clients for 5 minutes against specedge up (docs/benchmarks.md)"
 	@echo "make lint    ruff"
 	@echo "make models  retrain the bundled tiny models (about 25 minutes on 2 CPU cores; not in CI)"
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 $(STAMP): requirements.txt $(PYPROJECTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,11 +31,34 @@ $(STAMP): requirements.txt $(PYPROJECTS)
 	$(BIN)/python -m pip check
 	touch $@
 
+# Idempotent: nothing to do when chromium is there; apt-get update only when the install
+# cannot find the package without it.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian chromium (for the dashboard test)"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+				|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
+				|| exit 1; \
+		else \
+			echo "note: no /usr/bin/chromium; install Debian's chromium (apt-get install chromium)" \
+				"or the dashboard test is skipped"; \
+		fi; \
+	fi
+
 up: $(STAMP)
 	$(BIN)/specedge up
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The short variant (8 clients, 20 s) runs in `make test`; this is the full one.
+SOAK_CLIENTS ?= 64
+SOAK_SECONDS ?= 300
+soak: $(STAMP)
+	SPECEDGE_SOAK_CLIENTS=$(SOAK_CLIENTS) SPECEDGE_SOAK_SECONDS=$(SOAK_SECONDS) SPECEDGE_SOAK_REPORT=soak-report.json \
+		$(BIN)/python -m pytest tests/e2e/test_soak.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

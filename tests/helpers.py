@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import os
+import pathlib
+import re
+import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import nats
 
@@ -76,3 +82,44 @@ def scrape(url: str) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return samples
+
+
+@dataclasses.dataclass
+class Stack:
+    """A running `specedge up`: the gateway's URL, the API key it printed, its Redis, its NATS
+    (with the admin account's login, from the accounts folder it printed) and its pid."""
+
+    url: str
+    key: str
+    redis_url: str
+    nats_url: str
+    pid: int
+
+
+READY = re.compile(r"gateway (http://\S+) .*API key (\S+) ;.*nats (nats://\S+); redis (redis://[^\s;]+);"
+                   r".*NATS accounts in (\S+) ")
+
+
+@contextlib.contextmanager
+def specedge_up(*args: str, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """`specedge up --port 0 ARGS` (with `env` added to a clean environment) until the block
+    ends (then Ctrl-C; it must exit 0)."""
+    from specedge.bus import without_login
+    from specedge.nats_auth import Credentials
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECEDGE_")} | (env or {})
+    proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    match = READY.search(line)
+    if not match:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"specedge up did not start: {line!r}")
+    url, key, nats_url, redis_url, accounts = match.groups()
+    admin = Credentials.load(pathlib.Path(accounts) / "specedge-admin.creds.json")
+    nats_url = without_login(nats_url).replace("nats://", f"nats://{admin.nats_user}:{admin.password}@")
+    try:
+        yield Stack(url, key, redis_url, nats_url, proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

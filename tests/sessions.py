@@ -1,6 +1,7 @@
 """Driving sessions on the bus as a gateway would, and the reference they must match."""
 
 import asyncio
+import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,10 +31,14 @@ async def open_session(nc, request: SessionOpen) -> SessionOpened:
     return reply
 
 
-async def collect(sub, on_first=None) -> tuple[list[int], list[TokenEvent]]:
+async def collect(sub, on_first=None, arrivals: list[float] | None = None) -> tuple[list[int], list[TokenEvent]]:
+    """A session's token events until it finishes (checking none is lost or repeated);
+    `on_first` runs after the first, and each arrival time goes into `arrivals`."""
     tokens, events = [], []
     while True:
         event = protocol.decode((await sub.next_msg(timeout=60)).data, TokenEvent)
+        if arrivals is not None:
+            arrivals.append(time.monotonic())
         assert event.index == len(tokens)  # nothing lost, nothing repeated
         tokens += event.tokens
         events.append(event)

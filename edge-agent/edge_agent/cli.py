@@ -8,12 +8,13 @@ from typing import Annotated
 import typer
 
 from edge_agent.settings import EdgeAgentSettings
-from specedge.config import Device, Dtype, LogLevelOpt, Name, NatsUrl, build
+from specedge.config import Credentials, Device, Dtype, LogLevelOpt, Name, NatsUrl, build
 from specedge.models import BUNDLED_DRAFT, bundled
 
 
 def command(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    credentials: Credentials = None,
     draft: Annotated[str | None, typer.Option(
         "--draft", envvar="SPECEDGE_DRAFT",
         help="Draft model: a local path or a hub id (default: the bundled tiny draft).")] = None,
@@ -43,11 +44,24 @@ def command(
     from edge_agent.main import serve  # noqa: PLC0415
     from specedge.service import run  # noqa: PLC0415
 
-    settings = build(EdgeAgentSettings, nats_url=nats_url, draft=draft or bundled(BUNDLED_DRAFT),
+    if credentials:  # the account says whom this edge drafts for; the flags may only repeat it
+        identity = _identity(credentials)
+        user, server_side = user or identity.user, server_side or identity.pool == "server"
+    settings = build(EdgeAgentSettings, nats_url=nats_url, credentials=credentials,
+                     draft=draft or bundled(BUNDLED_DRAFT),
                      device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, user=user,
                      server_side=server_side, proactive=proactive, emulate_rtt_ms=emulate_rtt_ms, name=name,
                      log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)
+
+
+def _identity(path: str):
+    from specedge.nats_auth import Credentials as Creds  # noqa: PLC0415
+
+    try:
+        return Creds.load(path).identity
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--credentials") from None
 
 
 def main() -> None:

@@ -85,10 +85,13 @@ class EdgeService:
             return
         s = self.drafter.stats
         counters = {"busy_s": s.busy_s, "forward_passes": s.forward_passes, "proactive_hits": s.proactive_hits,
-                    "proactive_attempts": s.proactive_attempts, "drafts_sent": self.drafts_sent}
+                    "proactive_attempts": s.proactive_attempts, "drafts_sent": self.drafts_sent,
+                    "sessions": len(self.drafter.sessions)}
         if msg.reply:
+            now = time.monotonic()
             await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters,
-                                                           spans=spans_since(self.spans, request.since))))
+                                                           spans=spans_since(self.spans, request.cutoff(now)),
+                                                           now=now)))
 
     async def on_refused(self, msg: Msg) -> None:
         if (refused := self.reject.decode(msg.data, EdgeRefused, "a refusal")) is None:

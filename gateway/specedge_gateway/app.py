@@ -2,12 +2,16 @@
 
 Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streaming or not),
 `GET /v1/models` — each behind a Bearer API key mapped to a user (`specedge keys`) —
-`GET /health` (open; 503 until a verifier is registered) and `GET /metrics` (open;
-Prometheus, `specedge.metrics.GatewayMetrics`). Request checking and the
-error envelope live in `openai_api`, a generation's life in `sessions`. While tracing is
-on (`specedge.telemetry`: set up first and flushed last by the lifespan), each request
-is a server span of the FastAPI instrumentation — `/health` and `/metrics` excluded, or
-whatever `OTEL_PYTHON_FASTAPI_EXCLUDED_URLS` says.
+`GET /health` (open; 503 until a verifier is registered), `GET /metrics` (open;
+Prometheus, `specedge.metrics.GatewayMetrics`) and `GET /dashboard` (open unless
+`--no-dashboard`; the live view, `dashboard`). Request checking and the error envelope
+live in `openai_api`, a generation's life in `sessions`. While tracing is on
+(`specedge.telemetry`: set up first and flushed last by the lifespan), each request is a
+server span of the FastAPI instrumentation — `/health`, `/metrics` and the dashboard's
+own requests excluded, or whatever `OTEL_PYTHON_FASTAPI_EXCLUDED_URLS` says.
+
+A non-streaming reply carries the request's speculation in an extension field
+`"specedge"` (`live.RequestStats`: verifications, drafted and accepted tokens).
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specedge import bus, registry, telemetry
 from specedge.metrics import GatewayMetrics
 from specedge.models import model_id
 from specedge.service import StartupError
-from specedge.state import ApiKeys, ConcurrencyLimit, connect_redis
+from specedge.state import ApiKeys, ConcurrencyLimit, SessionStore, connect_redis
+from specedge_gateway.dashboard import add_dashboard
+from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationSpec,
     OpenAIError,
+    http_error_handler,
     openai_error_handler,
     to_generation,
     usage,
@@ -55,29 +63,33 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     metrics = GatewayMetrics()
     me = registry.announcement("gateway", settings.name, settings.heartbeat_s,
                                url=f"http://{settings.host}:{settings.port}", model=served_model)
+    live = LiveStats()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(telemetry.tracing("gateway", me.instance_id, redis=True))  # flushed last
             try:
-                app.state.nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
+                app.state.nc = await stack.enter_async_context(bus.connect(
+                    settings.nats_url, me.instance_id, credentials=settings.credentials))
                 app.state.redis = await stack.enter_async_context(connect_redis(settings.redis_url))
             except ConnectionError as exc:
                 raise StartupError(str(exc)) from None
             app.state.keys = ApiKeys(app.state.redis)
             app.state.limit = ConcurrencyLimit(app.state.redis, settings.max_concurrent_per_key)
+            app.state.store = SessionStore(app.state.redis)  # committed tokens, to fill a gap in a stream
             await stack.enter_async_context(registry.presence(app.state.nc, me))
             yield
 
     app = FastAPI(title="SpecEdge", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OpenAIError, openai_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     if telemetry.exporters():  # the lifespan installs the provider the middleware's tracer then uses
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor  # noqa: PLC0415 - only when tracing
 
         FastAPIInstrumentor.instrument_app(
-            app, excluded_urls=os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", "/health,/metrics"),
+            app, excluded_urls=os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", "/health,/metrics,/dashboard"),
             exclude_spans=["receive", "send"])  # no span per SSE chunk
     bearer = HTTPBearer(auto_error=False, description="An API key from `specedge keys create`.")
 
@@ -125,7 +137,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                               f"{settings.max_concurrent_per_key}); retry when one finishes", "rate_limit_error",
                               code="rate_limit_exceeded")
         release = functools.partial(limit.release, user) if user else None
-        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release)
+        stats = RequestStats(mode=spec.mode)
+        pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release,
+                          live=live, stats=stats, store=request.app.state.store)
         name = "chatcmpl" if chat else "cmpl"
         ident, created = f"{name}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "created": created, "model": served_model}
@@ -139,7 +153,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                        "finish_reason": last.finish_reason} if chat else
                       {"index": 0, "text": content, "finish_reason": last.finish_reason, "logprobs": None})
             return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                    "usage": usage(len(ids), last.completion_tokens)}
+                    "usage": usage(len(ids), last.completion_tokens), "specedge": stats.as_dict()}
         first = await anext(pieces)  # errors before the first token are still plain HTTP errors
         return StreamingResponse(stream(first, pieces, head, chat, len(ids), spec.include_usage),
                                  media_type="text/event-stream")
@@ -193,6 +207,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.dashboard:
+        add_dashboard(app, live)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

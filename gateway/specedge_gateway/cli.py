@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.config import Credentials, LogLevelOpt, Name, NatsUrl, RedisUrl, build
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_gateway.settings import GatewaySettings
 
 
 def command(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    credentials: Credentials = None,
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
     host: Annotated[str, typer.Option("--host", envvar="SPECEDGE_HOST", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", envvar="SPECEDGE_PORT", help="Port to listen on.")] = 8000,
@@ -27,13 +28,18 @@ def command(
     max_concurrent_per_key: Annotated[int, typer.Option(
         "--max-concurrent-per-key", envvar="SPECEDGE_MAX_CONCURRENT_PER_KEY",
         help="Requests one API key's user may have generating at once; more get 429.")] = 16,
+    dashboard: Annotated[bool, typer.Option(
+        "--dashboard/--no-dashboard", envvar="SPECEDGE_DASHBOARD",
+        help="Serve the live view at /dashboard (no API key needed; it shows timings, not prompts).")] = True,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Run the gateway: the OpenAI-compatible HTTP API."""
     from specedge_gateway.main import main  # noqa: PLC0415
 
-    main(build(GatewaySettings, nats_url=nats_url, redis_url=redis_url, host=host, port=port,
+    main(build(GatewaySettings, nats_url=nats_url, credentials=credentials,
+               redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context,
-               require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, name=name,
+               require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,
+               name=name,
                log_level=log_level))

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specedge.protocol import Mode
 
@@ -55,6 +56,17 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
 
 async def openai_error_handler(request: Request, exc: OpenAIError) -> JSONResponse:
     return exc.response()
+
+
+async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The framework's own errors — a body it cannot parse, an unknown path or method — in
+    OpenAI's envelope too, never FastAPI's `{"detail": …}`."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    response = error_response(exc.status_code, str(exc.detail),
+                              "server_error" if exc.status_code >= 500 else "invalid_request_error",
+                              code=codes.get(exc.status_code))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 class SpecEdgeOptions(BaseModel):

@@ -5,6 +5,14 @@ Owns the gateway's side of a session's life, including its span while tracing is
 `chat {model}` (or `text_completion {model}`) with the OpenTelemetry GenAI attributes,
 whose context the `SessionOpen` request carries to the scheduler, so that every span of
 the generation, on every service, is in its trace. HTTP formatting is `app.py`'s.
+
+Token events travel over core NATS, so one can be lost (the bus restarted) or come twice
+(a scheduler that took the session over re-sends its output from index 0). Each event says
+the output position of its first token: tokens already had are skipped, and a gap — or a
+silence of `resync_s` — is filled from the committed tokens in Redis (`_Resync`), which
+always run ahead of the events (each fill is a `resync` event on the request's span). So
+the caller gets every token once, in order; if the session's end was lost with its record,
+or nothing comes for `token_timeout_s`, the request fails with a clear error instead.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -23,6 +32,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from specedge import bus, protocol, subjects, telemetry
 from specedge.metrics import GatewayMetrics
 from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent
+from specedge.state import SessionStore
+from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import GenerationSpec, OpenAIError
 from specedge_gateway.text import IncrementalText, TextCodec
 
@@ -39,9 +50,15 @@ class Piece:
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
                    max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0,
                    metrics: GatewayMetrics | None = None,
-                   on_close: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[Piece]:
-    """Text pieces of one generation, in order; the last one carries the finish reason."""
-    timing = _Timing(metrics, len(prompt_ids))
+                   on_close: Callable[[], Awaitable[None]] | None = None,
+                   live: LiveStats | None = None, stats: RequestStats | None = None,
+                   store: SessionStore | None = None, resync_s: float = 2.0) -> AsyncIterator[Piece]:
+    """Text pieces of one generation, in order; the last one carries the finish reason.
+
+    `live` collects recent cycles and latencies for the dashboard; `stats`, this request's
+    speculation (drafted and accepted tokens per verification); `store`, the committed
+    tokens that fill events lost in transit."""
+    timing = _Timing(metrics, len(prompt_ids), live)
     sid = uuid.uuid4().hex
     sub = await bus.subscribe(nc, subjects.session_tokens(sid))
     span = _request_span(spec, sid, len(prompt_ids), max_new_tokens)  # ended below, whatever happens
@@ -65,33 +82,41 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             raise OpenAIError(status, f"cannot start the generation: {opened.error}", "server_error",
                               code="unavailable")
         text = IncrementalText(codec, spec.stop)
+        resync = _Resync(store, sid, request, span)
+        quiet_since = time.monotonic()
         while True:
-            try:
-                msg = await sub.next_msg(timeout=token_timeout_s)
-            except nats.errors.TimeoutError:
-                raise OpenAIError(503, "the generation stalled", "server_error", code="timeout") from None
-            event = protocol.decode(msg.data, TokenEvent)
-            if event.index != count:
-                log.error("session %s: token event at %d, expected %d", sid, event.index, count)
-                raise OpenAIError(500, "token stream out of order", "server_error")
-            if event.error:
-                finished = True  # the scheduler has ended it already
-                raise OpenAIError(503, f"the generation failed: {event.error}", "server_error", code="unavailable")
-            count += len(event.tokens)
-            timing.tokens(len(event.tokens))
-            piece = text.add(event.tokens)
-            if text.stopped:
-                reason = "stop"
-                timing.finish(reason, count)
-                yield Piece(piece, reason, count)
-                return
-            if event.finished:
-                finished, reason = True, event.finish_reason or "stop"
-                timing.finish(reason, count)
-                yield Piece(piece + text.flush(), reason, count)
-                return
-            if piece:
-                yield Piece(piece, None, count)
+            for event in await _next_events(sub, resync, count, min(resync_s, token_timeout_s)):
+                if time.monotonic() - quiet_since >= token_timeout_s and not event.tokens and not event.finished:
+                    raise OpenAIError(503, "the generation stalled", "server_error", code="timeout")
+                if event.index < count:  # a re-sent part: skip what we have
+                    skip = count - event.index
+                    if skip >= len(event.tokens) and not (event.finished or event.error):
+                        continue
+                    event = msgspec.structs.replace(event, index=count, tokens=event.tokens[skip:])
+                if event.error:
+                    finished = True  # the scheduler has ended it already
+                    raise OpenAIError(503, f"the generation failed: {event.error}", "server_error",
+                                      code="unavailable")
+                if not event.tokens and not event.finished:
+                    continue  # quiet: nothing new
+                quiet_since = time.monotonic()
+                count += len(event.tokens)
+                timing.tokens(event)
+                if stats is not None and event.tokens:
+                    stats.cycle(event.drafted, event.accepted)
+                piece = text.add(event.tokens)
+                if text.stopped:
+                    reason = "stop"
+                    timing.finish(reason, count)
+                    yield Piece(piece, reason, count)
+                    return
+                if event.finished:
+                    finished, reason = True, event.finish_reason or "stop"
+                    timing.finish(reason, count)
+                    yield Piece(piece + text.flush(), reason, count)
+                    return
+                if piece:
+                    yield Piece(piece, None, count)
     except Exception as exc:
         if span is not None:
             failed = isinstance(exc, OpenAIError)
@@ -128,27 +153,107 @@ def _request_span(spec: GenerationSpec, session_id: str, prompt_tokens: int, max
         "specedge.stream": spec.stream})
 
 
-class _Timing:
-    """One request's latencies and tokens, into the gateway's metrics (no-op without them)."""
+async def _next_events(sub, resync: _Resync, count: int, wait_s: float) -> list[TokenEvent]:
+    """The next event off the bus — preceded by the committed tokens it skipped past, if
+    events were lost — or, after `wait_s` of quiet, what Redis has beyond `count` (an empty
+    event when nothing is new)."""
+    try:
+        event = protocol.decode((await sub.next_msg(timeout=wait_s)).data, TokenEvent)
+    except nats.errors.TimeoutError:
+        quiet = TokenEvent(session_id=resync.sid, index=count, tokens=[])
+        return [await resync.after(count, gap=False) or quiet]
+    if event.index <= count:
+        return [event]
+    log.warning("session %s: token event at %d, expected %d; filling the gap from Redis", resync.sid[:16],
+                event.index, count)
+    filled = await resync.after(count, gap=True)
+    if filled is None or filled.error or count + len(filled.tokens) < event.index:
+        raise OpenAIError(503, "the generation lost tokens in transit and they could not be recovered; retry",
+                          "server_error", code="unavailable")
+    gap = msgspec.structs.replace(filled, tokens=filled.tokens[:event.index - count], finished=False,
+                                  finish_reason=None)
+    return [gap, event]
 
-    def __init__(self, metrics: GatewayMetrics | None, prompt_tokens: int) -> None:
-        self.metrics, self.prompt_tokens = metrics, prompt_tokens
+
+class _Resync:
+    """The committed output in Redis as a `TokenEvent` from a given position, cut at
+    end-of-turn or `max_tokens` as the scheduler cuts it."""
+
+    def __init__(self, store: SessionStore | None, sid: str, request: SessionOpen,
+                 span: Span | None = None) -> None:
+        self.store, self.sid, self.request = store, sid, request
+        self.span = span  # the request's span (tracing on): each fill is an event on it
+        self.misses = 0  # looks in a row that found no record
+
+    async def after(self, count: int, gap: bool) -> TokenEvent | None:
+        """New tokens after `count`, or None (nothing new, or Redis unreachable: wait on).
+
+        The record vanishes when its session ends, just after the last event was sent. After
+        a quiet period (`gap` False) that last event gets one more period to arrive; then —
+        or at once for a gap — a missing record means the end was lost: an error event."""
+        if self.store is None:
+            return None
+        try:
+            record = await self.store.load(self.sid)
+        except Exception as exc:
+            log.warning("session %s: cannot read its committed tokens: %r", self.sid[:16], exc)
+            return None
+        if record is None:
+            self.misses += 1
+            if not gap and self.misses < 2:
+                return None
+            return TokenEvent(session_id=self.sid, index=count, tokens=[], finished=True, finish_reason="error",
+                              error="its end did not arrive and its record is gone (was the message bus or "
+                                    "Redis restarted?); retry")
+        self.misses = 0
+        output, eos = record.output, set(self.request.eos_ids)
+        end, reason = len(output), None
+        for i, token in enumerate(output):
+            if token in eos or i + 1 >= self.request.max_new_tokens:
+                end, reason = i + 1, "stop" if token in eos else "length"
+                break
+        if end <= count and reason is None:
+            return None
+        if self.span is not None:
+            self.span.add_event("resync", {"specedge.resync.from": count, "specedge.resync.tokens": max(0, end - count),
+                                           "specedge.resync.gap": gap})
+        return TokenEvent(session_id=self.sid, index=count, tokens=output[count:end], finished=reason is not None,
+                          finish_reason=reason)
+
+
+class _Timing:
+    """One request's latencies and tokens, into the gateway's metrics and live view (each optional)."""
+
+    def __init__(self, metrics: GatewayMetrics | None, prompt_tokens: int, live: LiveStats | None = None) -> None:
+        self.metrics, self.prompt_tokens, self.live = metrics, prompt_tokens, live
         self.started = self.last = time.monotonic()
         self.first = True
         self.done = False
         if metrics is not None:
             metrics.running.inc()
+        if live is not None:
+            live.running += 1
 
-    def tokens(self, n: int) -> None:
-        if self.metrics is None or n == 0:
+    def tokens(self, event: TokenEvent) -> None:
+        n = len(event.tokens)
+        if n == 0:
             return
         now = time.monotonic()
+        if self.live is not None:
+            self.live.cycle(now, n, event.drafted, event.accepted)
         if self.first:
-            self.metrics.time_to_first_token.observe(now - self.started)
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.observe(now - self.started)
+            if self.live is not None:
+                self.live.first_token(now, now - self.started)
             self.first = False
         else:
-            for _ in range(n):  # a cycle that commits n tokens: n tokens of cycle / n each
-                self.metrics.inter_token_latency.observe((now - self.last) / n)
+            per_token = (now - self.last) / n  # a cycle that commits n tokens: n tokens of cycle / n each
+            if self.metrics is not None:
+                for _ in range(n):
+                    self.metrics.inter_token_latency.observe(per_token)
+            if self.live is not None:
+                self.live.inter_token(now, per_token)
         self.last = now
 
     def finish(self, reason: str, generated: int) -> None:
@@ -163,3 +268,5 @@ class _Timing:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.running.dec()
+        if self.live is not None:
+            self.live.running -= 1

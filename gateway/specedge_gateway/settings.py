@@ -15,3 +15,4 @@ class GatewaySettings(RedisServiceSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     require_api_key: bool = True  # False: anyone may call (a private, single-user setup)
     max_concurrent_per_key: int = Field(default=16, ge=1)  # requests of one user at once (429 beyond)
+    dashboard: bool = True  # serve the live view at /dashboard (open, like /metrics: no prompt content)

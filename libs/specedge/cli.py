@@ -14,8 +14,8 @@ from importlib.metadata import entry_points
 
 import typer
 
-from specedge import keys_cli
-from specedge.config import Device, Dtype, LogLevelOpt, NatsUrl
+from specedge import keys_cli, nats_auth_cli
+from specedge.config import Credentials, Device, Dtype, LogLevelOpt, NatsUrl
 
 app = typer.Typer(
     name="specedge",
@@ -25,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(keys_cli.app, name="keys")
+app.add_typer(nats_auth_cli.app, name="nats-auth")
 
 
 @app.command()
@@ -100,6 +101,7 @@ def bench(
 @app.command()
 def status(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    credentials: Credentials = None,
     wait_s: float = typer.Option(0.5, "--wait", help="Seconds to collect answers."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -107,7 +109,7 @@ def status(
     from specedge import bus, registry  # noqa: PLC0415
 
     async def ask() -> list:
-        async with bus.connect(nats_url, name="specedge-status", initial_timeout_s=5) as nc:
+        async with bus.connect(nats_url, name="specedge-status", initial_timeout_s=5, credentials=credentials) as nc:
             return await registry.discover(nc, wait_s)
 
     try:

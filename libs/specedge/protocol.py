@@ -170,7 +170,12 @@ class SessionOpened(Message, frozen=True, kw_only=True):
 
 
 class TokenEvent(Message, frozen=True, kw_only=True):
-    """Newly committed output tokens; `index` is the output position of the first one."""
+    """Newly committed output tokens; `index` is the output position of the first one.
+
+    An event with tokens is one verification: `drafted` tree nodes were checked (0: a
+    server step, one autoregressive token) and the target accepted `accepted` of them
+    (`tokens` may be fewer than accepted + 1 when the generation stops inside the cycle).
+    """
 
     session_id: str
     index: int
@@ -178,6 +183,8 @@ class TokenEvent(Message, frozen=True, kw_only=True):
     finished: bool = False
     finish_reason: str | None = None  # "stop" (end of turn), "length", or "error" (then `error` says why)
     error: str | None = None
+    drafted: int = 0
+    accepted: int = 0
 
 
 class EdgeRefused(Message, frozen=True, kw_only=True):
@@ -188,9 +195,15 @@ class EdgeRefused(Message, frozen=True, kw_only=True):
 
 
 class StatsRequest(Message, frozen=True, kw_only=True):
-    """Ask a service for its counters, and its forward-pass spans that started after `since`."""
+    """Ask a service for its counters, and its forward-pass spans that started after `since`
+    (the replier's monotonic clock) or, with `window_s`, in its last `window_s` seconds."""
 
     since: float = 0.0
+    window_s: float = 0.0  # > 0: only spans that started within this many seconds before the reply
+
+    def cutoff(self, now: float) -> float:
+        """The earliest span start to report, on the replier's clock (`now`)."""
+        return max(self.since, now - self.window_s) if self.window_s > 0 else self.since
 
 
 MAX_SPANS = 2000  # spans per stats reply: keeps it well under the message size limit
@@ -208,6 +221,7 @@ class ServiceStats(Message, frozen=True, kw_only=True):
     instance_id: str
     counters: dict[str, float] = {}
     spans: list[list[float]] = []  # recent forward passes: [start, end] on the host's monotonic clock
+    now: float = 0.0  # the host's monotonic clock when it replied: aligns `spans` with another host's clock
 
 
 class CloseSession(Message, frozen=True, kw_only=True):

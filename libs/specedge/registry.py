@@ -32,9 +32,10 @@ def new_instance_id(role: str) -> str:
 
 
 def announcement(
-    role: Role, name: str | None = None, heartbeat_s: float = 2.0, **details: str
+    role: Role, name: str | None = None, heartbeat_s: float = 2.0, instance_id: str | None = None, **details: str
 ) -> ServiceAnnouncement:
-    instance_id = new_instance_id(role)
+    """This process's announcement; `instance_id` is fixed where credentials name it (an edge's id)."""
+    instance_id = instance_id or new_instance_id(role)
     return ServiceAnnouncement(
         role=role,
         instance_id=instance_id,
@@ -43,6 +44,12 @@ def announcement(
         heartbeat_s=heartbeat_s,
         details={k: str(v) for k, v in details.items()},
     )
+
+
+def announce_subject(ann: ServiceAnnouncement) -> str:
+    """The one subject `ann` may be announced on (an edge's names its pool and owner)."""
+    return subjects.registry_announce(ann.role, ann.instance_id, ann.details.get("pool", ""),
+                                      ann.details.get("user", ""))
 
 
 @contextlib.asynccontextmanager
@@ -60,7 +67,7 @@ async def presence(nc: Client, me: ServiceAnnouncement) -> AsyncIterator[Service
     async def heartbeat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a heartbeat lost while reconnecting is fine
-                await bus.publish(nc, subjects.registry_announce(me.role, me.instance_id), payload)
+                await bus.publish(nc, announce_subject(me), payload)
             await asyncio.sleep(me.heartbeat_s)
 
     task = asyncio.create_task(heartbeat(), name=f"heartbeat-{me.instance_id}")

@@ -1,13 +1,14 @@
 """Session state and API keys in Redis: the one place that knows the key schema.
 
-Used by the gateway (API keys), the scheduler (creates and ends session records) and the
-verifier (commits tokens, reads them back to re-prefill). The edge agent never imports this.
+Used by the gateway (API keys; committed tokens, to fill a gap in a token stream), the
+scheduler (creates, takes over and ends session records) and the verifier (commits
+tokens, reads them back to re-prefill). The edge agent never imports this.
 
 Key schema (every key under `specedge:`; see docs/architecture.md):
 
 - `specedge:session:{sid}` (hash): user, mode, scheduler, verifier, edge, sampling
-  (msgpack), prompt_len, cycle, ttl. Expires `ttl` seconds (the scheduler's
-  `--session-ttl`) after the last commit.
+  (msgpack), prompt_len, max_new, eos (comma-separated ids), cycle, ttl. Expires `ttl`
+  seconds (the scheduler's `--session-ttl`) after the last commit.
 - `specedge:session:{sid}:tokens` (list): the committed token ids, prompt then output.
   Same expiry.
 - `specedge:apikey:{sha256(key)}` (hash): user, label, created (unix seconds). No expiry:
@@ -19,7 +20,9 @@ Key schema (every key under `specedge:`; see docs/architecture.md):
 A session's keys are deleted when it ends; the TTL bounds what a crashed scheduler leaves
 behind. Commits are idempotent: `commit()` appends a cycle's tokens only if the stored
 cycle and committed length are the ones the cycle was verified against, so a replayed or
-late cycle never commits twice. API keys are stored only as SHA-256 hashes.
+late cycle never commits twice. A session whose scheduler died is taken over by another
+scheduler with `claim()` (compare-and-set of the `scheduler` field: one taker wins), which
+reads everything it needs to go on from the record. API keys are stored only as SHA-256 hashes.
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ redis.call('EXPIRE', KEYS[2], fields[2])
 return 1
 """
 
+# KEYS: session hash. ARGV: the scheduler it had, the one taking it over.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'scheduler') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'scheduler', ARGV[2])
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class SessionRecord:
@@ -108,6 +118,18 @@ class SessionRecord:
     cycle: int
     user: str = ""
     mode: str = "specedge"
+    scheduler: str = ""
+    verifier: str = ""
+    edge: str = ""
+    prompt_len: int = 0
+    max_new_tokens: int = 0  # 0: not recorded
+    eos_ids: tuple[int, ...] = ()
+    idle_s: float = 0.0  # seconds since it was created or last committed (from its key's TTL)
+
+    @property
+    def output(self) -> list[int]:
+        """The committed output tokens (after the prompt)."""
+        return self.tokens[self.prompt_len:]
 
 
 class SessionStore:
@@ -116,12 +138,14 @@ class SessionStore:
     def __init__(self, client: aioredis.Redis, ttl_s: int = DEFAULT_SESSION_TTL_S) -> None:
         self.client, self.ttl_s = client, ttl_s
         self._commit = client.register_script(_COMMIT)
+        self._claim = client.register_script(_CLAIM)
 
     async def create(self, session_id: str, tokens: list[int], sampling: SamplingSpec, *, user: str = "",
-                     mode: str = "specedge", scheduler: str = "", verifier: str = "", edge: str = "") -> None:
+                     mode: str = "specedge", scheduler: str = "", verifier: str = "", edge: str = "",
+                     max_new_tokens: int = 0, eos_ids: list[int] | tuple[int, ...] = ()) -> None:
         fields = {"user": user, "mode": mode, "scheduler": scheduler, "verifier": verifier, "edge": edge,
                   "sampling": msgspec.msgpack.encode(sampling), "prompt_len": len(tokens), "cycle": 0,
-                  "ttl": self.ttl_s}
+                  "max_new": max_new_tokens, "eos": ",".join(str(t) for t in eos_ids), "ttl": self.ttl_s}
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(session_key(session_id), tokens_key(session_id))
             pipe.hset(session_key(session_id), mapping=fields)
@@ -143,18 +167,36 @@ class SessionStore:
                                   args=[cycle, committed_len, *tokens])
         return Commit(int(code))
 
+    async def claim(self, session_id: str, dead_scheduler: str, scheduler: str) -> bool:
+        """Take over a session from `dead_scheduler`; False if it is gone or another took it first."""
+        return bool(await self._claim(keys=[session_key(session_id)], args=[dead_scheduler, scheduler]))
+
+    async def session_ids(self) -> list[str]:
+        """Every live session's id (a SCAN: for takeovers, not for the hot path)."""
+        found = []
+        async for name in self.client.scan_iter(match=session_key("*"), count=500):
+            name = name.decode()
+            if not name.endswith(":tokens"):
+                found.append(name.rsplit(":", 1)[-1])
+        return found
+
     async def load(self, session_id: str) -> SessionRecord | None:
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(session_key(session_id))
             pipe.lrange(tokens_key(session_id), 0, -1)
-            fields, tokens = await pipe.execute()
+            pipe.ttl(session_key(session_id))
+            fields, tokens, left = await pipe.execute()
         if not fields:
             return None
         return SessionRecord(
             session_id=session_id, tokens=[int(t) for t in tokens],
             sampling=msgspec.msgpack.decode(fields[b"sampling"], type=SamplingSpec),
             cycle=int(fields[b"cycle"]), user=fields.get(b"user", b"").decode(),
-            mode=fields.get(b"mode", b"specedge").decode())
+            mode=fields.get(b"mode", b"specedge").decode(), scheduler=fields.get(b"scheduler", b"").decode(),
+            verifier=fields.get(b"verifier", b"").decode(), edge=fields.get(b"edge", b"").decode(),
+            prompt_len=int(fields.get(b"prompt_len", b"0")), max_new_tokens=int(fields.get(b"max_new", b"0")),
+            eos_ids=tuple(int(t) for t in fields.get(b"eos", b"").decode().split(",") if t),
+            idle_s=max(0.0, float(fields.get(b"ttl", b"0")) - left) if left >= 0 else 0.0)
 
     async def end(self, session_id: str) -> None:
         await self.client.delete(session_key(session_id), tokens_key(session_id))

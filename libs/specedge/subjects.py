@@ -6,6 +6,7 @@ old one. Nothing else in the code base writes a subject string by hand.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 PREFIX = "specedge.v1"
@@ -19,9 +20,22 @@ def _token(value: str) -> str:
     return value
 
 
-def registry_announce(role: str, instance_id: str) -> str:
-    """A service published its presence (on start and at every heartbeat)."""
-    return f"{PREFIX}.registry.announce.{_token(role)}.{_token(instance_id)}"
+def registry_announce(role: str, instance_id: str, pool: str = "", user: str = "") -> str:
+    """A service published its presence (on start and at every heartbeat).
+
+    An edge agent's subject also names its pool and its owner (a hash of its user; `any`
+    for none), so that a NATS permission on this subject binds an edge's credentials to
+    whom it drafts for, and the scheduler believes an announcement only on its own subject.
+    """
+    subject = f"{PREFIX}.registry.announce.{_token(role)}.{_token(instance_id)}"
+    if role != "edge-agent":
+        return subject
+    return f"{subject}.{_token(pool or 'shared')}.{owner_token(user)}"
+
+
+def owner_token(user: str) -> str:
+    """A subject token standing for a user name (which may hold dots): `any` for no user."""
+    return "u" + hashlib.sha256(user.encode()).hexdigest()[:32] if user else "any"
 
 
 def registry_leave(role: str, instance_id: str) -> str:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from specedge import bus, registry
 from specedge.launcher import Launcher, LauncherError, free_port
 from specedge.models import BUNDLED_TARGET
+from specedge.nats_auth import AuthDir, Identity, edge_identity, service_identity
 from specedge.protocol import ROLES
 from specedge.service import setup_logging
 
@@ -54,21 +55,33 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges: int,
-                     server_drafter: bool = True) -> dict[str, list[str]]:
-    """The argv of each service, as an operator would type it."""
-    cli = [sys.executable, "-m", "specedge.cli"]
-    commands = {
-        "verifier": [*cli, "verifier", "--nats-url", nats_url, "--redis-url", redis_url],
-        "scheduler": [*cli, "scheduler", "--nats-url", nats_url, "--redis-url", redis_url],
-    }
-    for i in range(edges):
-        commands[f"edge-agent-{i + 1}"] = [*cli, "edge-agent", "--nats-url", nats_url, "--name", f"edge-{i + 1}"]
+def edge_accounts(edges: int, server_drafter: bool) -> dict[str, Identity]:
+    """The NATS accounts of the edges `up` starts: N shared-pool edges and a server-side drafter."""
+    accounts = {f"edge-{i + 1}": edge_identity(f"edge-{i + 1}") for i in range(edges)}
     if server_drafter:
-        commands["server-drafter"] = [*cli, "edge-agent", "--nats-url", nats_url, "--name", "server-drafter",
-                                      "--server-side"]
-    commands["gateway"] = [*cli, "gateway", "--nats-url", nats_url, "--redis-url", redis_url,
-                           "--host", host, "--port", str(port)]
+        accounts["server-drafter"] = edge_identity("server-drafter", server_side=True)
+    return accounts
+
+
+def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges: int,
+                     server_drafter: bool = True, auth: AuthDir | None = None) -> dict[str, list[str]]:
+    """The argv of each service, as an operator would type it; with `auth`, each logs in
+    with its own account there (`edge_accounts` for the edges)."""
+    cli = [sys.executable, "-m", "specedge.cli"]
+
+    def login(identity: Identity) -> list[str]:
+        return [] if auth is None else ["--credentials", str(auth.credentials_path(identity.nats_user))]
+
+    commands = {
+        role: [*cli, role, "--nats-url", nats_url, *login(service_identity(role)), "--redis-url", redis_url]
+        for role in ("verifier", "scheduler")
+    }
+    for name, identity in edge_accounts(edges, server_drafter).items():
+        side = ["--server-side"] if identity.pool == "server" else []
+        key = f"edge-agent-{name.removeprefix('edge-')}" if identity.pool != "server" else name
+        commands[key] = [*cli, "edge-agent", "--nats-url", nats_url, *login(identity), "--name", name, *side]
+    commands["gateway"] = [*cli, "gateway", "--nats-url", nats_url, *login(service_identity("gateway")),
+                           "--redis-url", redis_url, "--host", host, "--port", str(port)]
     return commands
 
 
@@ -109,6 +122,11 @@ def run_up(settings: UpSettings) -> int:
         return 2
     with Launcher() as launcher:
         try:
+            auth = None
+            if not settings.nats_url:  # the embedded server: every service with its own account
+                auth = launcher.nats_auth
+                for identity in edge_accounts(settings.edges, settings.server_drafter).values():
+                    auth.add(identity)
             nats_url = settings.nats_url or launcher.start_nats().url
             redis_url = settings.redis_url or launcher.start_redis().url
             api_key = create_api_key(redis_url, settings.api_key)
@@ -117,7 +135,9 @@ def run_up(settings: UpSettings) -> int:
             return 2
         port = settings.port or free_port(settings.host)
         env = {**os.environ, "SPECEDGE_LOG_LEVEL": settings.log_level}
-        commands = service_commands(nats_url, redis_url, settings.host, port, settings.edges, settings.server_drafter)
+        service_url = nats_url if auth is None else bus.without_login(nats_url)
+        commands = service_commands(service_url, redis_url, settings.host, port, settings.edges,
+                                    settings.server_drafter, auth)
         services = [launcher.spawn(role, argv, env=env) for role, argv in commands.items()]
 
         def all_running() -> bool:
@@ -139,7 +159,10 @@ def run_up(settings: UpSettings) -> int:
         base = f"http://{settings.host}:{port}"
         sys.stdout.write(
             f"SpecEdge is up: gateway {base} (OpenAI base URL {base}/v1); API key {api_key} ; "
-            f"nats {nats_url}; redis {redis_url}. Ctrl-C stops everything.\n"
+            f"nats {bus.redact(nats_url)}; redis {redis_url};"
+            + (f" NATS accounts in {auth.path} (add an edge: specedge nats-auth add-edge ID --dir {auth.path},"
+               f" then nats-server --signal reload);" if auth else "")
+            + " Ctrl-C stops everything.\n"
             f"Try: curl {base}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
             "-H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{BUNDLED_TARGET}\", \"messages\": "

@@ -141,7 +141,7 @@ async def run(nats_url: str, edges: int, verifiers: int, seconds: float, nodes: 
         async def heartbeat() -> None:
             while True:
                 for ann in announcements:
-                    await nc.publish(subjects.registry_announce(ann.role, ann.instance_id), protocol.encode(ann))
+                    await nc.publish(registry.announce_subject(ann), protocol.encode(ann))
                 await asyncio.sleep(0.5)
 
         beats = asyncio.create_task(heartbeat())

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
+from specedge.config import Credentials, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
 from specedge_scheduler.settings import SchedulerSettings
 
 
 def command(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    credentials: Credentials = None,
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
     max_batch: Annotated[int, typer.Option(
         "--max-batch", envvar="SPECEDGE_MAX_BATCH", help="Most trees verified in one pass.")] = 8,
@@ -24,7 +25,12 @@ def command(
         help="Seconds without a heartbeat before a verifier's sessions move to another verifier.")] = 6.0,
     draft_timeout: Annotated[float, typer.Option(
         "--draft-timeout", envvar="SPECEDGE_DRAFT_TIMEOUT",
-        help="Seconds an edge may take to send a session's next draft before it continues server-side.")] = 5.0,
+        help="Most seconds an edge may take to send a session's next draft before it continues server-side "
+             "(a measured edge gets 4x its recent peak turnaround, at least 1 s).")] = 5.0,
+    request_timeout: Annotated[float, typer.Option(
+        "--request-timeout", envvar="SPECEDGE_REQUEST_TIMEOUT",
+        help="Seconds to wait for a verifier's answer (a lost one is asked again), and for Redis to come back.")]
+    = 30.0,
     session_ttl: Annotated[int, typer.Option(
         "--session-ttl", envvar="SPECEDGE_SESSION_TTL",
         help="Seconds a session's Redis keys outlive its last commit (bounds what a crash leaves).")] = 3600,
@@ -47,9 +53,10 @@ def command(
     from specedge.service import run  # noqa: PLC0415
     from specedge_scheduler.main import serve  # noqa: PLC0415
 
-    settings = build(SchedulerSettings, nats_url=nats_url, redis_url=redis_url, max_batch=max_batch,
+    settings = build(SchedulerSettings, nats_url=nats_url, credentials=credentials,
+                     redis_url=redis_url, max_batch=max_batch,
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
-                     draft_timeout_s=draft_timeout,
+                     draft_timeout_s=draft_timeout, request_timeout_s=request_timeout,
                      session_ttl_s=session_ttl, strategy=strategy, budget=budget,
                      server_budget=server_budget, depth=depth, metrics_port=metrics_port, name=name,
                      log_level=log_level)

@@ -21,7 +21,8 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
     me = registry.announcement("scheduler", settings.name, settings.heartbeat_s)
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(telemetry.tracing("scheduler", me.instance_id, redis=True))  # flushed last
-        nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
+        nc = await stack.enter_async_context(bus.connect(
+            settings.nats_url, me.instance_id, credentials=settings.credentials))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)),
                              settings.session_ttl_s)
         policy = SchedulingPolicy(max_batch=settings.max_batch, edge_timeout_s=settings.edge_timeout_s,
@@ -32,7 +33,8 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
         metrics = SchedulerMetrics()
         metrics.serve(settings.metrics_port)
-        service = SchedulerService(nc, me.instance_id, store, policy, shape, metrics=metrics)
+        service = SchedulerService(nc, me.instance_id, store, policy, shape, metrics=metrics,
+                                   request_timeout_s=settings.request_timeout_s, heartbeat_s=settings.heartbeat_s)
         await service.subscribe()
         await service.refresh()
         await stack.enter_async_context(registry.presence(nc, me))

@@ -88,6 +88,8 @@ class SchedulingPolicy:
     """Least-loaded assignment and FIFO batching; silent edges and verifiers time out."""
 
     MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
+    DEADLINE_MARGIN = 4.0  # an edge with measured turnarounds has this × its recent peak to draft,
+    MIN_DRAFT_DEADLINE_S = 1.0  # but at least this, and at most `draft_timeout_s`
 
     def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0,
                  draft_timeout_s: float = 5.0, strategy: Strategy = "fifo", budget: int = 32, depth: int = 4,
@@ -151,6 +153,12 @@ class SchedulingPolicy:
                 self._queues[state.verifier].append(tree)
         return lost
 
+    def seen_all(self, now: float) -> None:
+        """Count every known verifier and edge as just heard from: after the bus itself was
+        down, silence says nothing about them (their heartbeats could not arrive)."""
+        for worker in (*self.verifiers.values(), *self.edges.values()):
+            worker.last_seen = max(worker.last_seen, now)
+
     def expire_verifiers(self, now: float) -> dict[str, list[str]]:
         """Verifiers silent for longer than the timeout, with the sessions each loses."""
         stale = [v for v, w in self.verifiers.items() if now - w.last_seen > self.verifier_timeout_s]
@@ -177,7 +185,7 @@ class SchedulingPolicy:
         late: dict[str, list[str]] = {}
         for state in self.sessions.values():
             if (state.edge is not None and not state.in_flight and state.waiting_since is not None
-                    and now - state.waiting_since > self.draft_timeout_s):
+                    and now - state.waiting_since > self.draft_deadline_s(state)):
                 late.setdefault(state.edge, []).append(state.session_id)
                 edge = self.edges.get(state.edge)
                 if edge is not None:
@@ -186,29 +194,45 @@ class SchedulingPolicy:
                 self._edgeless.add(state.session_id)
         return late
 
+    def draft_deadline_s(self, state: SessionState) -> float:
+        """How long the session's edge has for its next draft: `draft_timeout_s` for a first
+        tree (the edge prefills the prompt first) or an edge not measured yet; else
+        `DEADLINE_MARGIN` × its recent peak turnaround within [`MIN_DRAFT_DEADLINE_S`,
+        `draft_timeout_s`] — so a dead edge's sessions go on within about a second."""
+        timing = self.timings.get(state.edge or "")
+        if state.cycle == 0 or timing is None or timing.peak_s is None:
+            return self.draft_timeout_s
+        return min(self.draft_timeout_s, max(self.MIN_DRAFT_DEADLINE_S, self.DEADLINE_MARGIN * timing.peak_s))
+
     # -- sessions -----------------------------------------------------------------
 
-    def assign(self, session_id: str, committed_len: int, mode: Mode = "specedge", user: str = "") -> Assignment:
+    def assign(self, session_id: str, committed_len: int, mode: Mode = "specedge", user: str = "",
+               prefer: str | None = None, cycle: int = 0) -> Assignment:
         """A verifier (most room) and a drafter for a new session.
 
         Mode `specedge`: the user's own edge, else the shared pool, else a server drafter,
         else server steps. `server-only`: a server drafter, else server steps.
-        `autoregressive`: server steps. Never another user's edge.
+        `autoregressive`: server steps. Never another user's edge. A session taken over from
+        a scheduler that died keeps its verifier (`prefer`, which holds its cache) if that
+        one is known, and goes on from its committed `cycle`.
         """
         if session_id in self.sessions:
             raise ValueError(f"session {session_id!r} is already assigned")
         verifiers = [w for w in self.verifiers.values() if w.free > 0]
-        if not verifiers:
+        if prefer in self.verifiers:
+            verifier = self.verifiers[prefer]
+        elif not verifiers:
             raise NoCapacityError("no verifier has room for another session")
-        verifier = max(verifiers, key=lambda w: (w.free, w.instance_id))
+        else:
+            verifier = max(verifiers, key=lambda w: (w.free, w.instance_id))
         edge = self._drafter_for(mode, user, verifier.fingerprint)
         verifier.sessions.add(session_id)
         if edge is not None:
             edge.sessions.add(session_id)
         # In flight until `draft_due`: no tree (server step or draft) before its verifier has prefilled it.
         state = SessionState(session_id, verifier.instance_id, edge.instance_id if edge else None, user=user,
-                             mode=mode, committed_len=committed_len, budget=self.budget, depth=self.depth,
-                             in_flight=True)
+                             mode=mode, cycle=cycle, committed_len=committed_len, budget=self.budget,
+                             depth=self.depth, in_flight=True)
         state.group = self._emptiest_group(verifier)
         self.sessions[session_id] = state
         if edge is None:
@@ -501,14 +525,16 @@ class SchedulingPolicy:
             if state is not None:
                 self._queues[state.verifier].appendleft(tree)
 
-    def refused(self, tree: DraftTreeMsg) -> bool:
+    def refused(self, tree: DraftTreeMsg, count: bool = True) -> bool:
         """The verifier refused this tree: replace it with a server step for the same cycle
         (the session moves on; its edge sees an empty accepted path). Returns False when the
-        session keeps being refused and should end with an error."""
+        session keeps being refused and should end with an error. `count=False`: a refusal
+        that says nothing about the session (its state store was unreachable) is retried
+        without counting towards that end."""
         state = self.sessions.get(tree.session_id)
         if state is None:
             return True
-        state.refusals += 1
+        state.refusals += 1 if count else 0
         if state.refusals >= self.MAX_REFUSALS:
             return False
         self._queues[state.verifier].append(DraftTreeMsg(session_id=state.session_id, cycle=state.cycle,

@@ -9,7 +9,12 @@ free, its next batch goes out in one request; each result goes back to the sessi
 and, as a `TokenEvent`, to whoever opened the session. Edges that stop heartbeating are
 dropped and their sessions continue with server steps; a verifier that stops is replaced
 by another, which re-prefills the session from its committed tokens in Redis — without
-losing or repeating a token. Decisions live in the policy; spans in `tracing`.
+losing or repeating a token. A scheduler that stops heartbeating (crashed, or restarted
+under a new id) has its sessions taken over by another one (`_take_over`): everything
+needed is in the session's Redis record, and the taker first re-sends the committed output
+from index 0, so a gateway that missed some of it fills the gap (it skips what it has).
+While no heartbeat at all arrives — not even our own — the bus is down, and nobody is
+expired for silence. Decisions live in the policy; spans in `tracing`.
 """
 
 from __future__ import annotations
@@ -63,15 +68,40 @@ class _Output:
     generated: int = 0
 
 
+def _cut(output: _Output, new: list[int]) -> tuple[list[int], str | None]:
+    """The part of newly committed tokens the caller gets — cut at end-of-turn or
+    `max_tokens` — and the finish reason, if that ends the session."""
+    keep: list[int] = []
+    for token in new:
+        keep.append(token)
+        if token in output.eos_ids:
+            return keep, "stop"
+        if output.generated + len(keep) >= output.max_new_tokens:
+            return keep, "length"
+    return keep, None
+
+
+_WHY = {"unknown_session": "its state is gone from Redis (expired, or Redis restarted without persistence)",
+        "stale_cycle": "its state in Redis is behind what was verified (Redis lost recent writes)"}
+
+
 class SchedulerService:
     HOUSEKEEPING_S = 0.1
+    ORPHAN_MAX_IDLE_S = 90.0  # an orphaned session without a commit for longer: nobody waits for it; deleted
+    STATE_RETRY_S = 0.5  # wait between tries of a session whose Redis was unreachable
 
     def __init__(self, nc: Client, instance_id: str, store: SessionStore, policy: SchedulingPolicy,
                  draft_shape: dict[str, int], request_timeout_s: float = 30.0,
-                 metrics: SchedulerMetrics | None = None) -> None:
+                 metrics: SchedulerMetrics | None = None, heartbeat_s: float = 2.0) -> None:
         self.nc, self.instance_id, self.store = nc, instance_id, store
         self.policy, self.draft_shape = policy, draft_shape
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s, self.heartbeat_s = request_timeout_s, heartbeat_s
+        self._started = self._heard = time.monotonic()  # _heard: the last heartbeat of anyone (us included)
+        self._bus_quiet = False
+        self._schedulers: dict[str, float] = {}  # other schedulers -> last heartbeat
+        self._last_scan = 0.0
+        self._takeover: asyncio.Task | None = None
+        self._state_down: dict[str, float] = {}  # session -> since when its Redis is unreachable
         self.metrics = metrics or SchedulerMetrics()
         self.reject = Rejections(log, lambda reason: self.metrics.rejected.labels(reason).inc())
         self._outputs: dict[str, _Output] = {}
@@ -96,27 +126,46 @@ class SchedulerService:
                     "busy_verifiers": len(self._busy), "edges": len(p.edges),
                     "rejected": sum(self.reject.counts.values())}
         if msg.reply:
-            await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters)))
+            await msg.respond(protocol.encode(ServiceStats(instance_id=self.instance_id, counters=counters,
+                                                           now=time.monotonic())))
 
     # -- membership ---------------------------------------------------------------------
 
     async def on_announce(self, msg: Msg) -> None:
+        """Believe an announcement only on its own subject: NATS permissions bind that subject
+        (an edge's id, pool and user) to the announcer's credentials."""
         try:
-            await self._seen(protocol.decode(msg.data, ServiceAnnouncement))
+            ann = protocol.decode(msg.data, ServiceAnnouncement)
+            if msg.subject != registry.announce_subject(ann):
+                self.reject("identity_mismatch", f"an announcement of {ann.role} {ann.instance_id} on {msg.subject}")
+                return
+            await self._seen(ann)
         except (ProtocolError, ValueError):
             self.reject("bad_announcement", "an announcement")
 
     async def refresh(self) -> None:
-        """Ask the bus who is there now (at start, and when no verifier is known)."""
+        """Ask the bus who is there now (at start, and when no verifier is known).
+
+        Edges' discovery replies are not believed (a reply's subject binds nobody); edges
+        are learnt from their announcements, within one heartbeat."""
         for ann in await registry.discover(self.nc, wait_s=0.3):
-            with contextlib.suppress(ValueError):
-                await self._seen(ann)
+            if ann.role != "edge-agent":
+                with contextlib.suppress(ValueError):
+                    await self._seen(ann)
 
     async def _seen(self, ann: ServiceAnnouncement) -> None:
         capacity = int(ann.details.get("max_sessions", "0"))
         fingerprint = ann.details.get("tokenizer_fingerprint", "")
         now = time.monotonic()
-        if ann.role == "verifier":
+        self._heard = now
+        if self._bus_quiet:
+            self._bus_quiet = False
+            self.policy.seen_all(now)  # nobody could heartbeat while the bus was down
+            self._schedulers = dict.fromkeys(self._schedulers, now)  # nor could other schedulers
+            log.info("heartbeats again: the bus is back")
+        if ann.role == "scheduler":
+            self._schedulers[ann.instance_id] = now
+        elif ann.role == "verifier":
             self.policy.verifier_seen(ann.instance_id, capacity, now, fingerprint)
         elif ann.role == "edge-agent":
             new = ann.instance_id not in self.policy.edges
@@ -136,14 +185,19 @@ class SchedulerService:
             self.reject("bad_leave", "a leave message")
             return
         if leave.role == "edge-agent":
-            self._fall_back(leave.instance_id, self.policy.edge_gone(leave.instance_id))
+            await self._fall_back(leave.instance_id, self.policy.edge_gone(leave.instance_id))
         elif leave.role == "verifier":
             await self._verifier_gone(leave.instance_id, self.policy.verifier_gone(leave.instance_id))
+        elif leave.role == "scheduler":
+            self._schedulers.pop(leave.instance_id, None)
+            self._last_scan = 0.0  # its sessions are ours to take over now
 
-    def _fall_back(self, edge: str, sessions: list[str]) -> None:
+    async def _fall_back(self, edge: str, sessions: list[str]) -> None:
         self.metrics.fallbacks.labels("edge_lost").inc(len(sessions))
         if sessions:
             log.warning("edge %s is gone; %d session(s) continue with server steps", edge, len(sessions))
+        for sid in sessions:  # an edge that was only stalled frees them when it comes back
+            await bus.publish(self.nc, subjects.edge_close(edge), protocol.encode(CloseSession(session_id=sid)))
         self._wake.set()
 
     async def _verifier_gone(self, verifier: str, lost: list[str]) -> None:
@@ -188,7 +242,8 @@ class SchedulerService:
         try:
             await self.store.create(sid, request.tokens, request.sampling, user=request.user, mode=request.mode,
                                     scheduler=self.instance_id, verifier=assignment.verifier,
-                                    edge=assignment.edge or "")
+                                    edge=assignment.edge or "", max_new_tokens=request.max_new_tokens,
+                                    eos_ids=request.eos_ids)
             reply = await bus.request(self.nc, subjects.verifier_prefill(assignment.verifier),
                                       protocol.encode(prefill), timeout=self.request_timeout_s)
             error = protocol.decode(reply.data, PrefillReply).error
@@ -222,6 +277,7 @@ class SchedulerService:
         state = self.policy.sessions.get(session_id)
         if (output := self._outputs.pop(session_id, None)) is not None:
             output.spans.close(error)
+        self._state_down.pop(session_id, None)
         self.policy.finish(session_id)
         if state is None:
             return
@@ -292,10 +348,17 @@ class SchedulerService:
                     timeout = min(timeout, max(0.001, wake - now))
 
     async def _housekeeping(self, now: float) -> None:
-        for edge, sessions in self.policy.expire_edges(now).items():
-            self._fall_back(edge, sessions)
-        for verifier, lost in self.policy.expire_verifiers(now).items():
-            await self._verifier_gone(verifier, lost)
+        quiet = now - self._heard > 2 * self.heartbeat_s  # not even our own heartbeat: the bus is down
+        if quiet and not self._bus_quiet:
+            log.warning("no heartbeat for %.1fs, not even our own: the bus is down; nobody is expired until "
+                        "it is back", now - self._heard)
+        self._bus_quiet = quiet
+        if not quiet:
+            for edge, sessions in self.policy.expire_edges(now).items():
+                await self._fall_back(edge, sessions)
+            for verifier, lost in self.policy.expire_verifiers(now).items():
+                await self._verifier_gone(verifier, lost)
+            self._maybe_take_over(now)
         for edge, sessions in self.policy.expire_drafts(now).items():
             self.metrics.fallbacks.labels("draft_deadline").inc(len(sessions))
             log.warning("edge %s missed the draft deadline for %d session(s); they continue with server steps",
@@ -331,17 +394,38 @@ class SchedulerService:
             self.policy.verify_timed(verifier, sum(len(t.tokens) + 1 for t in batch), reply.forward_ms / 1000)
         by_session = {t.session_id: t for t in batch}
         self._count_speculation(reply.results, by_session)
+        unreachable = []  # trees of sessions whose Redis the verifier could not reach
         for rejection in reply.rejected:
             self.reject(rejection.reason, f"a tree verified by {verifier}")
             tree = by_session.get(rejection.session_id)
             if tree is None:
                 continue
+            if rejection.reason == "state_unavailable":
+                unreachable.append(tree)
+                continue
             if rejection.reason == "stale_cycle" and await self._catch_up(tree):
                 continue
             if not self.policy.refused(tree):
-                await self._fail(tree.session_id, f"the verifier keeps refusing its trees ({rejection.reason})")
+                why = _WHY.get(rejection.reason, f"the verifier keeps refusing its trees ({rejection.reason})")
+                await self._fail(tree.session_id, why)
         for result in reply.results:
-            await self._deliver(result)
+            tree = by_session.get(result.session_id)
+            await self._deliver(result, len(tree.tokens) if tree is not None else 0)
+        if unreachable:
+            await self._retry_state(unreachable)
+
+    async def _retry_state(self, trees: list[DraftTreeMsg]) -> None:
+        """Sessions whose Redis was unreachable try again (a server step for the same cycle)
+        every `STATE_RETRY_S`, for up to `request_timeout_s`; then they fail with that reason."""
+        await asyncio.sleep(self.STATE_RETRY_S)
+        now = time.monotonic()
+        for tree in trees:
+            since = self._state_down.setdefault(tree.session_id, now)
+            if now - since > self.request_timeout_s:
+                await self._fail(tree.session_id, f"the session state store (Redis) has been unreachable for "
+                                                  f"{now - since:.0f}s")
+            elif self.policy.refused(tree, count=False):
+                self._wake.set()
 
     def _count_speculation(self, results: list[VerifyResult], trees: dict[str, DraftTreeMsg]) -> None:
         m = self.metrics
@@ -358,35 +442,32 @@ class SchedulerService:
     async def _catch_up(self, tree: DraftTreeMsg) -> bool:
         """A verifier committed this tree's cycle but its reply was lost (it died, or timed out):
         deliver that cycle from Redis instead of drafting it again. True if it did."""
-        record = await self.store.load(tree.session_id)
+        try:
+            record = await self.store.load(tree.session_id)
+        except Exception as exc:  # Redis unreachable: refused like any other stale tree
+            log.warning("cannot read session %s from Redis: %r", tree.session_id[:16], exc)
+            return False
         if record is None or record.cycle != tree.cycle + 1 or len(record.tokens) <= tree.committed_len:
             return False
         new = record.tokens[tree.committed_len:]
         await self._deliver(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
-                                         committed_len=tree.committed_len, accepted=new[:-1], bonus=new[-1]))
+                                         committed_len=tree.committed_len, accepted=new[:-1], bonus=new[-1]),
+                            len(tree.tokens))
         return True
 
-    async def _deliver(self, result: protocol.VerifyResult) -> None:
+    async def _deliver(self, result: protocol.VerifyResult, drafted: int) -> None:
+        """Commit a verified cycle: its tokens (and what was drafted and accepted) to the
+        caller, the result to the session's edge; end the session when it is done."""
         sid = result.session_id
         output, state = self._outputs.get(sid), self.policy.sessions.get(sid)
         if output is None or state is None:
             return  # closed meanwhile
         new = [*result.accepted, result.bonus]
         self.policy.verified(sid, len(new), time.monotonic())
-        keep, reason = [], None
-        for token in new:
-            keep.append(token)
-            if token in output.eos_ids:
-                reason = "stop"
-                break
-            if output.generated + len(keep) >= output.max_new_tokens:
-                reason = "length"
-                break
-        event = TokenEvent(session_id=sid, index=output.generated, tokens=keep, finished=reason is not None,
-                           finish_reason=reason)
-        output.generated += len(keep)
+        self._state_down.pop(sid, None)
+        keep, reason = _cut(output, new)
         with output.spans.delivering(result, len(keep), reason) as delivery:
-            await bus.publish(self.nc, subjects.session_tokens(sid), protocol.encode(event), context=delivery)
+            await self._emit(sid, output, keep, reason, drafted, len(result.accepted), context=delivery)
             if reason is None:
                 output.spans.begin_cycle(result.cycle + 1)
                 if state.edge is not None:
@@ -396,3 +477,86 @@ class SchedulerService:
                                       context=output.spans.context)
         if reason is not None:
             await self._end(sid)
+
+    async def _emit(self, sid: str, output: _Output, keep: list[int], reason: str | None, drafted: int = 0,
+                    accepted: int = 0, context: otel_context.Context | None = None) -> None:
+        """Publish newly committed tokens (already `_cut`) as a `TokenEvent`, with the cycle's
+        drafted and accepted counts and the trace context of `context`. Ending a finished
+        session is the caller's."""
+        if keep or reason is not None:
+            event = TokenEvent(session_id=sid, index=output.generated, tokens=keep, finished=reason is not None,
+                               finish_reason=reason, drafted=drafted, accepted=accepted)
+            output.generated += len(keep)
+            await bus.publish(self.nc, subjects.session_tokens(sid), protocol.encode(event), context=context)
+
+    # -- taking over the sessions of a scheduler that died --------------------------------
+
+    def _maybe_take_over(self, now: float) -> None:
+        """Every half scheduler timeout (the `--verifier-timeout`), once we have been up long
+        enough to have heard every live scheduler, look for orphaned sessions in Redis."""
+        timeout = self.policy.verifier_timeout_s
+        if now - self._started < timeout or now - self._last_scan < timeout / 2:
+            return
+        if self._takeover is not None and not self._takeover.done():
+            return
+        self._last_scan = now
+        self._takeover = asyncio.create_task(self._take_over(now))
+
+    async def _take_over(self, now: float) -> None:
+        """Claim and go on with each session whose scheduler is silent for the timeout and that
+        nothing has committed to for as long (so a scheduler we have not heard yet, just
+        started, keeps its new sessions)."""
+        timeout = self.policy.verifier_timeout_s
+        live = {s for s, seen in self._schedulers.items() if now - seen <= timeout} | {self.instance_id}
+        try:
+            for sid in await self.store.session_ids():
+                if sid in self.policy.sessions:
+                    continue
+                record = await self.store.load(sid)
+                if (record is None or not record.scheduler or record.scheduler in live or record.max_new_tokens < 1
+                        or record.idle_s < timeout):
+                    continue  # gone, owned by a live scheduler, not opened by one, or committed to lately
+                if not await self.store.claim(sid, record.scheduler, self.instance_id):
+                    continue  # another scheduler was quicker
+                if record.idle_s > self.ORPHAN_MAX_IDLE_S:
+                    log.info("deleting abandoned session %s (scheduler %s gone, idle %.0fs)", sid[:16],
+                             record.scheduler, record.idle_s)
+                    await self.store.end(sid)
+                    continue
+                await self._adopt(record)
+        except Exception as exc:  # Redis down: try again at the next scan
+            log.warning("could not look for orphaned sessions: %r", exc)
+
+    async def _adopt(self, record) -> None:
+        """Go on with a session whose scheduler died, from its Redis record: same verifier if
+        it is alive (it holds the cache), a drafter as for a new session; the committed output
+        is re-sent from index 0 first."""
+        sid = record.session_id
+        spans = SessionSpans(sid, None, adopted_from=record.scheduler)  # a trace of its own from here on
+        output = self._outputs[sid] = _Output(record.max_new_tokens, set(record.eos_ids), spans)
+        try:
+            assignment = self.policy.assign(sid, len(record.tokens), record.mode, record.user,
+                                            prefer=record.verifier or None, cycle=record.cycle)
+        except (ValueError, NoCapacityError) as exc:
+            await self._fail(sid, f"cannot resume the session: {exc}")
+            with contextlib.suppress(Exception):
+                await self.store.end(sid)
+            return
+        log.warning("took over session %s from scheduler %s (cycle %d, %d tokens out)", sid[:16],
+                    record.scheduler, record.cycle, len(record.output))
+        await self.store.assign(sid, verifier=assignment.verifier, edge=assignment.edge or "")
+        if record.edge and record.edge != assignment.edge:  # it drafts for the dead scheduler
+            await bus.publish(self.nc, subjects.edge_close(record.edge), protocol.encode(CloseSession(session_id=sid)),
+                              context=spans.session_context)
+        keep, reason = _cut(output, record.output)
+        await self._emit(sid, output, keep, reason, context=spans.session_context)
+        if reason is not None:
+            await self._end(sid)
+            return
+        self.policy.draft_due(sid, time.monotonic())
+        spans.begin_cycle(record.cycle)
+        if assignment.edge is not None:
+            await bus.publish(self.nc, subjects.edge_assign(assignment.edge), protocol.encode(
+                DraftAssign(session_id=sid, tokens=record.tokens, scheduler=self.instance_id,
+                            **{**self.draft_shape, "budget": self.policy.shape_for(sid)[0]})), context=spans.context)
+        self._wake.set()

@@ -13,6 +13,7 @@ class SchedulerSettings(RedisServiceSettings):
     edge_timeout_s: float = Field(default=6.0, gt=0)
     verifier_timeout_s: float = Field(default=6.0, gt=0)
     draft_timeout_s: float = Field(default=5.0, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0)
     session_ttl_s: int = Field(default=3600, ge=10)
     strategy: Strategy = "fifo"
     budget: int = Field(default=32, ge=0)

@@ -50,6 +50,7 @@ class EdgeTiming:
 
     alpha: float = 0.2  # weight of the newest sample
     turnaround_s: float | None = None
+    peak_s: float | None = None  # recent worst turnaround (decays 10% per sample): the draft deadline's base
     draft_s_per_level: float | None = None
     rest_s: float | None = None  # turnaround minus drafting: round trip and queueing
     levels_tried: float = 0.0  # decayed counts of tree levels offered and accepted,
@@ -60,6 +61,7 @@ class EdgeTiming:
             return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
         self.turnaround_s = ewma(self.turnaround_s, turnaround_s)
+        self.peak_s = turnaround_s if self.peak_s is None else max(turnaround_s, 0.9 * self.peak_s)
         self.rest_s = ewma(self.rest_s, max(0.0, turnaround_s - draft_s))
         if depth > 0:
             self.draft_s_per_level = ewma(self.draft_s_per_level, draft_s / depth)

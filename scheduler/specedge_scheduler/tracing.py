@@ -13,7 +13,13 @@ A batch that merges several sessions' trees is one span, a new trace linked to e
 cycle it serves, and each session's queueing span links back to it; a batch of one
 session is simply a child of that session's cycle.
 
-Every method is a no-op while tracing is off (`specedge.telemetry.enabled()`).
+A session taken over from a scheduler that died (`SchedulerService._adopt`) goes on
+under a new root `session` span (`specedge.adopted_from`: the dead scheduler), its cycles
+numbered on from the Redis record's; the dead scheduler's open spans are simply never
+ended (never exported).
+
+Every method is a no-op while tracing is off (`specedge.telemetry.enabled()`), and
+none fails for a session whose spans are missing or already closed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ from specedge.telemetry import tracer
 class SessionSpans:
     """The spans of one session as its scheduler sees them."""
 
-    def __init__(self, session_id: str, parent: Context | None) -> None:
+    def __init__(self, session_id: str, parent: Context | None, adopted_from: str | None = None) -> None:
+        """`parent`: the opener's context (None or without a span: a root `session` span of
+        our own); `adopted_from`: the scheduler whose session this was (taken over; the
+        opener's trace is not in the Redis record, so the session goes on in a new trace)."""
         self.session_id = session_id
         self.own: Span | None = None  # a root `session` span, when the opener sent no trace context
         self.parent = parent
@@ -42,10 +51,18 @@ class SessionSpans:
         self.cycle = -1
         self.began_ns = 0  # when the current cycle began
         self.arrived: tuple[int, int] | None = None  # (cycle, when its draft arrived)
-        if telemetry.enabled() and not trace.get_current_span(parent).get_span_context().is_valid:
-            self.own = tracer.start_span("session", context=Context(),
-                                         attributes={"specedge.session.id": session_id})
+        if telemetry.enabled() and (adopted_from is not None
+                                    or not trace.get_current_span(parent).get_span_context().is_valid):
+            attributes = {"specedge.session.id": session_id}
+            if adopted_from is not None:
+                attributes["specedge.adopted_from"] = adopted_from
+            self.own = tracer.start_span("session", context=Context(), attributes=attributes)
             self.parent = trace.set_span_in_context(self.own)
+
+    @property
+    def session_context(self) -> Context | None:
+        """The session's own context (the opener's span, or our `session` span); None when not traced."""
+        return self.parent if telemetry.enabled() else None
 
     @property
     def context(self) -> Context | None:

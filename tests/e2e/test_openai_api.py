@@ -3,8 +3,6 @@ streaming and not, concurrent clients, multi-turn, every mode, API keys, and Ope
 
 import asyncio
 import dataclasses
-import re
-import signal
 import subprocess
 
 import httpx
@@ -15,34 +13,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specedge.models import BUNDLED_TARGET, bundled
 from tests.conftest import SPECEDGE
+from tests.helpers import Stack, specedge_up
 
 pytestmark = pytest.mark.e2e
 MODEL = "specedge-tiny-target"
 
 
 @dataclasses.dataclass
-class Gateway:
-    url: str
-    key: str
-    redis_url: str
-
+class Gateway(Stack):
     def client(self, key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or self.key, max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def gateway():
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECEDGE_")}
-    proc = subprocess.Popen([*SPECEDGE, "up", "--port", "0"], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    line = proc.stdout.readline()
-    match = re.search(r"gateway (http://\S+) .*API key (\S+) ;.*redis (redis://\S+)\.", line)
-    assert match, line
-    yield Gateway(*match.groups())
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 0
+    with specedge_up() as stack:
+        yield Gateway(**dataclasses.asdict(stack))
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +46,20 @@ def reference():
     return greedy
 
 
+def speculation(reply, mode: str) -> dict:
+    """The `specedge` extension field of a non-streaming reply, checked for consistency."""
+    stats = reply.model_extra["specedge"]
+    assert stats == reply.to_dict()["specedge"]
+    tokens = reply.usage.completion_tokens
+    assert stats["mode"] == mode
+    assert stats["drafts"] + stats["server_steps"] == stats["verifications"] >= 1
+    assert 0 <= stats["accepted_tokens"] <= stats["draft_tokens"]
+    # every verification commits its accepted tokens and a bonus; the last one may be cut short
+    assert stats["verifications"] <= tokens <= stats["verifications"] + stats["accepted_tokens"]
+    assert stats["tokens_per_verification"] == round(1 + stats["accepted_tokens"] / stats["verifications"], 4)
+    return stats
+
+
 def test_non_streaming_and_streaming_chat_equal_the_target_alone(gateway, reference):
     client = gateway.client()
     messages = [{"role": "user", "content": "Write a function that reverses a string."}]
@@ -67,6 +67,8 @@ def test_non_streaming_and_streaming_chat_equal_the_target_alone(gateway, refere
     reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
     assert reply.choices[0].message.content == expected
     assert reply.usage.completion_tokens <= 40 and reply.choices[0].finish_reason in ("length", "stop")
+    stats = speculation(reply, "specedge")
+    assert stats["drafts"] >= 1 and stats["draft_tokens"] > 0 and stats["acceptance_rate"] is not None
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -122,6 +124,12 @@ def test_every_mode_gives_the_same_exact_text(gateway, reference, mode):
     reply = gateway.client().chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=32,
                                                      extra_body={"specedge": {"mode": mode}})
     assert reply.choices[0].message.content == reference(messages, 32)
+    stats = speculation(reply, mode)
+    if mode == "autoregressive":  # one verified token per step, nothing drafted
+        assert stats["server_steps"] == stats["verifications"] == reply.usage.completion_tokens
+        assert stats["draft_tokens"] == 0 and stats["acceptance_rate"] is None
+    else:  # the server drafter drafts the trees
+        assert stats["drafts"] >= 1 and stats["draft_tokens"] > 0
 
 
 def test_api_keys_are_required_created_listed_and_revoked(gateway, cli_env):

@@ -3,6 +3,7 @@ leaves no process behind."""
 
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -12,12 +13,13 @@ import openai
 import psutil
 import pytest
 
+from specedge import bus
 from tests.conftest import SPECEDGE
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
-READY = re.compile(r"gateway (http://\S+) .*API key (\S+) ;.*nats (nats://\S+);")
+READY = re.compile(r"gateway (http://\S+) .*API key (\S+) ;.*nats (nats://\S+);.*NATS accounts in (\S+) ")
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -34,13 +36,19 @@ def test_up_runs_everything_and_ctrl_c_stops_everything(cli_env, tmp_path):
         line = proc.stdout.readline()  # blocks until the ready line (or exit)
         match = READY.search(line)
         assert match, f"no ready line; stdout={line!r}\n{log_path.read_text()}"
-        gateway, key, nats_url = match.groups()
+        gateway, key, nats_url, accounts = match.groups()
+        assert ":***@" in nats_url  # the admin's password is not printed
         children = descendants(proc.pid)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         for part in ("nats-server", "redis-server", " gateway ", " scheduler ", " verifier ", " edge-agent "):
             assert part in names + " ", part
+        for child in children:  # every service logs in with its own account
+            if "specedge.cli" in child.cmdline():
+                assert "--credentials" in child.cmdline(), child.cmdline()
 
-        status = subprocess.run([*SPECEDGE, "status", "--nats-url", nats_url, "--json"], env=cli_env,
+        admin = pathlib.Path(accounts) / "specedge-admin.creds.json"
+        status = subprocess.run([*SPECEDGE, "status", "--nats-url", bus.without_login(nats_url),
+                                 "--credentials", str(admin), "--json"], env=cli_env,
                                 capture_output=True, text=True, timeout=60)
         roles = sorted(s["role"] for s in json.loads(status.stdout))
         # two shared-pool edges and the server-side drafter
@@ -69,7 +77,7 @@ def test_up_with_external_servers_starts_only_the_services(nats_url, redis_url, 
                             stderr=open(log_path, "wb"), text=True)
     try:
         line = proc.stdout.readline()
-        assert nats_url in line, log_path.read_text()
+        assert bus.redact(nats_url) in line, log_path.read_text()
         names = " ".join(" ".join(c.cmdline()) for c in descendants(proc.pid))
         assert "nats-server" not in names and "redis-server" not in names
     finally:

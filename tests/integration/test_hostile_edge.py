@@ -73,7 +73,7 @@ async def hostile_edge(nc, fingerprint: str, stop: asyncio.Event, sent: dict[str
 
     async def heartbeat() -> None:
         while not stop.is_set():
-            await nc.publish(subjects.registry_announce("edge-agent", me.instance_id), protocol.encode(me))
+            await nc.publish(registry.announce_subject(me), protocol.encode(me))
             await asyncio.sleep(0.5)
 
     asyncio.get_running_loop().create_task(heartbeat())

@@ -11,6 +11,7 @@ import psutil
 import pytest
 import redis
 
+from specedge.bus import without_login
 from specedge.launcher import Launcher, LauncherError, embedded_servers, find_nats_server, find_redis_server
 
 
@@ -25,7 +26,7 @@ def test_servers_start_healthy_work_and_stop_cleanly():
         redis_child = launcher.start_redis()
         pids = [nats_child.pid, redis_child.pid]
         workdir = launcher.workdir
-        assert nats_child.url.startswith("nats://127.0.0.1:")
+        assert nats_child.url.startswith("nats://specedge-admin:") and "@127.0.0.1:" in nats_child.url
 
         r = redis.Redis.from_url(redis_child.url)
         r.set("k", "v")
@@ -43,6 +44,12 @@ def test_servers_start_healthy_work_and_stop_cleanly():
 
         data, _ = asyncio.run(nats_round_trip())
         assert data == b"hello"
+
+        async def anonymous() -> None:  # authentication is on: no login, no connection
+            await nats.connect(without_login(nats_child.url), allow_reconnect=False, connect_timeout=2)
+
+        with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):
+            asyncio.run(anonymous())
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not pathlib.Path(workdir).exists()

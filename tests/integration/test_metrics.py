@@ -30,12 +30,15 @@ def test_metrics_add_up_across_gateway_scheduler_and_verifier(nats_url, redis_ur
         wait_for(lambda: httpx.get(f"{gateway}/health").status_code == 200, 30, "a healthy gateway")
         time.sleep(2.5)  # the scheduler hears the edge's heartbeat
         returned = prompt = 0
+        speculation = {"verifications": 0, "draft_tokens": 0, "accepted_tokens": 0}
         for i in range(3):
             reply = httpx.post(f"{gateway}/v1/chat/completions", timeout=120, json={
                 "model": "specedge-tiny-target", "max_tokens": 24, "temperature": 0,
                 "messages": [{"role": "user", "content": f"Write a function that checks case {i}."}]}).json()
             returned += reply["usage"]["completion_tokens"]
             prompt += reply["usage"]["prompt_tokens"]
+            for key in speculation:  # the reply's own speculative stats (extension field)
+                speculation[key] += reply["specedge"][key]
         gw = scrape(f"{gateway}/metrics")
         assert gw["specedge:generation_tokens_total"] == returned
         assert gw["specedge:prompt_tokens_total"] == prompt
@@ -57,6 +60,8 @@ def test_metrics_add_up_across_gateway_scheduler_and_verifier(nats_url, redis_ur
                       if k.startswith("specedge:spec_decode_num_accepted_tokens_per_pos_total"))
         assert per_pos == accepted
         assert drafts + accepted >= returned  # every cycle commits its accepted tokens and a bonus
+        # what the replies said about their speculation is what the scheduler counted
+        assert speculation == {"verifications": drafts, "draft_tokens": draft_tokens, "accepted_tokens": accepted}
         assert ver["specedge:verifier_busy_seconds_total"] > 0 and 0 < ver["specedge:verifier_busy_fraction"] <= 1
     finally:
         for proc in procs.values():

@@ -26,15 +26,19 @@ def test_top_level_lists_every_role_and_up():
 @pytest.mark.parametrize(
     ("role", "flags"),
     [
-        ("gateway", ["--nats-url", "--redis-url", "--host", "--port", "--tokenizer", "--max-context",
-                     "--require-api-key", "--max-concurrent-per-key", "--name", "--log-level"]),
-        ("scheduler", ["--nats-url", "--redis-url", "--max-batch", "--edge-timeout", "--verifier-timeout",
-                       "--draft-timeout", "--session-ttl", "--strategy", "--budget", "--server-budget", "--depth",
+        ("gateway", ["--nats-url", "--credentials", "--redis-url", "--host", "--port", "--tokenizer",
+                     "--max-context", "--require-api-key", "--max-concurrent-per-key", "--dashboard", "--name",
+                     "--log-level"]),
+        ("scheduler", ["--nats-url", "--credentials", "--redis-url", "--max-batch", "--edge-timeout",
+                       "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",
+                       "--budget", "--server-budget", "--depth",
                        "--metrics-port", "--name", "--log-level"]),
-        ("verifier", ["--nats-url", "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
+        ("verifier", ["--nats-url", "--credentials",
+                     "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--metrics-port",
                       "--name", "--log-level"]),
-        ("edge-agent", ["--nats-url", "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--user",
+        ("edge-agent", ["--nats-url", "--credentials",
+                     "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--user",
                         "--server-side", "--proactive", "--emulate-rtt-ms", "--name", "--log-level"]),
         ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--api-key", "--server-drafter",
                 "--ready-timeout", "--log-level"]),
@@ -47,7 +51,7 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         env = "SPECEDGE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert env in text, env
     options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter",
-                                                               "--no-proactive"}
+                                                               "--no-proactive", "--no-dashboard"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 
 

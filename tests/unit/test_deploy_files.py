@@ -5,6 +5,7 @@ Checks what `docker compose config` would not: that every service command is a r
 exists. When a `docker compose` plugin is present, its own validation runs too.
 """
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 from typer.main import get_command
 
 from specedge.cli import app
+from specedge.metrics import GatewayMetrics, SchedulerMetrics, VerifierMetrics
 from tests.conftest import REPO
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -112,3 +114,77 @@ def test_docker_compose_config_validates():
     result = subprocess.run(["docker", "compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_service_logs_in_to_nats_with_an_account_the_one_shot_creates():
+    services = COMPOSE["services"]
+    script = services["nats-auth"]["command"][-1]
+    created = {f"specedge-{role}" for role in ("gateway", "scheduler", "verifier")} if "nats-auth init" in script \
+        else set()
+    created |= {f"edge-{edge}" for edge in re.findall(r"add-edge (\S+)", script)}
+    expected = {"gateway": "specedge-gateway", "scheduler": "specedge-scheduler", "verifier": "specedge-verifier",
+                "verifier-gpu": "specedge-verifier", "server-drafter": "edge-server-drafter",
+                "edge-agent": "edge-demo-edge"}
+    for name, account in expected.items():
+        assert services[name]["environment"]["SPECEDGE_CREDENTIALS"] == f"/auth/{account}.creds.json", name
+        assert account in created, (name, account)
+        assert "nats-auth:/auth:ro" in services[name]["volumes"], name
+    assert "nats-auth:/etc/nats/auth:ro" in services["nats"]["volumes"]
+    assert re.search(r"^include auth/auth.conf$", (REPO / "services/nats/nats.conf").read_text(), re.M)
+    assert "--server-side" in script.split("add-edge server-drafter")[1].split("&&")[0]
+
+
+GRAFANA = REPO / "services/grafana"
+DASHBOARD = json.loads((GRAFANA / "dashboards/specedge.json").read_text())
+
+
+def exported_names() -> set[str]:
+    """Every series name the services export, as Prometheus stores them (`_total`, `_bucket`, …)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = set()
+    for metrics in (GatewayMetrics(), SchedulerMetrics(), VerifierMetrics()):
+        for family in metrics.registry.collect():
+            names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def mount_target(service: str, source: str) -> str:
+    return next(v.split(":")[1] for v in COMPOSE["services"][service]["volumes"] if v.startswith(source + ":"))
+
+
+def test_grafana_provisions_the_compose_prometheus_and_the_dashboard():
+    grafana = COMPOSE["services"]["grafana"]
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])  # pinned
+    sources = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    (prometheus,) = sources
+    port = COMPOSE["services"]["prometheus"]["ports"][0].split(":")[1]
+    assert prometheus["type"] == "prometheus" and prometheus["url"] == f"http://prometheus:{port}"
+    assert mount_target("grafana", "./services/grafana/provisioning") == "/etc/grafana/provisioning"
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning/dashboards/specedge.yml").read_text())["providers"]
+    assert provider["options"]["path"] == mount_target("grafana", "./services/grafana/dashboards")
+    assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"].startswith(provider["options"]["path"])
+    panels = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
+    assert DASHBOARD["uid"] and len({p["id"] for p in DASHBOARD["panels"]}) == len(DASHBOARD["panels"])
+    for panel in panels:
+        assert panel["datasource"]["uid"] == prometheus["uid"], panel["title"]
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+
+
+def test_the_dashboard_queries_only_metrics_the_services_export():
+    exported = exported_names()
+    jobs = {job["job_name"] for job in yaml.safe_load(
+        (REPO / "services/prometheus/prometheus.yml").read_text())["scrape_configs"]}
+    used = set()
+    for panel in DASHBOARD["panels"]:
+        for target in panel.get("targets", []):
+            used |= set(re.findall(r"specedge:[A-Za-z0-9_]+", target["expr"]))
+            assert set(re.findall(r'job="([^"]+)"', target["expr"])) <= jobs, target["expr"]
+    assert used and used <= exported, f"not exported: {sorted(used - exported)}"
+    # …and it covers the issue's list
+    for name in ("spec_decode_num_accepted_tokens_total", "spec_decode_num_draft_tokens_total",
+                 "spec_decode_num_drafts_total", "time_to_first_token_seconds_bucket",
+                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_bucket",
+                 "num_requests_running", "num_requests_waiting", "verifier_busy_fraction",
+                 "edge_round_trip_seconds_bucket", "edge_drafting_seconds_bucket", "rejected_messages_total",
+                 "server_side_fallbacks_total"):
+        assert "specedge:" + name in used, name

@@ -156,3 +156,61 @@ def test_no_tree_is_queued_before_the_session_is_prefilled():
     assert p.draft_arrived(tree("s1"), "e1") is not None
     p.draft_due("s1", 0.0)
     assert [t.session_id for t in p.server_side_trees()] == ["s1"]
+
+
+def test_a_session_taken_over_keeps_its_verifier_and_goes_on_from_its_committed_cycle():
+    p = policy()
+    p.assign("other", 10)  # v1 now has less room than v2 would after…
+    a = p.assign("orphan", 25, prefer="v1", cycle=3)  # …but the orphan's cache is on v1
+    p.draft_due("orphan", 0.0)
+    assert a.verifier == "v1" and (p.sessions["orphan"].cycle, p.sessions["orphan"].committed_len) == (3, 25)
+    assert a.edge is None  # the only edge is taken: server steps, from where it was
+    steps = {t.session_id: (t.cycle, t.committed_len) for t in p.server_side_trees()}
+    assert steps["orphan"] == (3, 25)
+    b = p.assign("moved", 12, prefer="gone-verifier", cycle=1)  # its verifier is gone: the one with most room
+    assert b.verifier == "v2" and p.sessions["moved"].cycle == 1
+
+
+def test_refusals_that_say_nothing_about_the_session_never_end_it():
+    p = policy()
+    opened(p, "s1", 10)
+    for _ in range(10 * SchedulingPolicy.MAX_REFUSALS):
+        assert p.refused(tree("s1"), count=False)
+        p.next_batch("v1")
+    assert p.sessions["s1"].refusals == 0
+
+
+def test_after_the_bus_was_down_nobody_is_expired_for_its_silence():
+    p = policy()
+    opened(p, "s1", 10)
+    p.seen_all(now=100)  # the first heartbeat after an outage
+    assert p.expire_verifiers(now=104) == {} and p.expire_edges(now=104) == {}
+    assert set(p.expire_edges(now=106)) == {"e1"}
+
+
+def test_the_draft_deadline_follows_the_edges_measured_turnaround():
+    p = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0)
+    p.verifier_seen("v1", capacity=4, now=0)
+    p.edge_seen("e1", capacity=4, now=0)
+    opened(p, "s1", 10)
+    assert p.expire_drafts(now=4.9) == {}  # a first tree: the edge prefills first, full timeout
+    now, length = 0.0, 10
+    for cycle in range(5):  # fast cycles: 50 ms turnaround
+        now += 0.05
+        assert p.draft_arrived(tree("s1", cycle, length), "e1", now=now) is None
+        p.next_batch("v1")
+        p.verified("s1", 2, now)
+        length += 2
+    assert p.expire_drafts(now=now + 0.9) == {}  # at least MIN_DRAFT_DEADLINE_S
+    assert p.expire_drafts(now=now + 1.1) == {"e1": ["s1"]}  # a dead edge: on within about a second
+    assert p.sessions["s1"].edge is None
+
+    slow = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0)
+    slow.verifier_seen("v1", capacity=4, now=0)
+    slow.edge_seen("e1", capacity=4, now=0)
+    opened(slow, "s1", 10)
+    assert slow.draft_arrived(tree("s1", 0, 10), "e1", now=0.8) is None  # a slow edge: 0.8 s per tree
+    slow.next_batch("v1")
+    slow.verified("s1", 2, 0.8)
+    assert slow.expire_drafts(now=0.8 + 3.1) == {}  # 4 × 0.8 s
+    assert slow.expire_drafts(now=0.8 + 3.3) == {"e1": ["s1"]}

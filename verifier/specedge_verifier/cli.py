@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import Device, Dtype, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
+from specedge.config import Credentials, Device, Dtype, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_verifier.settings import VerifierSettings
 
 
 def command(
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    credentials: Credentials = None,
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
     target: Annotated[str | None, typer.Option(
         "--target", envvar="SPECEDGE_TARGET",
@@ -32,7 +33,8 @@ def command(
     from specedge.service import run  # noqa: PLC0415
     from specedge_verifier.main import serve  # noqa: PLC0415
 
-    settings = build(VerifierSettings, nats_url=nats_url, redis_url=redis_url, metrics_port=metrics_port, name=name,
+    settings = build(VerifierSettings, nats_url=nats_url, credentials=credentials,
+                     redis_url=redis_url, metrics_port=metrics_port, name=name,
                      log_level=log_level, target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
                      max_sessions=max_sessions, max_len=max_len)
     run(functools.partial(serve, settings), settings.log_level)

@@ -84,8 +84,9 @@ class VerifierService:
         counters = {"busy_s": self.verifier.busy_s, "forward_passes": self.verifier.forward_passes,
                     "sessions": len(self.verifier.sessions), "reprefills": self.reprefills,
                     "evictions": self.evictions, "rejected": sum(self.reject.counts.values())}
+        now = time.monotonic()
         await self._reply(msg, ServiceStats(instance_id=self.instance_id, counters=counters,
-                                            spans=spans_since(self.spans, request.since)))
+                                            spans=spans_since(self.spans, request.cutoff(now)), now=now))
 
     async def _reply(self, msg: Msg, message: protocol.Message) -> None:
         if msg.reply:
@@ -153,7 +154,7 @@ class VerifierService:
             record = await self.store.load(tree.session_id)
         except Exception as exc:
             log.warning("cannot read session %s from Redis: %r", tree.session_id[:16], exc)
-            return "unknown_session"
+            return "state_unavailable"
         if record is None:
             return "unknown_session"
         if (record.cycle, len(record.tokens)) != (tree.cycle, tree.committed_len):

@@ -25,7 +25,8 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
                                **target.registry_details())
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(telemetry.tracing("verifier", me.instance_id, redis=True))  # flushed last
-        nc = await stack.enter_async_context(bus.connect(settings.nats_url, me.instance_id))
+        nc = await stack.enter_async_context(bus.connect(
+            settings.nats_url, me.instance_id, credentials=settings.credentials))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
         verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len)
         metrics = VerifierMetrics()
