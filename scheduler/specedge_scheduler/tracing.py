@@ -51,8 +51,9 @@ class SessionSpans:
         self.cycle = -1
         self.began_ns = 0  # when the current cycle began
         self.arrived: tuple[int, int] | None = None  # (cycle, when its draft arrived)
-        if telemetry.enabled() and (adopted_from is not None
-                                    or not trace.get_current_span(parent).get_span_context().is_valid):
+        self.on = telemetry.enabled()  # a session opened untraced stays so
+        if self.on and (adopted_from is not None
+                        or not trace.get_current_span(parent).get_span_context().is_valid):
             attributes = {"specedge.session.id": session_id}
             if adopted_from is not None:
                 attributes["specedge.adopted_from"] = adopted_from
@@ -62,7 +63,7 @@ class SessionSpans:
     @property
     def session_context(self) -> Context | None:
         """The session's own context (the opener's span, or our `session` span); None when not traced."""
-        return self.parent if telemetry.enabled() else None
+        return self.parent if self.on else None
 
     @property
     def context(self) -> Context | None:
@@ -70,7 +71,7 @@ class SessionSpans:
         return None if self.cycle_span is None else trace.set_span_in_context(self.cycle_span)
 
     def begin_cycle(self, cycle: int) -> None:
-        if not telemetry.enabled():
+        if not self.on:
             return
         self.cycle, self.began_ns = cycle, time.time_ns()
         self.cycle_span = tracer.start_span("cycle", context=self.parent, start_time=self.began_ns, attributes={
