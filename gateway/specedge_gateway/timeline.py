@@ -21,7 +21,7 @@ import time
 from nats.aio.client import Client
 
 from specedge import bus, protocol, registry, subjects
-from specedge.protocol import ServiceAnnouncement, ServiceStats, StatsRequest
+from specedge.protocol import ServiceAnnouncement, ServiceStats, StatsRequest, union_s
 
 log = logging.getLogger("specedge_gateway")
 
@@ -40,15 +40,6 @@ def merged(spans: list[list[float]], gap: float) -> list[list[float]]:
             out.append([start, end])
     return out
 
-
-def union_s(spans: list[list[float]]) -> float:
-    """Time covered by [start, end] intervals, overlaps counted once."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 class Timeline:

@@ -58,6 +58,7 @@ from specedge.protocol import (
     SessionOpened,
     StatsRequest,
     TokenEvent,
+    union_s,
 )
 
 log = logging.getLogger("specedge.bench")
@@ -251,15 +252,6 @@ class Bench:
         counts = [n for _, n in trace.events]
         return counts[:-1] if trace.finish_reason in ("length", "stop") and len(counts) > 1 else counts
 
-
-def union_s(spans: list[list[float]]) -> float:
-    """Total time covered by [start, end] intervals, overlaps counted once."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(spans):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 def _pin(pid: int, cores: list[int]) -> None:

@@ -214,6 +214,16 @@ def spans_since(spans, since: float) -> list[list[float]]:
     return [s for s in spans if s[0] >= since][-MAX_SPANS:]
 
 
+def union_s(spans: list[list[float]]) -> float:
+    """Time covered by [start, end] spans, overlaps counted once (a service's busy time)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 class ServiceStats(Message, frozen=True, kw_only=True):
     """A service's counters since it started (reply to a stats request): busy seconds in
     forward passes, passes, proactive hits, … — names are the service's own."""

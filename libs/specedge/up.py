@@ -127,7 +127,8 @@ def run_up(settings: UpSettings) -> int:
                 auth = launcher.nats_auth
                 for identity in edge_accounts(settings.edges, settings.server_drafter).values():
                     auth.add(identity)
-            nats_url = settings.nats_url or launcher.start_nats().url
+            nats_server = None if settings.nats_url else launcher.start_nats()
+            nats_url = settings.nats_url or nats_server.url
             redis_url = settings.redis_url or launcher.start_redis().url
             api_key = create_api_key(redis_url, settings.api_key)
         except (LauncherError, ConnectionError, ValueError) as exc:
@@ -161,7 +162,7 @@ def run_up(settings: UpSettings) -> int:
             f"SpecEdge is up: gateway {base} (OpenAI base URL {base}/v1); API key {api_key} ; "
             f"nats {bus.redact(nats_url)}; redis {redis_url};"
             + (f" NATS accounts in {auth.path} (add an edge: specedge nats-auth add-edge ID --dir {auth.path},"
-               f" then nats-server --signal reload);" if auth else "")
+               f" then kill -HUP {nats_server.pid});" if auth and nats_server else "")
             + " Ctrl-C stops everything.\n"
             f"Try: curl {base}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
             "-H 'Content-Type: application/json' "

@@ -4,11 +4,11 @@ speculative stats, span arithmetic, and the `--no-dashboard` switch."""
 from fastapi.testclient import TestClient
 
 from specedge.models import BUNDLED_TARGET, bundled
-from specedge.protocol import StatsRequest
+from specedge.protocol import StatsRequest, union_s
 from specedge_gateway.app import create_app
 from specedge_gateway.live import LiveStats, RequestStats, quantile
 from specedge_gateway.settings import GatewaySettings
-from specedge_gateway.timeline import merged, union_s
+from specedge_gateway.timeline import merged
 
 
 def test_request_stats_count_drafts_server_steps_and_ratios():
