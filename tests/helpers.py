@@ -54,6 +54,19 @@ def registered(nats_url: str, role: str, pid_hint: int | None = None) -> list[Se
     return found
 
 
+def wait_until_serving(nats_url: str, procs: dict[str, subprocess.Popen], gateway: str | None = None,
+                       timeout_s: float = 60) -> None:
+    """Each process registered under its role (its key in `procs`); with `gateway`, that
+    gateway healthy and one heartbeat more, so the scheduler has heard the edges."""
+    import httpx
+
+    for role, proc in procs.items():
+        wait_for(lambda r=role, p=proc: registered(nats_url, r, p.pid), timeout_s, role)
+    if gateway is not None:
+        wait_for(lambda: httpx.get(f"{gateway}/health").status_code == 200, 30, "a healthy gateway")
+        time.sleep(2.5)
+
+
 async def record_session(redis_url: str, session_id: str, tokens: list[int], **kwargs) -> None:
     """Create a session's Redis record, as the scheduler does before the verifier prefills it."""
     from specedge.protocol import SamplingSpec

@@ -5,14 +5,13 @@ queueing, the verification batch (and the verifier's pass under it) and the deli
 
 import collections
 import signal
-import time
 
 import httpx
 import openai
 import pytest
 
 from specedge.launcher import free_port
-from tests.helpers import registered, start_cli, wait_for
+from tests.helpers import start_cli, wait_until_serving
 from tests.otlp import Receiver, render
 
 pytestmark = pytest.mark.e2e
@@ -36,11 +35,8 @@ def test_one_streaming_request_is_one_trace_with_a_span_per_cycle(nats_url, redi
                                   "--port", str(port)], env, tmp_path / "gateway.log"),
         }
         try:
-            for role, proc in procs.items():
-                wait_for(lambda r=role, p=proc: registered(nats_url, r, p.pid), 60, role)
             base = f"http://127.0.0.1:{port}"
-            wait_for(lambda: httpx.get(f"{base}/health").status_code == 200, 30, "a healthy gateway")
-            time.sleep(2.5)  # the scheduler hears the edge's heartbeat
+            wait_until_serving(nats_url, procs, base)
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
             chunks = list(client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "Write a function that reverses a string."}],

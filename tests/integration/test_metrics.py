@@ -2,12 +2,11 @@
 vLLM's names under `specedge:`, and the counters add up across services."""
 
 import signal
-import time
 
 import httpx
 
 from specedge.launcher import free_port
-from tests.helpers import registered, scrape, start_cli, wait_for
+from tests.helpers import scrape, start_cli, wait_for, wait_until_serving
 
 
 def test_metrics_add_up_across_gateway_scheduler_and_verifier(nats_url, redis_url, cli_env, tmp_path):
@@ -24,11 +23,8 @@ def test_metrics_add_up_across_gateway_scheduler_and_verifier(nats_url, redis_ur
                               "--port", str(ports["gateway"])], cli_env, tmp_path / "gateway.log"),
     }
     try:
-        for role, proc in procs.items():
-            wait_for(lambda r=role, p=proc: registered(nats_url, r, p.pid), 60, role)
         gateway = f"http://127.0.0.1:{ports['gateway']}"
-        wait_for(lambda: httpx.get(f"{gateway}/health").status_code == 200, 30, "a healthy gateway")
-        time.sleep(2.5)  # the scheduler hears the edge's heartbeat
+        wait_until_serving(nats_url, procs, gateway)
         returned = prompt = 0
         speculation = {"verifications": 0, "draft_tokens": 0, "accepted_tokens": 0}
         for i in range(3):
