@@ -190,8 +190,11 @@ class EdgeService:
 
     async def _publish(self, tree: DraftTreeMsg) -> None:
         session_id = tree.session_id
+        scheduler = self._scheduler.get(session_id)
+        if scheduler is None:  # closed while its tree was being drafted: nobody wants it
+            return
         self._sent_at[session_id] = time.monotonic()
-        publish = bus.publish(self.nc, subjects.drafts(self.instance_id, self._scheduler[session_id]),
+        publish = bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
                               protocol.encode(tree), context=self._draft_span(tree))
         if self.one_way_delay_s:
             self._spawn(self._later(self.one_way_delay_s, publish))
