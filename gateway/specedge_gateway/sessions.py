@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from specedge import bus, protocol, subjects, telemetry
 from specedge.metrics import GatewayMetrics
-from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent
+from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent, cut_output
 from specedge.state import SessionStore
 from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import GenerationSpec, OpenAIError
@@ -206,12 +206,9 @@ class _Resync:
                               error="its end did not arrive and its record is gone (was the message bus or "
                                     "Redis restarted?); retry")
         self.misses = 0
-        output, eos = record.output, set(self.request.eos_ids)
-        end, reason = len(output), None
-        for i, token in enumerate(output):
-            if token in eos or i + 1 >= self.request.max_new_tokens:
-                end, reason = i + 1, "stop" if token in eos else "length"
-                break
+        output = record.output
+        kept, reason = cut_output(output, set(self.request.eos_ids), self.request.max_new_tokens)
+        end = len(kept)
         if end <= count and reason is None:
             return None
         if self.span is not None:

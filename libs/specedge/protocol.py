@@ -169,6 +169,20 @@ class SessionOpened(Message, frozen=True, kw_only=True):
     error: str | None = None
 
 
+def cut_output(tokens: list[int], eos_ids: set[int] | list[int], max_tokens: int) -> tuple[list[int], str | None]:
+    """What a caller gets of newly committed `tokens` — up to the first end-of-turn, at most
+    `max_tokens` (what is left of the request's) — and the finish reason if that ends the
+    output. The scheduler cuts its events so; the gateway cuts what it reads back from Redis."""
+    keep: list[int] = []
+    for token in tokens:
+        keep.append(token)
+        if token in eos_ids:
+            return keep, "stop"
+        if len(keep) >= max_tokens:
+            return keep, "length"
+    return keep, None
+
+
 class TokenEvent(Message, frozen=True, kw_only=True):
     """Newly committed output tokens; `index` is the output position of the first one.
 

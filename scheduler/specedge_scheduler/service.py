@@ -52,6 +52,7 @@ from specedge.protocol import (
     VerifyBatchReply,
     VerifyBatchRequest,
     VerifyResult,
+    cut_output,
 )
 from specedge.state import SessionStore
 from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
@@ -66,19 +67,6 @@ class _Output:
     eos_ids: set[int]
     spans: SessionSpans
     generated: int = 0
-
-
-def _cut(output: _Output, new: list[int]) -> tuple[list[int], str | None]:
-    """The part of newly committed tokens the caller gets — cut at end-of-turn or
-    `max_tokens` — and the finish reason, if that ends the session."""
-    keep: list[int] = []
-    for token in new:
-        keep.append(token)
-        if token in output.eos_ids:
-            return keep, "stop"
-        if output.generated + len(keep) >= output.max_new_tokens:
-            return keep, "length"
-    return keep, None
 
 
 _WHY = {"unknown_session": "its state is gone from Redis (expired, or Redis restarted without persistence)",
@@ -465,7 +453,7 @@ class SchedulerService:
         new = [*result.accepted, result.bonus]
         self.policy.verified(sid, len(new), time.monotonic())
         self._state_down.pop(sid, None)
-        keep, reason = _cut(output, new)
+        keep, reason = cut_output(new, output.eos_ids, output.max_new_tokens - output.generated)
         with output.spans.delivering(result, len(keep), reason) as delivery:
             await self._emit(sid, output, keep, reason, drafted, len(result.accepted), context=delivery)
             if reason is None:
@@ -480,7 +468,7 @@ class SchedulerService:
 
     async def _emit(self, sid: str, output: _Output, keep: list[int], reason: str | None, drafted: int = 0,
                     accepted: int = 0, context: otel_context.Context | None = None) -> None:
-        """Publish newly committed tokens (already `_cut`) as a `TokenEvent`, with the cycle's
+        """Publish newly committed tokens (already cut by `cut_output`) as a `TokenEvent`, with the cycle's
         drafted and accepted counts and the trace context of `context`. Ending a finished
         session is the caller's."""
         if keep or reason is not None:
@@ -548,7 +536,7 @@ class SchedulerService:
         if record.edge and record.edge != assignment.edge:  # it drafts for the dead scheduler
             await bus.publish(self.nc, subjects.edge_close(record.edge), protocol.encode(CloseSession(session_id=sid)),
                               context=spans.session_context)
-        keep, reason = _cut(output, record.output)
+        keep, reason = cut_output(record.output, output.eos_ids, output.max_new_tokens - output.generated)
         await self._emit(sid, output, keep, reason, context=spans.session_context)
         if reason is not None:
             await self._end(sid)
