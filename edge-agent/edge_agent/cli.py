@@ -34,6 +34,10 @@ def command(
     proactive: Annotated[bool | None, typer.Option(
         "--proactive/--no-proactive", envvar="SPECEDGE_PROACTIVE", show_default=False,
         help="Draft the next tree while one is out (default: on, off with --server-side).")] = None,
+    send_ahead: Annotated[bool, typer.Option(
+        "--send-ahead/--no-send-ahead", envvar="SPECEDGE_SEND_AHEAD",
+        help="Send a proactive tree as soon as it is drafted, before the result it guesses arrives "
+             "(verified at once if the guess was right).")] = True,
     emulate_rtt_ms: Annotated[float, typer.Option(
         "--emulate-rtt-ms", envvar="SPECEDGE_EMULATE_RTT_MS",
         help="Benchmarks: delay this edge's drafts and results by half this each way.")] = 0.0,
@@ -50,8 +54,8 @@ def command(
     settings = build(EdgeAgentSettings, nats_url=nats_url, credentials=credentials,
                      draft=draft or bundled(BUNDLED_DRAFT),
                      device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, user=user,
-                     server_side=server_side, proactive=proactive, emulate_rtt_ms=emulate_rtt_ms, name=name,
-                     log_level=log_level)
+                     server_side=server_side, proactive=proactive, send_ahead=send_ahead,
+                     emulate_rtt_ms=emulate_rtt_ms, name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)
 
 

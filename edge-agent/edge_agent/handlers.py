@@ -47,11 +47,15 @@ log = logging.getLogger("edge_agent")
 
 class EdgeService:
     def __init__(self, nc: Client, instance_id: str, drafter: Drafter, stop: asyncio.Event | None = None,
-                 proactive: bool = True, one_way_delay_s: float = 0.0) -> None:
+                 proactive: bool = True, one_way_delay_s: float = 0.0, send_ahead: bool = True) -> None:
         """`proactive`: draft ahead while a tree is out (off for a server-side drafter, which
-        has no network wait to hide); `one_way_delay_s`: emulate a WAN link (benchmarks)."""
+        has no network wait to hide); `send_ahead`: send a finished proactive tree before the
+        result comes (the scheduler verifies it at once if the guess was right);
+        `one_way_delay_s`: emulate a WAN link (benchmarks)."""
         self.nc, self.instance_id, self.drafter = nc, instance_id, drafter
         self.proactive, self.one_way_delay_s = proactive, one_way_delay_s
+        self.send_ahead = proactive and send_ahead
+        self.sent_ahead = 0
         self.drafts_sent = 0
         self.spans: deque[list[float]] = deque(maxlen=5000)  # recent drafting, for timelines
         self._to_draft: set[str] = set()  # sessions waiting for their next tree
@@ -86,6 +90,7 @@ class EdgeService:
         s = self.drafter.stats
         counters = {"busy_s": s.busy_s, "forward_passes": s.forward_passes, "proactive_hits": s.proactive_hits,
                     "proactive_attempts": s.proactive_attempts, "drafts_sent": self.drafts_sent,
+                    "sent_ahead": self.sent_ahead,
                     "sessions": len(self.drafter.sessions)}
         if msg.reply:
             now = time.monotonic()
@@ -146,6 +151,13 @@ class EdgeService:
             self._cycle_began(result.session_id, hit, arrived)
             if result.next_budget > 0 and result.next_depth > 0:
                 self.drafter.reshape(result.session_id, result.next_budget, result.next_depth)
+            if hit and self.drafter.sessions[result.session_id].current_sent:
+                # The tree for this cycle went out ahead and is verified already: draft the next one.
+                self._cycle.pop(result.session_id, None)
+                self.drafter.start_proactive(result.session_id)
+                self._drafting_ahead.add(result.session_id)
+                self._spawn(self._draft_ahead(result.session_id))
+                return
         await self._send_next(result.session_id)
 
     async def on_close(self, msg: Msg) -> None:
@@ -240,13 +252,23 @@ class EdgeService:
         running in its thread finishes before anything else touches the draft model.
         """
         while session_id in self._drafting_ahead:
+            ahead = None
             async with self._lock:
                 if session_id not in self._drafting_ahead or session_id not in self.drafter.sessions:
                     return
                 at = time.monotonic()
                 more = await asyncio.to_thread(self.drafter.proactive_step, session_id)
                 self.spans.append([at, time.monotonic()])
+                if not more and self.send_ahead and session_id in self._drafting_ahead:
+                    ahead = self.drafter.tree_ahead(session_id)  # finished before the result came
             if not more:
+                if ahead is not None and (scheduler := self._scheduler.get(session_id)) is not None:
+                    publish = bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler), protocol.encode(ahead))
+                    self.sent_ahead += 1
+                    if self.one_way_delay_s:
+                        self._spawn(self._later(self.one_way_delay_s, publish))
+                    else:
+                        await publish
                 return
             await asyncio.sleep(0)  # let a waiting result take the lock
 

@@ -33,7 +33,7 @@ async def serve(settings: EdgeAgentSettings, life: Lifecycle) -> None:
             settings.nats_url, me.instance_id, initial_timeout_s=None, credentials=settings.credentials))
         drafter = Drafter(draft.model, TreeParams(), max_sessions=settings.max_sessions, max_len=settings.max_len)
         service = EdgeService(nc, me.instance_id, drafter, stop=life.stop, proactive=settings.drafts_ahead,
-                              one_way_delay_s=settings.emulate_rtt_ms / 2000)
+                              one_way_delay_s=settings.emulate_rtt_ms / 2000, send_ahead=settings.send_ahead)
         await service.subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
         await life.serve_until_stopped()

@@ -16,6 +16,7 @@ class EdgeAgentSettings(ServiceSettings):
     user: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.@-]*$")  # owner; "" joins a pool
     server_side: bool = False  # a drafter the operator runs beside the verifiers (mode server-only)
     proactive: bool | None = None  # draft ahead while a tree is out (default: yes, unless server-side)
+    send_ahead: bool = True  # send a proactive tree finished before its result came (with proactive)
     emulate_rtt_ms: float = Field(default=0.0, ge=0)  # benchmarks: a WAN round trip on this edge's link
 
     @property

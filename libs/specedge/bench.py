@@ -140,6 +140,7 @@ class Run:
     cost_per_1k_tokens_usd: float
     proactive_hit_rate: float | None
     service_cpu_s: float = 0.0  # CPU time (user + system) of all services during the run
+    verify_batch_mean: float = 0.0  # trees per verification pass
 
 
 class Bench:
@@ -224,6 +225,7 @@ class Bench:
         # server drafter: they share a core, so their overlapping passes are counted once).
         server = [*self.ids["verifier"], *self.ids["server-drafter"]]
         busy = union_s([s for i in server for s in after[i].spans if started <= s[0] and s[1] <= started + wall])
+        passes = sum(1 for i in self.ids["verifier"] for s in after[i].spans if started <= s[0] <= started + wall)
         hits = attempts = 0.0
         if mode == "specedge":
             hits = sum(delta(e, "proactive_hits") for e in self.ids["edge"])
@@ -244,7 +246,7 @@ class Bench:
             ttft_ms_mean=1000 * statistics.fmean(t.events[0][0] - t.opened_at for t in traces),
             cost_per_1k_tokens_usd=1000 * dollars / max(tokens, 1),
             proactive_hit_rate=hits / attempts if attempts else (None if mode != "specedge" else 0.0),
-            service_cpu_s=cpu)
+            service_cpu_s=cpu, verify_batch_mean=sum(len(t.events) for t in traces) / passes if passes else 0.0)
 
     @staticmethod
     def _cycles(trace: SessionTrace) -> list[int]:

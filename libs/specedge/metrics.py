@@ -74,6 +74,8 @@ class SchedulerMetrics(_Metrics):
         self.batch_size = self.histogram("verify_batch_size", "Trees per verification batch.",
                                          (1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.rejected = self.counter("rejected_messages", "Messages refused, by reason.", ("reason",))
+        self.drafts_ahead = self.counter("drafts_sent_ahead", "Trees edges sent ahead of the previous cycle's "
+                                         "result, by outcome: used (the guess was right) or missed.", ("outcome",))
         self.fallbacks = self.counter("server_side_fallbacks", "Sessions moved to server steps, by cause.",
                                       ("cause",))
 

@@ -61,6 +61,9 @@ class DraftTreeMsg(Message, frozen=True, kw_only=True):
     `parents[i]` is -1 (the root: the session's last committed token) or an earlier index.
     `committed_len` is the committed length the tree extends; `cycle` counts verifications.
     No masks, no floats: the receiver rebuilds the attention mask from `parents`.
+    A tree *sent ahead* — drafted proactively and sent before the previous cycle's result
+    reached the edge — names in `assumed` what it guessed that cycle commits (accepted path
+    and bonus); the scheduler verifies it only if the guess was right.
     """
 
     session_id: str
@@ -69,12 +72,13 @@ class DraftTreeMsg(Message, frozen=True, kw_only=True):
     tokens: list[int]
     parents: list[int]
     draft_ms: float = 0.0  # the edge's own time spent drafting this tree (its clock; a duration)
+    assumed: list[int] = []  # a tree sent ahead: the tokens it assumes the previous cycle commits
 
     def problem(self, vocab_size: int, max_nodes: int) -> str | None:
         """Why this tree must be refused (a short reason for counters), or None if well formed."""
         if len(self.tokens) != len(self.parents):
             return "tree_shape"
-        if len(self.tokens) > max_nodes:
+        if len(self.tokens) > max_nodes or len(self.assumed) > max_nodes + 1:
             return "tree_too_large"
         if any(not 0 <= t < vocab_size for t in self.tokens):
             return "token_out_of_vocab"

@@ -11,8 +11,9 @@ simulator can drive it (`simulator.py`). Three batching strategies:
   one group is verified the others draft; the group with the oldest ready tree goes
   next, waiting only for drafts due within a small slack; each edge's next depth is the
   one with the most expected tokens per second of its cycle, from its measured
-  turnaround, drafting time and acceptance (`timing.EdgeTiming.best_depth`), and trees
-  shrink when the batch's nodes would cost more than `node_cost_share` of a pass
+  turnaround, drafting time and acceptance (`timing.EdgeTiming.best_depth`), and — when
+  the verifier is saturated (the other groups' verification outlasts an edge's turnaround)
+  — trees shrink so the batch's nodes cost at most `node_cost_share` of a pass
   (verification cost grows with batch × nodes).
 
 Vocabulary: a *verifier* holds sessions' target caches; an *edge* drafts for sessions —
@@ -28,6 +29,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -72,6 +74,8 @@ class SessionState:
     group: int = 0  # its phase, for the grouped strategies
     budget: int = 0  # the tree shape its edge was last asked for (0: the edge's default)
     depth: int = 0
+    ahead: DraftTreeMsg | None = None  # the next cycle's tree, sent ahead of this cycle's result
+    last_committed: tuple[int, ...] = ()  # what the last verified cycle committed (accepted + bonus)
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class SchedulingPolicy:
             return []
         for session_id in edge.sessions:
             self.sessions[session_id].edge = None
+            self.sessions[session_id].ahead = None
             self._edgeless.add(session_id)
         return sorted(edge.sessions)
 
@@ -190,7 +195,7 @@ class SchedulingPolicy:
                 edge = self.edges.get(state.edge)
                 if edge is not None:
                     edge.sessions.discard(state.session_id)
-                state.edge, state.waiting_since = None, None
+                state.edge, state.waiting_since, state.ahead = None, None, None
                 self._edgeless.add(state.session_id)
         return late
 
@@ -248,6 +253,8 @@ class SchedulingPolicy:
             return 2
         return self._group_count.get(verifier, 2)
 
+    GROUP_TOLERANCE = 0.15
+
     def _choose_groups(self, verifier: str) -> None:
         """Pipeline: pick K maximising sessions / cycle, where a cycle lasts the longer of K
         verifications of N/K sessions and one verification plus the edges' turnaround —
@@ -267,7 +274,10 @@ class SchedulingPolicy:
             return max(k * v, v + turnaround)
 
         least = max(1, math.ceil(n / self.max_batch))
-        best = min(range(least, least + 4), key=lambda k: (cycle(k), k))
+        shortest = min(cycle(k) for k in range(least, least + 4))
+        # The fewest groups whose cycle is within GROUP_TOLERANCE of the shortest: every pass
+        # has a fixed cost, so more groups buy a slightly shorter cycle with more server time.
+        best = min(k for k in range(least, least + 4) if cycle(k) <= (1 + self.GROUP_TOLERANCE) * shortest)
         if best != self._group_count.get(verifier, 2):
             self._group_count[verifier] = best
             for i, sid in enumerate(sorted(worker.sessions)):
@@ -305,6 +315,9 @@ class SchedulingPolicy:
         self._edgeless.discard(session_id)
         if state is None:
             return
+        queue = self._queues.get(state.verifier)
+        if queue and any(t.session_id == session_id for t in queue):  # e.g. a tree sent ahead, released
+            self._queues[state.verifier] = deque(t for t in queue if t.session_id != session_id)
         for worker in (self.verifiers.get(state.verifier), self.edges.get(state.edge or "")):
             if worker is not None:
                 worker.sessions.discard(session_id)
@@ -322,6 +335,9 @@ class SchedulingPolicy:
             return "unknown_session"
         if state.edge != from_edge:
             return "not_the_sessions_edge"
+        if tree.assumed:
+            if (reason := self._ahead_arrived(state, tree)) is not None or state.ahead is tree:
+                return reason
         if (tree.cycle, tree.committed_len) != (state.cycle, state.committed_len):
             return "stale_cycle"
         if state.in_flight:
@@ -332,6 +348,37 @@ class SchedulingPolicy:
             timing.add(now - state.waiting_since, draft_s, state.depth or self.depth)
         self._queues[state.verifier].append(tree)
         return None
+
+    def _ahead_arrived(self, state: SessionState, tree: DraftTreeMsg) -> str | None:
+        """A tree drafted from a guess of the current cycle's outcome (`tree.assumed`): held
+        while that cycle is in flight (one per session), or — its result already out —
+        treated as an ordinary tree if the guess was right. Returns why it is refused."""
+        if (tree.cycle, tree.committed_len) == (state.cycle + 1, state.committed_len + len(tree.assumed)):
+            if not state.in_flight:
+                return "stale_cycle"  # this cycle's own tree has not come: nothing to be ahead of
+            if state.ahead is not None:
+                return "duplicate_draft"
+            state.ahead = tree
+            return None
+        if (tree.cycle, tree.committed_len) == (state.cycle, state.committed_len) \
+                and tuple(tree.assumed) != state.last_committed:
+            return "missed_guess"
+        return None
+
+    def release_ahead(self, session_id: str) -> DraftTreeMsg | None:
+        """After `verified`: queue the tree sent ahead if its guess came true (the edge then
+        sends nothing more for this cycle) and return it; a wrong guess is dropped (the edge
+        drafts afresh when the result reaches it)."""
+        state = self.sessions.get(session_id)
+        if state is None or state.ahead is None:
+            return None
+        tree, state.ahead = state.ahead, None
+        if state.in_flight or (tree.cycle, tree.committed_len) != (state.cycle, state.committed_len) \
+                or tuple(tree.assumed) != state.last_committed:
+            return None
+        state.in_flight, state.waiting_since = True, None
+        self._queues[state.verifier].append(tree)
+        return tree
 
     def server_side_trees(self) -> list[DraftTreeMsg]:
         """Queue an empty tree (one autoregressive step) for each edgeless session waiting."""
@@ -354,7 +401,9 @@ class SchedulingPolicy:
             return []
         if self._cohort_incomplete(verifier, queue, now):
             return []
-        if self.strategy == "fifo":
+        if self._cohort_of(queue[0]) is not None:  # a server-side drafter's sessions: lockstep, any strategy
+            batch = self._take(queue, None, self._cohort_of(queue[0]))
+        elif self.strategy == "fifo":
             batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
         elif self.strategy == "two-groups":
             batch = self._strict_turn(verifier, queue, now)
@@ -370,9 +419,8 @@ class SchedulingPolicy:
         """A server-side drafter drafts its sessions together right after their results: verify
         them together too (lockstep, as a server running both models would), waiting up to
         `COHORT_WAIT_S` for the rest of its sessions on this verifier."""
-        head = self.sessions.get(queue[0].session_id)
-        drafter = self.edges.get(head.edge) if head is not None and head.edge is not None else None
-        if drafter is None or drafter.pool != "server":
+        drafter = self._cohort_of(queue[0])
+        if drafter is None:
             return False
         missing = any(not self.sessions[s].in_flight and self.sessions[s].verifier == verifier
                       for s in drafter.sessions if s in self.sessions)
@@ -381,13 +429,23 @@ class SchedulingPolicy:
         since = self._free_since.setdefault(verifier, now)
         return now - since < self.COHORT_WAIT_S
 
-    def _take(self, queue: deque[DraftTreeMsg], group: int | None) -> list[DraftTreeMsg]:
-        """Remove and return up to `max_batch` queued trees of one group (None: any), oldest first."""
+    def _cohort_of(self, tree: DraftTreeMsg) -> Worker | None:
+        """The server-side drafter that drafted this tree's session, if one did."""
+        state = self.sessions.get(tree.session_id)
+        drafter = self.edges.get(state.edge) if state is not None and state.edge is not None else None
+        return drafter if drafter is not None and drafter.pool == "server" else None
+
+    def _take(self, queue: deque[DraftTreeMsg], group: int | None,
+              drafter: Worker | None = None) -> list[DraftTreeMsg]:
+        """Remove and return up to `max_batch` queued trees of one group (None: any) — or of one
+        server-side drafter's sessions — oldest first."""
         taken, kept = [], deque()
         while queue:
             tree = queue.popleft()
             state = self.sessions.get(tree.session_id)
-            if len(taken) < self.max_batch and (group is None or state is None or state.group == group):
+            mine = (group is None or state is None or state.group == group) if drafter is None \
+                else tree.session_id in drafter.sessions
+            if len(taken) < self.max_batch and mine:
                 taken.append(tree)
             else:
                 kept.append(tree)
@@ -418,11 +476,10 @@ class SchedulingPolicy:
 
     def _ready_group(self, verifier: str, queue: deque[DraftTreeMsg], now: float) -> list[DraftTreeMsg]:
         """Pipeline: the group with the oldest ready tree. It waits for the group's missing
-        drafts only while that is cheaper than verifying them in a batch of their own: up to
-        one verification divided by the group's size, from the first ready tree."""
+        drafts due soon (`_slack`), from the first ready tree."""
         oldest = self.sessions.get(queue[0].session_id)
         group = oldest.group if oldest is not None else 0
-        slack = self._slack(verifier, group)
+        slack = self._slack(verifier, group, queue)
         due = self._due(verifier, group, now)
         if due is not None and due - now <= slack:
             since = self._free_since.setdefault(verifier, now)
@@ -430,7 +487,16 @@ class SchedulingPolicy:
                 return []
         return self._take(queue, group)
 
-    def _slack(self, verifier: str, group: int) -> float:
+    def _slack(self, verifier: str, group: int, queue: deque[DraftTreeMsg]) -> float:
+        """How long a group's batch may wait for its missing drafts. With other groups' trees
+        ready, only while that is cheaper than verifying the late ones in a batch of their
+        own: one verification divided by the group's size. With nothing else to do, up to one
+        verification: the verifier would idle anyway, and one full batch costs far less server
+        time than several small ones (each pass has a fixed cost) — a later draft goes on in
+        the next batch, so a slow edge never holds the others back for longer."""
+        others = any((s := self.sessions.get(t.session_id)) is not None and s.group != group for t in queue)
+        if not others:
+            return self._verify_estimate(verifier)
         members = max(1, min(self.max_batch, len(self._members(verifier, group))))
         return self._verify_estimate(verifier) / members
 
@@ -463,7 +529,7 @@ class SchedulingPolicy:
             return since + self.group_wait_s
         queue = self._queues[verifier]
         oldest = self.sessions.get(queue[0].session_id)
-        return since + self._slack(verifier, oldest.group if oldest is not None else 0)
+        return since + self._slack(verifier, oldest.group if oldest is not None else 0, queue)
 
     def _verify_estimate(self, verifier: str) -> float:
         cost, worker = self.costs.get(verifier), self.verifiers.get(verifier)
@@ -493,22 +559,37 @@ class SchedulingPolicy:
         k, worker = self.groups(state.verifier), self.verifiers.get(state.verifier)
         batch = max(1, min(self.max_batch, len(worker.sessions) // k if worker else 1))
         cost = self.costs.get(state.verifier)
+        timing = self.timings.get(state.edge)
         budget = self.budget
-        if cost is not None and cost.samples >= 4 and cost.per_node_s > 0:
+        if cost is not None and cost.samples >= 4 and cost.per_node_s > 0 and \
+                self._saturated(k, cost.seconds(batch * (budget + 1)), timing):
             affordable = self.node_cost_share * cost.base_s / cost.per_node_s / batch - 1
             budget = max(self.min_budget, min(self.budget, int(affordable)))
         verify_s = cost.seconds(batch * (budget + 1)) if cost is not None else 0.05
-        timing = self.timings.get(state.edge)
         depth = timing.best_depth(verify_s, (k - 1) * verify_s, self.depth) if timing is not None else self.depth
         state.budget, state.depth = budget, min(depth, budget) if budget else depth
         return state.budget, state.depth
 
-    def verified(self, session_id: str, new_tokens: int, now: float | None = None) -> None:
-        """A result for the session's current cycle came back with `new_tokens` committed;
-        its edge's next draft is due from `now` (None: no draft deadline)."""
+    @staticmethod
+    def _saturated(groups: int, verify_s: float, timing: EdgeTiming | None) -> bool:
+        """Whether the verifier, not the edges, sets the pace with full-size trees: the other
+        groups' verification outlasts this edge's turnaround (round trip and drafting). Only
+        then do trees shrink; an idle verifier gains nothing from smaller trees."""
+        if timing is None or timing.turnaround_s is None:
+            return groups > 1
+        return (groups - 1) * verify_s > timing.turnaround_s
+
+    def verified(self, session_id: str, new_tokens: int | Sequence[int], now: float | None = None) -> None:
+        """A result for the session's current cycle came back committing `new_tokens` (the
+        tokens, or only their count); its edge's next draft is due from `now` (None: no draft
+        deadline) — unless a tree sent ahead is released (`release_ahead`)."""
         state = self.sessions.get(session_id)
         if state is None:
             return
+        if not isinstance(new_tokens, int):
+            state.last_committed, new_tokens = tuple(new_tokens), len(new_tokens)
+        else:
+            state.last_committed = ()
         state.cycle += 1
         state.committed_len += new_tokens
         state.in_flight = False

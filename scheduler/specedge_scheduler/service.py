@@ -297,8 +297,15 @@ class SchedulerService:
         state, now = self.policy.sessions.get(tree.session_id), time.monotonic()
         waiting_since = state.waiting_since if state is not None else None
         if (reason := self.policy.draft_arrived(tree, edge, now, tree.draft_ms / 1000)) is not None:
-            self.reject(reason, f"a draft from {edge}")
+            if reason == "missed_guess":  # sent ahead on a guess that did not come true: not an offence
+                self.metrics.drafts_ahead.labels("missed").inc()
+            else:
+                self.reject(reason, f"a draft from {edge}")
             return
+        if state is not None and state.ahead is tree:
+            return  # held until this cycle's result says whether its guess came true
+        if tree.assumed:
+            self.metrics.drafts_ahead.labels("used").inc()
         if (output := self._outputs.get(tree.session_id)) is not None:
             output.spans.draft_arrived(tree.cycle)
         self.metrics.edge_drafting.observe(tree.draft_ms / 1000)
@@ -451,13 +458,20 @@ class SchedulerService:
         if output is None or state is None:
             return  # closed meanwhile
         new = [*result.accepted, result.bonus]
-        self.policy.verified(sid, len(new), time.monotonic())
+        self.policy.verified(sid, new, time.monotonic())
         self._state_down.pop(sid, None)
         keep, reason = cut_output(new, output.eos_ids, output.max_new_tokens - output.generated)
+        held = state.ahead is not None and reason is None
+        if (ahead := self.policy.release_ahead(sid) if held else None) is not None:
+            self._wake.set()
+        if held:
+            self.metrics.drafts_ahead.labels("used" if ahead is not None else "missed").inc()
         with output.spans.delivering(result, len(keep), reason) as delivery:
             await self._emit(sid, output, keep, reason, drafted, len(result.accepted), context=delivery)
             if reason is None:
                 output.spans.begin_cycle(result.cycle + 1)
+                if ahead is not None:
+                    output.spans.draft_arrived(ahead.cycle)
                 if state.edge is not None:
                     budget, depth = self.policy.shape_for(sid)
                     result = msgspec.structs.replace(result, next_budget=budget, next_depth=depth)

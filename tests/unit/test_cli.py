@@ -39,7 +39,7 @@ def test_top_level_lists_every_role_and_up():
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--credentials",
                      "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--user",
-                        "--server-side", "--proactive", "--emulate-rtt-ms", "--name", "--log-level"]),
+                        "--server-side", "--proactive", "--send-ahead", "--emulate-rtt-ms", "--name", "--log-level"]),
         ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--api-key", "--server-drafter",
                 "--ready-timeout", "--log-level"]),
     ],
@@ -51,7 +51,8 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         env = "SPECEDGE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert env in text, env
     options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter",
-                                                               "--no-proactive", "--no-dashboard"}
+                                                               "--no-proactive", "--no-send-ahead",
+                                                               "--no-dashboard"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 
 

@@ -128,6 +128,7 @@ class _Proactive:
     job: TreeJob
     steps: Iterator[int]
     done: bool = False
+    sent: bool = False  # sent ahead of the current tree's result (`tree_ahead`)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class _DraftSession:
     cycle: int = 0
     current: BuiltTree | None = None
     proactive: _Proactive | None = None
+    current_sent: bool = False  # `current` already went out (sent ahead, and its guess was right)
 
 
 @dataclass
@@ -248,6 +250,23 @@ class Drafter:
             proactive.done = True
         return not proactive.done
 
+    def tree_ahead(self, session_id: str) -> DraftTreeMsg | None:
+        """The finished proactive tree as a message to send before the current tree's result
+        arrives — naming the guessed outcome it assumes — or None (not finished, already
+        sent, or no guess). The scheduler verifies it only if the guess comes true, and then
+        `on_result` does not ask for it again (`current_sent`)."""
+        session = self.sessions[session_id]
+        proactive = session.proactive
+        if proactive is None or not proactive.done or proactive.sent:
+            return None
+        proactive.sent = True
+        tree = proactive.job.tree()
+        built = session.current.tree
+        assumed = [*(built.tokens[i] for i in proactive.guess_path), proactive.guess_bonus]
+        return DraftTreeMsg(session_id=session_id, cycle=session.cycle + 1,
+                            committed_len=len(session.committed) + len(assumed), tokens=list(tree.tokens),
+                            parents=list(tree.parents), assumed=assumed)
+
     def on_result(self, result: VerifyResult) -> bool:
         """Apply a verification result; returns whether the proactive guess was a hit."""
         session = self.sessions[result.session_id]
@@ -267,10 +286,11 @@ class Drafter:
             keep = [ahead.root_scratch, *ahead.node_scratch]
             self.runner.commit(result.session_id, scratch_path, keep)
             session.current = BuiltTree(ahead.tree, 0, list(range(1, len(keep))))
+            session.current_sent = proactive.sent
             self.stats.proactive_hits += 1
         else:
             self.runner.commit(result.session_id, scratch_path)
-            session.current = None
+            session.current, session.current_sent = None, False
         return hit
 
 
