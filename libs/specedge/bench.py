@@ -5,7 +5,8 @@ Starts real nats-server and redis-server, one verifier, a scheduler, a server-si
 of the largest batch size (each with `--emulate-rtt-ms`: the WAN on the edge link), all
 as `specedge` processes with one torch thread each. Where the machine has two cores or
 more, the server side (verifier, server drafter) is pinned to the first core and the
-edges to the others, so that edges do not borrow the server's time.
+edges — with nats-server, redis-server, the scheduler and the benchmark's own clients — to
+the others, so that nothing borrows the server's time.
 
 For each batch size B, mode and category, it runs the category's prompts B at a time as
 concurrent sessions on the bus (first turn, chat template, greedy) and measures: tokens
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -81,7 +83,8 @@ class BenchSettings(BaseModel):
     budget: int = Field(default=32, ge=1)
     server_budget: int = Field(default=64, ge=1)  # the paper's server-only baseline
     depth: int = Field(default=4, ge=1)
-    strategy: str = "fifo"
+    server_depth: int = Field(default=4, ge=1)  # the paper's server-only baseline
+    strategy: str = "pipeline"
     otlp_endpoint: str | None = None  # the services' OTEL_EXPORTER_OTLP_ENDPOINT (default: inherited)
     out: Path = Path("bench-out")
     target: str = Field(default_factory=lambda: bundled(BUNDLED_TARGET))
@@ -281,7 +284,8 @@ def tracing_of(env: dict[str, str]) -> str:
 
 def deploy(launcher: Launcher, settings: BenchSettings) -> tuple[str, dict[str, list[str]], list[int]]:
     """Start servers and services; returns the NATS URL, instance ids by role, and the cores used."""
-    nats_url, redis_url = launcher.start_nats().url, launcher.start_redis().url
+    nats, redis = launcher.start_nats(), launcher.start_redis()
+    nats_url, redis_url = nats.url, redis.url
     cli = [sys.executable, "-m", "specedge.cli"]
     env = service_env(settings)
     edges = max(settings.batch_sizes)
@@ -297,14 +301,17 @@ def deploy(launcher: Launcher, settings: BenchSettings) -> tuple[str, dict[str, 
     others = [launcher.spawn("scheduler", [*cli, "scheduler", *common, "--redis-url", redis_url, "--max-batch",
                                            str(edges), "--budget", str(settings.budget), "--server-budget",
                                            str(settings.server_budget), "--depth",
-                                           str(settings.depth), "--strategy", settings.strategy], env=env)]
+                                           str(settings.depth), "--server-depth", str(settings.server_depth),
+                                           "--strategy", settings.strategy], env=env)]
     others += [launcher.spawn(f"edge-{i}", [*cli, "edge-agent", *common, "--draft", settings.draft, "--max-sessions",
                                             "1", "--emulate-rtt-ms", str(settings.rtt_ms), "--name", f"edge-{i}"],
                               env=env) for i in range(edges)]
     for child in server:
         _pin(child.process.pid, server_cores)
-    for child in others:
+    for child in (*others, nats, redis):
         _pin(child.process.pid, edge_cores)
+    if len(cores) > 1:  # this process (the clients) too: the server core is the server side's alone
+        os.sched_setaffinity(0, edge_cores)
     pids = {child.process.pid: child.name for child in server + others}
 
     async def registered() -> dict[str, list[str]]:
@@ -347,8 +354,8 @@ def report_table(runs: list[Run], settings: BenchSettings) -> str:
 
 def summary_table(runs: list[Run]) -> str:
     """Per mode and batch size, over categories: the ratios the issue's goals are about."""
-    lines = ["| batch | mode | tokens/verify | server tok/s (busy) | × server-only | ITL ms | × server-only ITL |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| batch | mode | tokens/verify | server tok/s (busy) | × server-only | ITL ms | × server-only ITL "
+             "| trees/pass |", "|---|---|---|---|---|---|---|---|"]
     for batch in sorted({r.batch_size for r in runs}):
         rows = {m: [r for r in runs if r.batch_size == batch and r.mode == m] for m in MODES}
         base = rows.get("server-only") or []
@@ -361,9 +368,13 @@ def summary_table(runs: list[Run]) -> str:
                 continue
             thr, itl = mean(rows[mode], "server_throughput_tok_s"), mean(rows[mode], "itl_ms_mean")
             lines.append(f"| {batch} | {mode} | {mean(rows[mode], 'tokens_per_verify_mean'):.2f} | {thr:.1f} | "
-                         f"{thr / mean(base, 'server_throughput_tok_s'):.2f}× | {itl:.1f} | "
-                         f"{itl / mean(base, 'itl_ms_mean'):.2f}× |")
+                         f"{_ratio(thr, mean(base, 'server_throughput_tok_s'))} | {itl:.1f} | "
+                         f"{_ratio(itl, mean(base, 'itl_ms_mean'))} | {mean(rows[mode], 'verify_batch_mean'):.2f} |")
     return "\n".join(lines)
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}×" if base and not math.isnan(base) else "—"
 
 
 def plots(runs: list[Run], timeline: dict[str, list[list[float]]], out: Path) -> list[str]:
@@ -464,7 +475,8 @@ def run_bench(settings: BenchSettings) -> int:
     report = [f"# specedge bench — {time.strftime('%Y-%m-%d')}", "", f"Command: `{command}`", "",
               f"{sum(len(p) for p in encoded.values())} prompts ({', '.join(encoded)}), {settings.max_tokens} new "
               f"tokens, greedy, tree budget {settings.budget} (server-only: "
-              f"{settings.server_budget}, as the paper's baseline) depth {settings.depth}, "
+              f"{settings.server_budget}, as the paper's baseline) depth {settings.depth} (server-only: "
+              f"{settings.server_depth}), "
               f"emulated RTT {settings.rtt_ms} ms, "
               f"{len(cores)} cores ({settings_out['pinning']}); tracing {settings_out['tracing']}; "
               f"{time.monotonic() - started:.0f} s.",

@@ -69,7 +69,13 @@ def bench(
     rtt_ms: float = typer.Option(14.0, "--rtt-ms", min=0.0, help="Round trip emulated on each edge's link."),
     server_price_per_h: float = typer.Option(5.05, "--server-price-per-h", min=0.0, help="Server $/hour."),
     edge_price_per_h: float = typer.Option(0.35, "--edge-price-per-h", min=0.0, help="Edge $/hour."),
-    strategy: str = typer.Option("fifo", "--strategy", help="The scheduler's strategy: fifo, two-groups, pipeline."),
+    strategy: str = typer.Option("pipeline", "--strategy",
+                                 help="The scheduler's strategy: pipeline, fifo, two-groups."),
+    budget: int = typer.Option(32, "--budget", min=1, help="Edges' draft tree size."),
+    depth: int = typer.Option(4, "--depth", min=1, help="Edges' draft tree depth."),
+    server_budget: int = typer.Option(64, "--server-budget", min=1, help="The server drafter's tree size "
+                                      "(server-only; the paper's baseline: 64)."),
+    server_depth: int = typer.Option(4, "--server-depth", min=1, help="The server drafter's tree depth."),
     quick: bool = typer.Option(False, "--quick", help="3 categories, 2 prompts each, 32 tokens, batch 1,2."),
     otlp_endpoint: str | None = typer.Option(None, "--otlp-endpoint", help="Trace the services: OTLP/HTTP "
                                              "to this URL (default: their inherited OTEL_* environment)."),
@@ -87,7 +93,8 @@ def bench(
     try:
         settings = BenchSettings(modes=tuple(m.strip() for m in modes.split(",")), prompts=prompts, rtt_ms=rtt_ms,
                                  server_price_per_h=server_price_per_h, edge_price_per_h=edge_price_per_h,
-                                 strategy=strategy, otlp_endpoint=otlp_endpoint, out=out,
+                                 strategy=strategy, budget=budget, depth=depth, server_budget=server_budget,
+                                 server_depth=server_depth, otlp_endpoint=otlp_endpoint, out=out,
                                  **{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -45,6 +45,9 @@ def command(
     = 0,
     depth: Annotated[int, typer.Option(
         "--depth", envvar="SPECEDGE_DEPTH", help="Draft tree depth edges are asked for.")] = 4,
+    server_depth: Annotated[int, typer.Option(
+        "--server-depth", envvar="SPECEDGE_SERVER_DEPTH",
+        help="Tree depth for server-side drafters (0: same as --depth).")] = 0,
     metrics_port: MetricsPort = 0,
     name: Name = None,
     log_level: LogLevelOpt = "info",
@@ -58,6 +61,7 @@ def command(
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
                      draft_timeout_s=draft_timeout, request_timeout_s=request_timeout,
                      session_ttl_s=session_ttl, strategy=strategy, budget=budget,
-                     server_budget=server_budget, depth=depth, metrics_port=metrics_port, name=name,
+                     server_budget=server_budget, depth=depth, server_depth=server_depth,
+                     metrics_port=metrics_port, name=name,
                      log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

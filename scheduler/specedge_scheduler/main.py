@@ -29,7 +29,8 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
                                   verifier_timeout_s=settings.verifier_timeout_s,
                                   draft_timeout_s=settings.draft_timeout_s, strategy=settings.strategy,
                                   budget=settings.budget, depth=settings.depth,
-                                  server_budget=settings.server_budget or None)
+                                  server_budget=settings.server_budget or None,
+                                  server_depth=settings.server_depth or None)
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
         metrics = SchedulerMetrics()
         metrics.serve(settings.metrics_port)

@@ -98,13 +98,14 @@ class SchedulingPolicy:
     def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0,
                  draft_timeout_s: float = 5.0, strategy: Strategy = "fifo", budget: int = 32, depth: int = 4,
                  min_budget: int = 4, node_cost_share: float = 1.0, group_wait_s: float = 0.5,
-                 server_budget: int | None = None) -> None:
+                 server_budget: int | None = None, server_depth: int | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
         self.max_batch, self.edge_timeout_s, self.verifier_timeout_s = max_batch, edge_timeout_s, verifier_timeout_s
         self.draft_timeout_s, self.strategy = draft_timeout_s, strategy
         self.budget, self.depth, self.min_budget = budget, depth, min_budget
         self.server_budget = server_budget or budget  # trees of server-side drafters (the paper's baseline: 64)
+        self.server_depth = server_depth or depth
         self.node_cost_share, self.group_wait_s = node_cost_share, group_wait_s
         self.costs: dict[str, VerificationCost] = {}  # per verifier
         self.timings: dict[str, EdgeTiming] = {}  # per edge
@@ -553,7 +554,7 @@ class SchedulingPolicy:
         state = self.sessions.get(session_id)
         drafter = self.edges.get(state.edge) if state is not None and state.edge is not None else None
         if drafter is not None and drafter.pool == "server":
-            return self.server_budget, self.depth
+            return self.server_budget, self.server_depth
         if state is None or self.strategy != "pipeline" or state.edge is None:
             return self.budget, self.depth
         k, worker = self.groups(state.verifier), self.verifiers.get(state.verifier)

@@ -250,7 +250,7 @@ class SchedulerService:
         if assignment.edge is not None:
             await bus.publish(self.nc, subjects.edge_assign(assignment.edge), protocol.encode(
                 DraftAssign(session_id=sid, tokens=request.tokens, scheduler=self.instance_id,
-                            **{**self.draft_shape, "budget": self.policy.shape_for(sid)[0]})), context=spans.context)
+                            **self._shape(sid))), context=spans.context)
         await msg.respond(protocol.encode(SessionOpened(session_id=sid, verifier=assignment.verifier,
                                                         edge=assignment.edge)))
         self._wake.set()
@@ -289,6 +289,11 @@ class SchedulerService:
                                finish_reason="error", error=error)
             await bus.publish(self.nc, subjects.session_tokens(session_id), protocol.encode(event))
         await self._end(session_id, error)
+
+    def _shape(self, session_id: str) -> dict[str, int]:
+        """The tree shape a session's edge is asked for on assignment."""
+        budget, depth = self.policy.shape_for(session_id)
+        return {**self.draft_shape, "budget": budget, "depth": depth}
 
     async def on_draft(self, msg: Msg) -> None:
         edge = msg.subject.split(".")[-2]
@@ -560,5 +565,5 @@ class SchedulerService:
         if assignment.edge is not None:
             await bus.publish(self.nc, subjects.edge_assign(assignment.edge), protocol.encode(
                 DraftAssign(session_id=sid, tokens=record.tokens, scheduler=self.instance_id,
-                            **{**self.draft_shape, "budget": self.policy.shape_for(sid)[0]})), context=spans.context)
+                            **self._shape(sid))), context=spans.context)
         self._wake.set()

@@ -19,4 +19,5 @@ class SchedulerSettings(RedisServiceSettings):
     budget: int = Field(default=32, ge=0)
     server_budget: int = Field(default=0, ge=0)  # 0: same as budget
     depth: int = Field(default=4, ge=0)
+    server_depth: int = Field(default=0, ge=0)  # 0: same as depth
     metrics_port: int = Field(default=0, ge=0, le=65535)  # /metrics on this port (0: off)
