@@ -55,7 +55,7 @@ class EdgeService:
         self.nc, self.instance_id, self.drafter = nc, instance_id, drafter
         self.proactive, self.one_way_delay_s = proactive, one_way_delay_s
         self.send_ahead = proactive and send_ahead
-        self.sent_ahead = 0
+        self.sent_ahead = self.ahead_used = 0  # trees sent ahead; those whose guess came true
         self.drafts_sent = 0
         self.spans: deque[list[float]] = deque(maxlen=5000)  # recent drafting, for timelines
         self._to_draft: set[str] = set()  # sessions waiting for their next tree
@@ -90,7 +90,7 @@ class EdgeService:
         s = self.drafter.stats
         counters = {"busy_s": s.busy_s, "forward_passes": s.forward_passes, "proactive_hits": s.proactive_hits,
                     "proactive_attempts": s.proactive_attempts, "drafts_sent": self.drafts_sent,
-                    "sent_ahead": self.sent_ahead,
+                    "sent_ahead": self.sent_ahead, "ahead_used": self.ahead_used,
                     "sessions": len(self.drafter.sessions)}
         if msg.reply:
             now = time.monotonic()
@@ -153,6 +153,7 @@ class EdgeService:
                 self.drafter.reshape(result.session_id, result.next_budget, result.next_depth)
             if hit and self.drafter.sessions[result.session_id].current_sent:
                 # The tree for this cycle went out ahead and is verified already: draft the next one.
+                self.ahead_used += 1
                 self._cycle.pop(result.session_id, None)
                 self.drafter.start_proactive(result.session_id)
                 self._drafting_ahead.add(result.session_id)

@@ -254,7 +254,7 @@ class SchedulingPolicy:
             return 2
         return self._group_count.get(verifier, 2)
 
-    GROUP_TOLERANCE = 0.15
+    GROUP_TOLERANCE = 0.3
 
     def _choose_groups(self, verifier: str) -> None:
         """Pipeline: pick K maximising sessions / cycle, where a cycle lasts the longer of K
@@ -277,7 +277,9 @@ class SchedulingPolicy:
         least = max(1, math.ceil(n / self.max_batch))
         shortest = min(cycle(k) for k in range(least, least + 4))
         # The fewest groups whose cycle is within GROUP_TOLERANCE of the shortest: every pass
-        # has a fixed cost, so more groups buy a slightly shorter cycle with more server time.
+        # has a fixed cost, so more groups spend more server time per token; they must buy a
+        # clearly shorter cycle (on a GPU, where a pass costs about the same for any batch,
+        # this is always the fewest groups).
         best = min(k for k in range(least, least + 4) if cycle(k) <= (1 + self.GROUP_TOLERANCE) * shortest)
         if best != self._group_count.get(verifier, 2):
             self._group_count[verifier] = best
@@ -333,7 +335,7 @@ class SchedulingPolicy:
         drafting time `draft_s` feed the edge's timing."""
         state = self.sessions.get(tree.session_id)
         if state is None:
-            return "unknown_session"
+            return "ahead_unused" if tree.assumed else "unknown_session"  # sent ahead; the session ended
         if state.edge != from_edge:
             return "not_the_sessions_edge"
         if tree.assumed:
@@ -353,7 +355,8 @@ class SchedulingPolicy:
     def _ahead_arrived(self, state: SessionState, tree: DraftTreeMsg) -> str | None:
         """A tree drafted from a guess of the current cycle's outcome (`tree.assumed`): held
         while that cycle is in flight (one per session), or — its result already out —
-        treated as an ordinary tree if the guess was right. Returns why it is refused."""
+        treated as an ordinary tree if the guess was right. Returns why it is refused
+        (`ahead_unused`: a wrong guess, or its session ended — no offence)."""
         if (tree.cycle, tree.committed_len) == (state.cycle + 1, state.committed_len + len(tree.assumed)):
             if not state.in_flight:
                 return "stale_cycle"  # this cycle's own tree has not come: nothing to be ahead of
@@ -361,9 +364,9 @@ class SchedulingPolicy:
                 return "duplicate_draft"
             state.ahead = tree
             return None
-        if (tree.cycle, tree.committed_len) == (state.cycle, state.committed_len) \
-                and tuple(tree.assumed) != state.last_committed:
-            return "missed_guess"
+        if tree.cycle == state.cycle and (tree.committed_len, tuple(tree.assumed)) != \
+                (state.committed_len, state.last_committed):
+            return "ahead_unused"  # it came after the result, which its guess did not match
         return None
 
     def release_ahead(self, session_id: str) -> DraftTreeMsg | None:
@@ -563,7 +566,7 @@ class SchedulingPolicy:
         timing = self.timings.get(state.edge)
         budget = self.budget
         if cost is not None and cost.samples >= 4 and cost.per_node_s > 0 and \
-                self._saturated(k, cost.seconds(batch * (budget + 1)), timing):
+                self._saturated(k, cost.seconds(batch * (self.budget + 1)), timing):
             affordable = self.node_cost_share * cost.base_s / cost.per_node_s / batch - 1
             budget = max(self.min_budget, min(self.budget, int(affordable)))
         verify_s = cost.seconds(batch * (budget + 1)) if cost is not None else 0.05
@@ -571,14 +574,17 @@ class SchedulingPolicy:
         state.budget, state.depth = budget, min(depth, budget) if budget else depth
         return state.budget, state.depth
 
-    @staticmethod
-    def _saturated(groups: int, verify_s: float, timing: EdgeTiming | None) -> bool:
-        """Whether the verifier, not the edges, sets the pace with full-size trees: the other
-        groups' verification outlasts this edge's turnaround (round trip and drafting). Only
-        then do trees shrink; an idle verifier gains nothing from smaller trees."""
+    SATURATED = 0.8  # predicted busy share of the verifier from which trees shrink
+
+    def _saturated(self, groups: int, verify_s: float, timing: EdgeTiming | None) -> bool:
+        """Whether the verifier is under heavy load with full-size trees: busy for at least
+        `SATURATED` of a cycle, which lasts the longer of all groups' verification and one
+        verification plus this edge's turnaround (round trip and drafting). Only then do trees
+        shrink: a verifier with time to spare gains nothing from smaller trees."""
         if timing is None or timing.turnaround_s is None:
             return groups > 1
-        return (groups - 1) * verify_s > timing.turnaround_s
+        busy = groups * verify_s
+        return busy >= self.SATURATED * max(busy, verify_s + timing.turnaround_s)
 
     def verified(self, session_id: str, new_tokens: int | Sequence[int], now: float | None = None) -> None:
         """A result for the session's current cycle came back committing `new_tokens` (the

@@ -302,7 +302,7 @@ class SchedulerService:
         state, now = self.policy.sessions.get(tree.session_id), time.monotonic()
         waiting_since = state.waiting_since if state is not None else None
         if (reason := self.policy.draft_arrived(tree, edge, now, tree.draft_ms / 1000)) is not None:
-            if reason == "missed_guess":  # sent ahead on a guess that did not come true: not an offence
+            if reason == "ahead_unused":  # sent ahead on a guess that did not come true: no offence
                 self.metrics.drafts_ahead.labels("missed").inc()
             else:
                 self.reject(reason, f"a draft from {edge}")

@@ -9,8 +9,8 @@ import uuid
 import nats
 import pytest
 
-from specedge import subjects
-from specedge.protocol import SessionOpen
+from specedge import protocol, subjects
+from specedge.protocol import ServiceStats, SessionOpen
 from tests.helpers import registered, start_cli, wait_for
 from tests.sessions import collect, open_session, prompt_and_reference
 
@@ -48,6 +48,11 @@ async def test_a_session_streams_exactly_the_target_output(stack, nats_url):
     assert tokens == reference
     assert len(events) < len(tokens)  # several tokens per verification: it speculated
     assert events[-1].finish_reason in ("length", "stop")
+    reply = await nc.request(subjects.stats("edge-agent", opened.edge), b"", timeout=5)
+    counters = protocol.decode(reply.data, ServiceStats).counters
+    # Proactive trees went out before their results, and those whose guess came true were
+    # verified as they were — the output above is exact with them.
+    assert counters["proactive_hits"] > 0 and counters["ahead_used"] > 0, counters
     await nc.close()
 
 

@@ -1,9 +1,10 @@
-"""The scheduler's pure policy: assignment, draft checks, FIFO batches, edge loss."""
+"""The scheduler's pure policy: assignment, draft checks, batches, trees sent ahead, edge loss."""
 
 import pytest
 
 from specedge.protocol import DraftTreeMsg
 from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
+from specedge_scheduler.timing import EdgeTiming
 
 
 def tree(session: str, cycle: int = 0, length: int = 10) -> DraftTreeMsg:
@@ -214,3 +215,110 @@ def test_the_draft_deadline_follows_the_edges_measured_turnaround():
     slow.verified("s1", 2, 0.8)
     assert slow.expire_drafts(now=0.8 + 3.1) == {}  # 4 × 0.8 s
     assert slow.expire_drafts(now=0.8 + 3.3) == {"e1": ["s1"]}
+
+
+def ahead(session: str, cycle: int, length: int, assumed: list[int]) -> DraftTreeMsg:
+    """A tree sent ahead: drafted from the guess that the previous cycle commits `assumed`."""
+    return DraftTreeMsg(session_id=session, cycle=cycle, committed_len=length, tokens=[1], parents=[-1],
+                        assumed=assumed)
+
+
+def in_flight(session: str = "s1") -> SchedulingPolicy:
+    p = policy()
+    opened(p, session, 10)
+    assert p.draft_arrived(tree(session), "e1") is None
+    assert p.next_batch("v1") == [tree(session)]  # cycle 0 is being verified
+    return p
+
+
+def test_a_tree_sent_ahead_on_a_right_guess_is_verified_as_soon_as_the_result_is_in():
+    p = in_flight()
+    early = ahead("s1", cycle=1, length=13, assumed=[5, 6, 7])
+    assert p.draft_arrived(early, "e1") is None
+    assert p.next_batch("v1") == []  # held: its guess is not known to be right yet
+    p.verified("s1", [5, 6, 7], now=1.0)
+    assert p.release_ahead("s1") == early
+    assert p.next_batch("v1") == [early]
+    assert p.expire_drafts(now=100.0) == {}  # nothing is due from the edge for this cycle
+    assert p.draft_arrived(tree("s1", cycle=1, length=13), "e1") == "duplicate_draft"
+
+
+def test_a_tree_sent_ahead_on_a_wrong_guess_is_dropped_and_the_edge_drafts_again():
+    p = in_flight()
+    assert p.draft_arrived(ahead("s1", cycle=1, length=13, assumed=[5, 6, 8]), "e1") is None
+    p.verified("s1", [5, 6, 7], now=1.0)  # same length, other tokens: it must not be verified
+    assert p.release_ahead("s1") is None
+    assert p.next_batch("v1") == []
+    assert p.draft_arrived(tree("s1", cycle=1, length=13), "e1") is None  # the fresh tree
+    assert p.next_batch("v1") == [tree("s1", cycle=1, length=13)]
+
+
+def test_a_tree_sent_ahead_that_arrives_after_the_result_counts_only_if_its_guess_was_right():
+    p = in_flight()
+    p.verified("s1", [5, 6, 7], now=1.0)
+    assert p.draft_arrived(ahead("s1", cycle=1, length=13, assumed=[5, 6, 8]), "e1") == "ahead_unused"
+    assert p.draft_arrived(ahead("s1", cycle=1, length=12, assumed=[5, 6]), "e1") == "ahead_unused"
+    late = ahead("s1", cycle=1, length=13, assumed=[5, 6, 7])
+    assert p.draft_arrived(late, "e1") is None
+    assert p.next_batch("v1") == [late]
+
+
+def test_one_tree_ahead_per_session_and_only_while_its_cycle_is_in_flight():
+    p = policy()
+    opened(p, "s1", 10)
+    assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") == "stale_cycle"  # cycle 0 not even sent
+    assert p.draft_arrived(tree("s1"), "e1") is None
+    assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") is None
+    assert p.draft_arrived(ahead("s1", 1, 12, [5, 6]), "e1") == "duplicate_draft"
+    assert p.draft_arrived(ahead("s1", 2, 20, [5]), "e1") == "stale_cycle"
+    p.finish("s1")  # a session that ends drops what it held and what was queued
+    assert p.next_batch("v1") == []
+    assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") == "ahead_unused"  # late: no offence
+
+
+def test_a_tree_ahead_is_dropped_when_its_session_loses_its_edge():
+    p = in_flight()
+    assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") is None
+    p.edge_gone("e1")
+    p.verified("s1", [5, 6, 7], now=1.0)
+    assert p.release_ahead("s1") is None
+
+
+def pipeline_policy(sessions: int, turnaround_s: float) -> SchedulingPolicy:
+    """A pipeline policy that has measured a CPU-like verifier (cost grows with nodes) and
+    edges with the given turnaround."""
+    p = SchedulingPolicy(max_batch=sessions, strategy="pipeline", budget=32, depth=4)
+    p.verifier_seen("v", capacity=sessions, now=0)
+    for i in range(sessions):
+        p.edge_seen(f"e{i}", capacity=1, now=0)
+        opened(p, f"s{i}", 10)
+        p.timings[f"e{i}"] = timing = EdgeTiming()
+        for _ in range(5):
+            timing.add(turnaround_s, 0.01, 4)
+    for nodes in (33, 66, 99, 132, 33, 66):
+        p.verify_timed("v", nodes, 0.006 + 0.0002 * nodes)
+    return p
+
+
+def test_the_pipeline_keeps_full_trees_while_the_verifier_has_time_to_spare():
+    idle = pipeline_policy(sessions=4, turnaround_s=0.03)  # edges take about as long as the verifier
+    assert idle.groups("v") == 1  # one batch: more groups would buy a little shorter cycle with more passes
+    assert idle.shape_for("s0")[0] == 32
+    quick = pipeline_policy(sessions=4, turnaround_s=0.02)
+    assert quick.groups("v") == 2  # two groups shorten the cycle by over a third: worth their passes
+    assert quick.shape_for("s0")[0] < 32  # and then the verifier is busy nearly all the time
+    busy = pipeline_policy(sessions=16, turnaround_s=0.001)  # edges answer at once: verifier-bound
+    assert busy.shape_for("s0")[0] < 32
+
+
+def test_server_side_drafters_sessions_are_verified_together_under_every_strategy():
+    for strategy in ("fifo", "two-groups", "pipeline"):
+        p = SchedulingPolicy(max_batch=4, strategy=strategy)
+        p.verifier_seen("v", capacity=4, now=0)
+        p.edge_seen("server", capacity=4, now=0, pool="server")
+        for i in range(3):
+            opened(p, f"s{i}", 10, mode="server-only")
+            p.sessions[f"s{i}"].group = i % 2
+        for i in range(3):
+            assert p.draft_arrived(tree(f"s{i}"), "server") is None
+        assert sorted(t.session_id for t in p.next_batch("v", now=0)) == ["s0", "s1", "s2"], strategy
