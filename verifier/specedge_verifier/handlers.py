@@ -221,8 +221,9 @@ class VerifierService:
                 self.metrics.busy.inc(forward_ms / 1000)
                 self.metrics.forward_passes.inc()
             committed = []
-            for result in results:
-                if (reason := await self._commit(result)) is None:
+            reasons = await asyncio.gather(*(self._commit(result) for result in results))  # one round trip
+            for result, reason in zip(results, reasons, strict=True):
+                if reason is None:
                     committed.append(msgspec.structs.replace(result, verify_ms=forward_ms))
                 else:
                     rejected.append(Rejection(session_id=result.session_id, reason=reason))
