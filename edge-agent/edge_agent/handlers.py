@@ -73,6 +73,8 @@ class EdgeService:
         self.round_trips: deque[tuple[float, float]] = deque(maxlen=10_000)
         # session -> (its cycle's trace context, when the assignment/result arrived, proactive hit); tracing only
         self._cycle: dict[str, tuple[otel_context.Context, int, bool]] = {}
+        # session -> (its tree sent ahead, when drafting it began and when it left, ns); tracing only
+        self._ahead_sent: dict[str, tuple[DraftTreeMsg, int, int]] = {}
 
     async def subscribe(self) -> None:
         nc = self.nc
@@ -151,10 +153,12 @@ class EdgeService:
             self._cycle_began(result.session_id, hit, arrived)
             if result.next_budget > 0 and result.next_depth > 0:
                 self.drafter.reshape(result.session_id, result.next_budget, result.next_depth)
+            sent = self._ahead_sent.pop(result.session_id, None)
             if hit and self.drafter.sessions[result.session_id].current_sent:
                 # The tree for this cycle went out ahead and is verified already: draft the next one.
                 self.ahead_used += 1
-                self._cycle.pop(result.session_id, None)
+                if sent is not None:  # its `draft` span, under the cycle it turned out to be for
+                    self._draft_span(sent[0], began_ns=sent[1], ended_ns=sent[2])
                 self.drafter.start_proactive(result.session_id)
                 self._drafting_ahead.add(result.session_id)
                 self._spawn(self._draft_ahead(result.session_id))
@@ -168,6 +172,7 @@ class EdgeService:
         self._scheduler.pop(close.session_id, None)
         self._sent_at.pop(close.session_id, None)
         self._cycle.pop(close.session_id, None)
+        self._ahead_sent.pop(close.session_id, None)
         async with self._lock:
             self.drafter.close(close.session_id)
 
@@ -223,17 +228,22 @@ class EdgeService:
         if telemetry.enabled():
             self._cycle[session_id] = (otel_context.get_current(), arrived_ns or time.time_ns(), hit)
 
-    def _draft_span(self, tree: DraftTreeMsg) -> otel_context.Context | None:
-        """The `draft` span of a tree about to leave (from its cycle's start to now); its context."""
+    def _draft_span(self, tree: DraftTreeMsg, began_ns: int | None = None,
+                    ended_ns: int | None = None) -> otel_context.Context | None:
+        """The `draft` span of a tree about to leave (from its cycle's start to now); its context.
+        A tree sent ahead gets its span once its guess proved right, under that cycle, from
+        `began_ns` to `ended_ns` (when it was drafted and sent)."""
         cycle = self._cycle.pop(tree.session_id, None)
         if cycle is None:
             return None
-        parent, began_ns, hit = cycle
-        span = telemetry.tracer.start_span("draft", context=parent, start_time=began_ns, attributes={
+        parent, cycle_began_ns, hit = cycle
+        span = telemetry.tracer.start_span("draft", context=parent, start_time=began_ns or cycle_began_ns,
+                                           attributes={
             "specedge.session.id": tree.session_id, "specedge.cycle": tree.cycle,
             "specedge.tree.nodes": len(tree.tokens), "specedge.tree.depth": telemetry.tree_depth(tree.parents),
-            "specedge.proactive_hit": hit, "specedge.draft_ms": tree.draft_ms})
-        span.end()
+            "specedge.proactive_hit": hit, "specedge.draft_ms": tree.draft_ms,
+            "specedge.sent_ahead": bool(tree.assumed)})
+        span.end(end_time=ended_ns)
         return trace.set_span_in_context(span)
 
     def _spawn(self, coroutine) -> None:
@@ -252,6 +262,7 @@ class EdgeService:
         Stopping is a flag checked between passes, never a cancellation: a pass already
         running in its thread finishes before anything else touches the draft model.
         """
+        began_ns, drafting_s = time.time_ns(), 0.0
         while session_id in self._drafting_ahead:
             ahead = None
             async with self._lock:
@@ -260,12 +271,17 @@ class EdgeService:
                 at = time.monotonic()
                 more = await asyncio.to_thread(self.drafter.proactive_step, session_id)
                 self.spans.append([at, time.monotonic()])
+                drafting_s += self.spans[-1][1] - at
                 if not more and self.send_ahead and session_id in self._drafting_ahead:
                     ahead = self.drafter.tree_ahead(session_id)  # finished before the result came
+                    if ahead is not None:
+                        ahead = msgspec.structs.replace(ahead, draft_ms=1000 * drafting_s)
             if not more:
                 if ahead is not None and (scheduler := self._scheduler.get(session_id)) is not None:
                     publish = bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler), protocol.encode(ahead))
                     self.sent_ahead += 1
+                    if telemetry.enabled():
+                        self._ahead_sent[session_id] = (ahead, began_ns, time.time_ns())
                     if self.one_way_delay_s:
                         self._spawn(self._later(self.one_way_delay_s, publish))
                     else:
