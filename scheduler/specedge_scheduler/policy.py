@@ -346,7 +346,8 @@ class SchedulingPolicy:
         if state.in_flight:
             return "duplicate_draft"
         state.in_flight = True
-        if now is not None and state.waiting_since is not None:
+        if now is not None and state.waiting_since is not None and not tree.assumed:
+            # (a tree sent ahead was on its way before the result left: it times no turnaround)
             timing = self.timings.setdefault(from_edge, EdgeTiming())
             timing.add(now - state.waiting_since, draft_s, state.depth or self.depth)
         self._queues[state.verifier].append(tree)

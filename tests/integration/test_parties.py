@@ -59,3 +59,38 @@ def test_a_draft_equal_to_the_target_is_always_accepted_and_proactive_always_hit
                    max_new_tokens=40, eos_ids=set())
     assert out.tokens_per_verify[:-1] == [params.depth + 1] * (len(out.tokens_per_verify) - 1)
     assert out.proactive_hit_rate == 1.0
+
+
+def test_a_tree_sent_ahead_is_the_tree_a_hit_makes_current_and_guesses_that_miss_back_off(models):
+    target, draft = models
+    drafter, verifier = Drafter(draft, TreeParams(budget=12, depth=3, branch=4, beams=6)), Verifier(target)
+    ids = prompts(1)[0]
+    drafter.open("s", ids)
+    verifier.open("s", ids, SamplingParams())
+    used = 0
+    for _ in range(12):
+        tree = drafter.draft("s")
+        drafter.start_proactive("s")
+        while drafter.proactive_step("s"):
+            pass
+        ahead = drafter.tree_ahead("s")
+        assert drafter.tree_ahead("s") is None  # sent once
+        result = verifier.verify([tree])[0]
+        hit = drafter.on_result(result)
+        if ahead is None:
+            continue
+        assert (ahead.cycle, ahead.committed_len) == (tree.cycle + 1, tree.committed_len + len(ahead.assumed))
+        assert hit == (ahead.assumed == [*result.accepted, result.bonus])
+        if hit:  # what was sent ahead is exactly the tree the drafter now holds as current
+            assert drafter.sessions["s"].current_sent
+            assert drafter.draft("s").tokens == ahead.tokens and drafter.draft("s").parents == ahead.parents
+            used += 1
+    assert used > 0
+    drafter.draft("s")  # a current tree to guess from
+    session = drafter.sessions["s"]
+    session.hit_rate = 0.0  # guesses that keep missing: draft ahead only every PROACTIVE_PROBE-th cycle
+    attempts = drafter.stats.proactive_attempts
+    for _ in range(Drafter.PROACTIVE_PROBE):
+        drafter.start_proactive("s")
+        session.cycle += 1
+    assert drafter.stats.proactive_attempts == attempts + 1

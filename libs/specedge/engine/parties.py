@@ -139,6 +139,7 @@ class _DraftSession:
     current: BuiltTree | None = None
     proactive: _Proactive | None = None
     current_sent: bool = False  # `current` already went out (sent ahead, and its guess was right)
+    hit_rate: float = 0.5  # recent proactive hits (exponentially weighted), for backing off
 
 
 @dataclass
@@ -229,9 +230,17 @@ class Drafter:
                                       parents=list(tree.parents)))
         return trees
 
+    PROACTIVE_MIN_HIT_RATE = 0.1  # below this a session drafts ahead only every PROACTIVE_PROBE-th cycle
+    PROACTIVE_PROBE = 4
+
     def start_proactive(self, session_id: str) -> None:
-        """Begin drafting the next tree from the guessed result of the tree just sent."""
+        """Begin drafting the next tree from the guessed result of the tree just sent — unless
+        this session's guesses keep missing (the draft tracks the target poorly here): then
+        only every `PROACTIVE_PROBE`-th cycle, to notice when they start hitting again. The
+        work saved is the edge's (its power, or a CPU it shares), never the output's."""
         session = self.sessions[session_id]
+        if session.hit_rate < self.PROACTIVE_MIN_HIT_RATE and session.cycle % self.PROACTIVE_PROBE:
+            return
         built = session.current
         path, bonus = built.tree.guess_next_root()
         if bonus < 0:
@@ -277,6 +286,8 @@ class Drafter:
         scratch_path = [built.root_scratch, *(built.node_scratch[i] for i in path)]
         proactive, session.proactive = session.proactive, None
         hit = proactive is not None and proactive.guess_path == path and proactive.guess_bonus == result.bonus
+        if proactive is not None:
+            session.hit_rate = 0.8 * session.hit_rate + 0.2 * hit
         session.committed += [*result.accepted, result.bonus]
         session.cycle += 1
         if hit:
