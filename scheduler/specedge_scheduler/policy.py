@@ -492,16 +492,18 @@ class SchedulingPolicy:
                 return []
         return self._take(queue, group)
 
+    IDLE_WAIT_PASSES = 2.0
+
     def _slack(self, verifier: str, group: int, queue: deque[DraftTreeMsg]) -> float:
         """How long a group's batch may wait for its missing drafts. With other groups' trees
         ready, only while that is cheaper than verifying the late ones in a batch of their
-        own: one verification divided by the group's size. With nothing else to do, up to one
-        verification: the verifier would idle anyway, and one full batch costs far less server
+        own: one verification divided by the group's size. With nothing else to do, up to
+        `IDLE_WAIT_PASSES` verifications: the verifier would idle anyway, and one full batch costs far less server
         time than several small ones (each pass has a fixed cost) — a later draft goes on in
         the next batch, so a slow edge never holds the others back for longer."""
         others = any((s := self.sessions.get(t.session_id)) is not None and s.group != group for t in queue)
         if not others:
-            return self._verify_estimate(verifier)
+            return self.IDLE_WAIT_PASSES * self._verify_estimate(verifier)
         members = max(1, min(self.max_batch, len(self._members(verifier, group))))
         return self._verify_estimate(verifier) / members
 

@@ -21,8 +21,9 @@ below it as the new scratch (proactive drafting reuses it); everything else is d
 The forward reuses the Hugging Face modules of the model (embeddings, norms, projections,
 MLPs, rotary embedding) and replaces only attention's cache handling, so its logits match
 `model(input_ids)` to float tolerance. Supported: Qwen3, Qwen2 and Llama families.
-Gathering the batch's slots costs one copy of their K/V per layer per pass; a paged
-attention kernel would avoid it and is the obvious next step on a GPU.
+Gathering the batch's slots costs one copy of their K/V per layer per pass unless they
+are contiguous (a single session always is: its pass attends to a view of its slot); a
+paged attention kernel would avoid it and is the obvious next step on a GPU.
 """
 
 from __future__ import annotations
@@ -166,7 +167,11 @@ class ModelRunner:
 
         dev = self.device
         input_ids, positions, mask, valid = (t.to(dev) for t in (input_ids, positions, mask, valid))
-        slots = torch.tensor([c.slot for c in caches], device=dev)
+        first_slot = caches[0].slot
+        if [c.slot for c in caches] == list(range(first_slot, first_slot + batch)):
+            slots = slice(first_slot, first_slot + batch)  # contiguous (one session, say): attend to a view
+        else:
+            slots = torch.tensor([c.slot for c in caches], device=dev)
         write_slot_t = torch.tensor(write_slot, device=dev)
         write_pos_t = torch.tensor(write_pos, device=dev)
         logits = self._forward(input_ids, positions, mask[:, None], valid, slots, write_slot_t, write_pos_t, length)
@@ -188,7 +193,8 @@ class ModelRunner:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = _apply_rope(q, k, cos, sin)
-            # Store the new keys/values in each session's slot, then attend over the slots.
+            # Store the new keys/values in each session's slot, then attend over the slots (a
+            # view when they are contiguous, else a gathered copy).
             self.k_cache[index][write_slot, :, write_pos] = k.transpose(1, 2)[valid]
             self.v_cache[index][write_slot, :, write_pos] = v.transpose(1, 2)[valid]
             keys = self.k_cache[index][slots, :, :length]
