@@ -577,7 +577,7 @@ class SchedulingPolicy:
         state.budget, state.depth = budget, min(depth, budget) if budget else depth
         return state.budget, state.depth
 
-    SATURATED = 0.8  # predicted busy share of the verifier from which trees shrink
+    SATURATED = 0.9  # predicted busy share of the verifier from which trees shrink
 
     def _saturated(self, groups: int, verify_s: float, timing: EdgeTiming | None) -> bool:
         """Whether the verifier is under heavy load with full-size trees: busy for at least
