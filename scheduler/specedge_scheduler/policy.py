@@ -573,7 +573,10 @@ class SchedulingPolicy:
             affordable = self.node_cost_share * cost.base_s / cost.per_node_s / batch - 1
             budget = max(self.min_budget, min(self.budget, int(affordable)))
         verify_s = cost.seconds(batch * (budget + 1)) if cost is not None else 0.05
-        depth = timing.best_depth(verify_s, (k - 1) * verify_s, self.depth) if timing is not None else self.depth
+        # With one group there is no other group's verification for a draft to be in time for:
+        # the edge drafts its deepest tree (on a proactive hit that costs no waiting at all).
+        depth = timing.best_depth(verify_s, (k - 1) * verify_s, self.depth) if timing is not None and k > 1 \
+            else self.depth
         state.budget, state.depth = budget, min(depth, budget) if budget else depth
         return state.budget, state.depth
 
