@@ -477,7 +477,7 @@ def run_bench(settings: BenchSettings) -> int:
               f"tokens, greedy, tree budget {settings.budget} (server-only: "
               f"{settings.server_budget}, as the paper's baseline) depth {settings.depth} (server-only: "
               f"{settings.server_depth}), "
-              f"emulated RTT {settings.rtt_ms} ms, "
+              f"emulated RTT {settings.rtt_ms} ms, scheduling strategy {settings.strategy}, "
               f"{len(cores)} cores ({settings_out['pinning']}); tracing {settings_out['tracing']}; "
               f"{time.monotonic() - started:.0f} s.",
               "*Server tok/s (busy)* = generated tokens per second of server work (verification passes, plus "
