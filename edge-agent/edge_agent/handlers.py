@@ -2,9 +2,11 @@
 
 Owns, per session: prefill on assignment, publishing each draft tree on the edge's own
 drafts subject, and — while a tree is out for verification — proactive drafting one
-draft pass at a time off the event loop, so a result is picked up within one pass.
+draft pass at a time off the event loop, so a result is picked up within one pass; a
+proactive tree finished before the result is sent ahead, naming the outcome it assumes.
 On a result it applies it (reusing the proactive tree on a hit) and publishes the next
-tree to the scheduler that owns the session. Malformed or stale messages are refused with
+tree to the scheduler that owns the session — or, when the hit's tree already went out
+ahead, starts drafting the one after. Malformed or stale messages are refused with
 a reason and counted, never fatal. If the server side refuses this edge altogether (its
 draft tokenizer differs from the target's), it says why and the agent stops.
 While tracing is on, each tree sent is a `draft` span — from the assignment or result

@@ -7,14 +7,17 @@ simulator can drive it (`simulator.py`). Three batching strategies:
 - `fifo`: whenever a verifier is free, the oldest queued trees (up to `max_batch`).
 - `two-groups`: the reference implementation's — sessions split into two groups that
   alternate strictly; a group's batch waits for all its drafts (up to a deadline).
-- `pipeline`: sessions in K groups (K = sessions / max_batch, at least 2) so that while
-  one group is verified the others draft; the group with the oldest ready tree goes
-  next, waiting only for drafts due within a small slack; each edge's next depth is the
-  one with the most expected tokens per second of its cycle, from its measured
-  turnaround, drafting time and acceptance (`timing.EdgeTiming.best_depth`), and — when
-  the verifier is saturated (the other groups' verification outlasts an edge's turnaround)
-  — trees shrink so the batch's nodes cost at most `node_cost_share` of a pass
-  (verification cost grows with batch × nodes).
+- `pipeline`: sessions in K phase groups so that while one group is verified the others
+  draft — K the fewest whose predicted cycle is within `GROUP_TOLERANCE` of the shortest;
+  the group with the oldest ready tree goes next, waiting for its drafts due soon
+  (`_slack`); with two groups or more, each edge's next depth is the one with the most
+  expected tokens per second of its cycle, from its measured turnaround, drafting time
+  and acceptance (`timing.EdgeTiming.best_depth`); under heavy load (the verifier busy
+  `SATURATED` of a cycle) trees shrink so the batch's nodes cost at most
+  `node_cost_share` of a pass (verification cost grows with batch × nodes).
+
+Any strategy: a tree an edge sent ahead of its session's result (`DraftTreeMsg.assumed`)
+is held and queued the moment the result shows its guess was right (`release_ahead`).
 
 Vocabulary: a *verifier* holds sessions' target caches; an *edge* drafts for sessions —
 a user's own edge (private to that user), an edge of the *shared* pool, or a *server*
@@ -498,9 +501,10 @@ class SchedulingPolicy:
         """How long a group's batch may wait for its missing drafts. With other groups' trees
         ready, only while that is cheaper than verifying the late ones in a batch of their
         own: one verification divided by the group's size. With nothing else to do, up to
-        `IDLE_WAIT_PASSES` verifications: the verifier would idle anyway, and one full batch costs far less server
-        time than several small ones (each pass has a fixed cost) — a later draft goes on in
-        the next batch, so a slow edge never holds the others back for longer."""
+        `IDLE_WAIT_PASSES` verifications: the verifier would idle anyway, and one full batch
+        costs far less server time than several small ones (each pass has a fixed cost) — a
+        later draft goes on in the next batch, so a slow edge never holds the others back
+        for longer."""
         others = any((s := self.sessions.get(t.session_id)) is not None and s.group != group for t in queue)
         if not others:
             return self.IDLE_WAIT_PASSES * self._verify_estimate(verifier)
