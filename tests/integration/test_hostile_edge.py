@@ -1,6 +1,7 @@
 """A hostile edge: it registers like any edge, takes sessions, and answers every result with
 garbage bytes, out-of-vocabulary ids, cyclic and oversized trees, stale and replayed
-cycles, trees for sessions that are not its own, and random trees. Every session's output
+cycles, trees for sessions that are not its own, trees "sent ahead" on made-up outcomes,
+and random trees. Every session's output
 is still exactly the target's greedy decoding; every bad message is refused and counted;
 no service crashes."""
 
@@ -58,6 +59,13 @@ async def hostile_edge(nc, fingerprint: str, stop: asyncio.Event, sent: dict[str
                              parents=[rng.randint(-1, i - 1) for i in range(nodes)])
         last[sid] = valid
         await nc.publish(out, protocol.encode(valid))
+        # Trees "sent ahead" on lies: a made-up outcome, a far cycle, an enormous assumption.
+        guess = [rng.randrange(1000) for _ in range(rng.randint(1, 4))]
+        for name, cycles_on, assumed in (("ahead_lie", 1, guess), ("ahead_far", 7, guess),
+                                         ("ahead_huge", 1, [5] * 5000)):
+            await nc.publish(out, tree([5, 6], [-1, 0], cycle=cycle + cycles_on,
+                                       committed_len=committed_len + len(assumed), assumed=assumed))
+            sent[name] = sent.get(name, 0) + 1
 
     async def on_assign(msg) -> None:
         assign = protocol.decode(msg.data, DraftAssign)
