@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         nats_url, redis_url = launcher.start_nats().url, launcher.start_redis().url
         scheduler = launcher.spawn("scheduler", [sys.executable, "-m", "specedge.cli", "scheduler", "--nats-url",
                                                  nats_url, "--redis-url", redis_url, "--max-batch",
-                                                 str(args.max_batch), "--log-level", "warning"])
+                                                 str(args.max_batch), "--strategy", "fifo",
+                                                 "--log-level", "warning"])
         cores = sorted(os.sched_getaffinity(0))
         psutil.Process(scheduler.process.pid).cpu_affinity(cores[:1])  # the scheduler gets one core
         if len(cores) > 1:

@@ -36,7 +36,8 @@ def command(
         help="Seconds a session's Redis keys outlive its last commit (bounds what a crash leaves).")] = 3600,
     strategy: Annotated[str, typer.Option(
         "--strategy", envvar="SPECEDGE_STRATEGY",
-        help="Batching: fifo, two-groups (the reference's) or pipeline (measured, phase-grouped).")] = "fifo",
+        help="Batching: pipeline (measured, phase-grouped), fifo or two-groups (the reference's).")]
+    = "pipeline",
     budget: Annotated[int, typer.Option(
         "--budget", envvar="SPECEDGE_BUDGET", help="Draft tree size edges are asked for.")] = 32,
     server_budget: Annotated[int, typer.Option(

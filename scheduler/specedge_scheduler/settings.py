@@ -15,7 +15,7 @@ class SchedulerSettings(RedisServiceSettings):
     draft_timeout_s: float = Field(default=5.0, gt=0)
     request_timeout_s: float = Field(default=30.0, gt=0)
     session_ttl_s: int = Field(default=3600, ge=10)
-    strategy: Strategy = "fifo"
+    strategy: Strategy = "pipeline"
     budget: int = Field(default=32, ge=0)
     server_budget: int = Field(default=0, ge=0)  # 0: same as budget
     depth: int = Field(default=4, ge=0)

@@ -97,12 +97,13 @@ async def test_two_verifiers_share_sessions_and_every_output_is_exact(stack, nat
         assert second.wait(timeout=20) == 0
 
 
-async def test_the_pipeline_strategy_serves_exactly(nats_url, redis_url, cli_env, tmp_path):
+@pytest.mark.parametrize("strategy", ["pipeline", "fifo", "two-groups"])
+async def test_every_strategy_serves_exactly(strategy, nats_url, redis_url, cli_env, tmp_path):
     procs = [
         start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url, "--max-len", "1024"], cli_env,
                   tmp_path / "verifier.log"),
         start_cli(["edge-agent", "--nats-url", nats_url, "--max-len", "1024"], cli_env, tmp_path / "edge.log"),
-        start_cli(["scheduler", "--nats-url", nats_url, "--redis-url", redis_url, "--strategy", "pipeline",
+        start_cli(["scheduler", "--nats-url", nats_url, "--redis-url", redis_url, "--strategy", strategy,
                    "--max-batch", "2", "--budget", "16", "--depth", "3"], cli_env, tmp_path / "scheduler.log"),
     ]
     try:
