@@ -24,6 +24,7 @@ def test_bench_writes_results_report_and_plots(cli_env, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["throughput_in_table"] == "generated tokens per server busy second"
+    assert results["settings"]["strategy"] == "pipeline"  # the default
     runs = results["runs"]
     assert {(r["mode"], r["batch_size"]) for r in runs} == {(m, b) for m in ("autoregressive", "server-only",
                                                                              "specedge") for b in (1, 2)}
@@ -31,10 +32,11 @@ def test_bench_writes_results_report_and_plots(cli_env, tmp_path):
         assert KEYS <= set(run), KEYS - set(run)
         assert run["generated_tokens"] > 0 and run["server_busy_s"] > 0
         assert (run["proactive_hit_rate"] is None) == (run["mode"] != "specedge")
+        assert 0 < run["verify_batch_mean"] <= run["batch_size"]  # trees per verification pass
         if run["mode"] == "autoregressive":
             assert run["tokens_per_verify_mean"] == 1.0
     report = (out / "report.md").read_text()
-    assert "| specedge |" in report and "× server-only" in report
+    assert "| specedge |" in report and "× server-only" in report and "trees/pass" in report
     for plot in ("cost_vs_batch.png", "itl_vs_batch.png", "timeline.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 
