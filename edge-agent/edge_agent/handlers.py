@@ -132,10 +132,7 @@ class EdgeService:
     async def on_result(self, msg: Msg) -> None:
         if (result := self.reject.decode(msg.data, VerifyResult, "a result")) is None:
             return
-        if self.one_way_delay_s:  # the emulated link: arrive later, without holding up other results
-            self._spawn(self._later(self.one_way_delay_s, self._apply(result)))
-            return
-        await self._apply(result)
+        await self._over_link(self._apply(result))
 
     async def _apply(self, result: VerifyResult) -> None:
         if result.session_id not in self.drafter.sessions:
@@ -162,8 +159,7 @@ class EdgeService:
                 if sent is not None:  # its `draft` span, under the cycle it turned out to be for
                     self._draft_span(sent[0], began_ns=sent[1], ended_ns=sent[2])
                 self.drafter.start_proactive(result.session_id)
-                self._drafting_ahead.add(result.session_id)
-                self._spawn(self._draft_ahead(result.session_id))
+                self._keep_drafting_ahead(result.session_id)
                 return
         await self._send_next(result.session_id)
 
@@ -214,16 +210,11 @@ class EdgeService:
         if scheduler is None:  # closed while its tree was being drafted: nobody wants it
             return
         self._sent_at[session_id] = time.monotonic()
-        publish = bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
-                              protocol.encode(tree), context=self._draft_span(tree))
-        if self.one_way_delay_s:
-            self._spawn(self._later(self.one_way_delay_s, publish))
-        else:
-            await publish
+        await self._over_link(bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
+                                          protocol.encode(tree), context=self._draft_span(tree)))
         self.drafts_sent += 1
         if self.proactive:
-            self._drafting_ahead.add(session_id)
-            self._spawn(self._draft_ahead(session_id))
+            self._keep_drafting_ahead(session_id)
 
     def _cycle_began(self, session_id: str, hit: bool, arrived_ns: int | None = None) -> None:
         """Remember the cycle this session now drafts for: the context its message carried."""
@@ -253,10 +244,23 @@ class EdgeService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    async def _later(delay_s: float, coroutine) -> None:
-        await asyncio.sleep(delay_s)
-        await coroutine
+    async def _over_link(self, coroutine) -> None:
+        """Run a message's send or arrival now — or, on an emulated WAN link, after the one-way
+        delay, without holding up the caller (other messages go on meanwhile)."""
+        if not self.one_way_delay_s:
+            await coroutine
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(self.one_way_delay_s)
+            await coroutine
+
+        self._spawn(later())
+
+    def _keep_drafting_ahead(self, session_id: str) -> None:
+        """Proactive drafting for this session, pass by pass, until its result comes."""
+        self._drafting_ahead.add(session_id)
+        self._spawn(self._draft_ahead(session_id))
 
     async def _draft_ahead(self, session_id: str) -> None:
         """Proactive drafting, one pass at a time, until done or told to stop.
@@ -280,14 +284,11 @@ class EdgeService:
                         ahead = msgspec.structs.replace(ahead, draft_ms=1000 * drafting_s)
             if not more:
                 if ahead is not None and (scheduler := self._scheduler.get(session_id)) is not None:
-                    publish = bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler), protocol.encode(ahead))
                     self.sent_ahead += 1
                     if telemetry.enabled():
                         self._ahead_sent[session_id] = (ahead, began_ns, time.time_ns())
-                    if self.one_way_delay_s:
-                        self._spawn(self._later(self.one_way_delay_s, publish))
-                    else:
-                        await publish
+                    await self._over_link(bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
+                                                      protocol.encode(ahead)))
                 return
             await asyncio.sleep(0)  # let a waiting result take the lock
 

@@ -409,8 +409,8 @@ class SchedulingPolicy:
             return []
         if self._cohort_incomplete(verifier, queue, now):
             return []
-        if self._cohort_of(queue[0]) is not None:  # a server-side drafter's sessions: lockstep, any strategy
-            batch = self._take(queue, None, self._cohort_of(queue[0]))
+        if (cohort := self._cohort_of(queue[0])) is not None:  # a server-side drafter's: lockstep, any strategy
+            batch = self._take(queue, None, cohort)
         elif self.strategy == "fifo":
             batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
         elif self.strategy == "two-groups":
