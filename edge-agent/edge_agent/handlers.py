@@ -3,7 +3,8 @@
 Owns, per session: prefill on assignment, publishing each draft tree on the edge's own
 drafts subject, and — while a tree is out for verification — proactive drafting one
 draft pass at a time off the event loop, so a result is picked up within one pass; a
-proactive tree finished before the result is sent ahead, naming the outcome it assumes.
+proactive tree finished before the result is sent ahead, naming the outcome it assumes,
+and the next is drafted from its guessed result in turn (a chain of up to two).
 On a result it applies it (reusing the proactive tree on a hit) and publishes the next
 tree to the scheduler that owns the session — or, when the hit's tree already went out
 ahead, starts drafting the one after. Malformed or stale messages are refused with
@@ -75,8 +76,8 @@ class EdgeService:
         self.round_trips: deque[tuple[float, float]] = deque(maxlen=10_000)
         # session -> (its cycle's trace context, when the assignment/result arrived, proactive hit); tracing only
         self._cycle: dict[str, tuple[otel_context.Context, int, bool]] = {}
-        # session -> (its tree sent ahead, when drafting it began and when it left, ns); tracing only
-        self._ahead_sent: dict[str, tuple[DraftTreeMsg, int, int]] = {}
+        # session -> cycle -> (its tree sent ahead, when drafting it began and when it left, ns); tracing only
+        self._ahead_sent: dict[str, dict[int, tuple[DraftTreeMsg, int, int]]] = {}
 
     async def subscribe(self) -> None:
         nc = self.nc
@@ -152,9 +153,12 @@ class EdgeService:
             self._cycle_began(result.session_id, hit, arrived)
             if result.next_budget > 0 and result.next_depth > 0:
                 self.drafter.reshape(result.session_id, result.next_budget, result.next_depth)
-            sent = self._ahead_sent.pop(result.session_id, None)
+            held = self._ahead_sent.get(result.session_id, {})
+            sent = held.pop(result.cycle + 1, None)
+            if not hit:
+                held.clear()
             if hit and self.drafter.sessions[result.session_id].current_sent:
-                # The tree for this cycle went out ahead and is verified already: draft the next one.
+                # The tree for this cycle went out ahead and is verified already: go on drafting ahead.
                 self.ahead_used += 1
                 if sent is not None:  # its `draft` span, under the cycle it turned out to be for
                     self._draft_span(sent[0], began_ns=sent[1], ended_ns=sent[2])
@@ -263,7 +267,9 @@ class EdgeService:
         self._spawn(self._draft_ahead(session_id))
 
     async def _draft_ahead(self, session_id: str) -> None:
-        """Proactive drafting, one pass at a time, until done or told to stop.
+        """Proactive drafting, one pass at a time, until done or told to stop: each tree
+        finished before its result came is sent ahead, and the next one is drafted from its
+        guessed result (up to the drafter's `max_ahead`).
 
         Stopping is a flag checked between passes, never a cancellation: a pass already
         running in its thread finishes before anything else touches the draft model.
@@ -283,13 +289,18 @@ class EdgeService:
                     if ahead is not None:
                         ahead = msgspec.structs.replace(ahead, draft_ms=1000 * drafting_s)
             if not more:
-                if ahead is not None and (scheduler := self._scheduler.get(session_id)) is not None:
-                    self.sent_ahead += 1
-                    if telemetry.enabled():
-                        self._ahead_sent[session_id] = (ahead, began_ns, time.time_ns())
-                    await self._over_link(bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
-                                                      protocol.encode(ahead)))
-                return
+                if ahead is None or (scheduler := self._scheduler.get(session_id)) is None:
+                    return
+                self.sent_ahead += 1
+                if telemetry.enabled():
+                    self._ahead_sent.setdefault(session_id, {})[ahead.cycle] = (ahead, began_ns, time.time_ns())
+                await self._over_link(bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
+                                                  protocol.encode(ahead)))
+                async with self._lock:  # and the tree after it, from its guessed result
+                    if session_id not in self._drafting_ahead or session_id not in self.drafter.sessions \
+                            or not self.drafter.start_proactive(session_id):
+                        return
+                began_ns, drafting_s = time.time_ns(), 0.0
             await asyncio.sleep(0)  # let a waiting result take the lock
 
     def _stop_proactive(self, session_id: str) -> None:

@@ -55,6 +55,9 @@ class ServiceLeave(Message, frozen=True, kw_only=True):
     instance_id: str
 
 
+MAX_TREES_AHEAD = 2  # trees an edge may send ahead of a session's tree out (the scheduler holds no more)
+
+
 class DraftTreeMsg(Message, frozen=True, kw_only=True):
     """A draft tree from an edge: drafted tokens below the root and their parents.
 
@@ -63,7 +66,8 @@ class DraftTreeMsg(Message, frozen=True, kw_only=True):
     No masks, no floats: the receiver rebuilds the attention mask from `parents`.
     A tree *sent ahead* — drafted proactively and sent before the previous cycle's result
     reached the edge — names in `assumed` what it guessed that cycle commits (accepted path
-    and bonus); the scheduler verifies it only if the guess was right.
+    and bonus); the scheduler verifies it only if the guess was right. An edge may send up
+    to `MAX_TREES_AHEAD` such trees in a chain, each guessing the result of the one before.
     """
 
     session_id: str

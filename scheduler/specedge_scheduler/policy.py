@@ -17,7 +17,9 @@ simulator can drive it (`simulator.py`). Three batching strategies:
   `node_cost_share` of a pass (verification cost grows with batch × nodes).
 
 Any strategy: a tree an edge sent ahead of its session's result (`DraftTreeMsg.assumed`)
-is held and queued the moment the result shows its guess was right (`release_ahead`).
+is held and queued the moment the result shows its guess was right (`release_ahead`); an
+edge may chain up to `MAX_TREES_AHEAD` of them, each guessing the result of the one
+before, and a wrong guess drops the rest of the chain with it.
 
 Vocabulary: a *verifier* holds sessions' target caches; an *edge* drafts for sessions —
 a user's own edge (private to that user), an edge of the *shared* pool, or a *server*
@@ -36,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from specedge.protocol import DraftTreeMsg, Mode
+from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, Mode
 from specedge_scheduler.timing import EdgeTiming, VerificationCost
 
 Strategy = Literal["fifo", "two-groups", "pipeline"]
@@ -77,7 +79,8 @@ class SessionState:
     group: int = 0  # its phase, for the grouped strategies
     budget: int = 0  # the tree shape its edge was last asked for (0: the edge's default)
     depth: int = 0
-    ahead: DraftTreeMsg | None = None  # the next cycle's tree, sent ahead of this cycle's result
+    # trees sent ahead of this cycle's result, by cycle (a chain: each guesses the one before)
+    ahead: dict[int, DraftTreeMsg] = field(default_factory=dict)
     last_committed: tuple[int, ...] = ()  # what the last verified cycle committed (accepted + bonus)
 
 
@@ -179,7 +182,7 @@ class SchedulingPolicy:
             return []
         for session_id in edge.sessions:
             self.sessions[session_id].edge = None
-            self.sessions[session_id].ahead = None
+            self.sessions[session_id].ahead.clear()
             self._edgeless.add(session_id)
         return sorted(edge.sessions)
 
@@ -199,7 +202,8 @@ class SchedulingPolicy:
                 edge = self.edges.get(state.edge)
                 if edge is not None:
                     edge.sessions.discard(state.session_id)
-                state.edge, state.waiting_since, state.ahead = None, None, None
+                state.edge, state.waiting_since = None, None
+                state.ahead.clear()
                 self._edgeless.add(state.session_id)
         return late
 
@@ -342,7 +346,7 @@ class SchedulingPolicy:
         if state.edge != from_edge:
             return "not_the_sessions_edge"
         if tree.assumed:
-            if (reason := self._ahead_arrived(state, tree)) is not None or state.ahead is tree:
+            if (reason := self._ahead_arrived(state, tree)) is not None or state.ahead.get(tree.cycle) is tree:
                 return reason
         if (tree.cycle, tree.committed_len) != (state.cycle, state.committed_len):
             return "stale_cycle"
@@ -357,16 +361,26 @@ class SchedulingPolicy:
         return None
 
     def _ahead_arrived(self, state: SessionState, tree: DraftTreeMsg) -> str | None:
-        """A tree drafted from a guess of the current cycle's outcome (`tree.assumed`): held
-        while that cycle is in flight (one per session), or — its result already out —
-        treated as an ordinary tree if the guess was right. Returns why it is refused
-        (`ahead_unused`: a wrong guess, or its session ended — no offence)."""
-        if (tree.cycle, tree.committed_len) == (state.cycle + 1, state.committed_len + len(tree.assumed)):
-            if not state.in_flight:
-                return "stale_cycle"  # this cycle's own tree has not come: nothing to be ahead of
-            if state.ahead is not None:
+        """A tree drafted from a guess of the outcome of the cycle before it (`tree.assumed`):
+        held while that cycle is in flight or itself held (a chain of at most
+        `MAX_TREES_AHEAD`, one tree per cycle), or — its result already out — treated as an
+        ordinary tree if the guess was right. Returns why it is refused (`ahead_unused`: a
+        wrong guess, or its session ended — no offence)."""
+        step = tree.cycle - state.cycle
+        if 1 <= step <= MAX_TREES_AHEAD:
+            if step == 1:
+                if not state.in_flight:  # this cycle's own tree has not come: it built on a
+                    return "ahead_unused"  # wrong guess (the edge learns of it on its way)
+                base = state.committed_len
+            elif (before := state.ahead.get(tree.cycle - 1)) is None:
+                return "ahead_unused"  # the tree it builds on was a wrong guess, dropped
+            else:
+                base = before.committed_len
+            if tree.committed_len != base + len(tree.assumed):
+                return "stale_cycle"
+            if tree.cycle in state.ahead:
                 return "duplicate_draft"
-            state.ahead = tree
+            state.ahead[tree.cycle] = tree
             return None
         if tree.cycle == state.cycle and (tree.committed_len, tuple(tree.assumed)) != \
                 (state.committed_len, state.last_committed):
@@ -374,15 +388,17 @@ class SchedulingPolicy:
         return None
 
     def release_ahead(self, session_id: str) -> DraftTreeMsg | None:
-        """After `verified`: queue the tree sent ahead if its guess came true (the edge then
-        sends nothing more for this cycle) and return it; a wrong guess is dropped (the edge
-        drafts afresh when the result reaches it)."""
+        """After `verified`: queue the tree sent ahead for the new cycle if its guess came
+        true (the edge then sends nothing more for this cycle) and return it; a wrong guess
+        is dropped with every tree built on it (the edge drafts afresh when the result
+        reaches it)."""
         state = self.sessions.get(session_id)
-        if state is None or state.ahead is None:
+        if state is None or not state.ahead:
             return None
-        tree, state.ahead = state.ahead, None
-        if state.in_flight or (tree.cycle, tree.committed_len) != (state.cycle, state.committed_len) \
+        tree = state.ahead.pop(state.cycle, None)
+        if tree is None or state.in_flight or tree.committed_len != state.committed_len \
                 or tuple(tree.assumed) != state.last_committed:
+            state.ahead.clear()
             return None
         state.in_flight, state.waiting_since = True, None
         self._queues[state.verifier].append(tree)

@@ -307,7 +307,7 @@ class SchedulerService:
             else:
                 self.reject(reason, f"a draft from {edge}")
             return
-        if state is not None and state.ahead is tree:
+        if state is not None and state.ahead.get(tree.cycle) is tree:
             return  # held until this cycle's result says whether its guess came true
         if tree.assumed:
             self.metrics.drafts_ahead.labels("used").inc()
@@ -466,7 +466,7 @@ class SchedulerService:
         self.policy.verified(sid, new, time.monotonic())
         self._state_down.pop(sid, None)
         keep, reason = cut_output(new, output.eos_ids, output.max_new_tokens - output.generated)
-        held = state.ahead is not None and reason is None
+        held = bool(state.ahead) and reason is None
         if (ahead := self.policy.release_ahead(sid) if held else None) is not None:
             self._wake.set()
         if held:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from specedge.protocol import DraftTreeMsg
+from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg
 from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
 from specedge_scheduler.timing import EdgeTiming
 
@@ -263,17 +263,49 @@ def test_a_tree_sent_ahead_that_arrives_after_the_result_counts_only_if_its_gues
     assert p.next_batch("v1") == [late]
 
 
-def test_one_tree_ahead_per_session_and_only_while_its_cycle_is_in_flight():
+def test_one_tree_ahead_per_cycle_and_only_while_the_cycle_before_is_in_flight_or_held():
     p = policy()
     opened(p, "s1", 10)
-    assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") == "stale_cycle"  # cycle 0 not even sent
+    # cycle 0 not even sent: built on a guess already dropped (no offence)
+    assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") == "ahead_unused"
     assert p.draft_arrived(tree("s1"), "e1") is None
     assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") is None
     assert p.draft_arrived(ahead("s1", 1, 12, [5, 6]), "e1") == "duplicate_draft"
-    assert p.draft_arrived(ahead("s1", 2, 20, [5]), "e1") == "stale_cycle"
+    assert p.draft_arrived(ahead("s1", 2, 20, [5]), "e1") == "stale_cycle"  # not on the held tree's length
+    assert p.draft_arrived(ahead("s1", 1 + MAX_TREES_AHEAD, 99, [5]), "e1") == "stale_cycle"  # too far ahead
     p.finish("s1")  # a session that ends drops what it held and what was queued
     assert p.next_batch("v1") == []
     assert p.draft_arrived(ahead("s1", 1, 13, [5, 6, 7]), "e1") == "ahead_unused"  # late: no offence
+
+
+def test_a_chain_of_trees_sent_ahead_is_released_cycle_by_cycle_while_its_guesses_come_true():
+    p = in_flight()
+    first = ahead("s1", cycle=1, length=13, assumed=[5, 6, 7])
+    second = ahead("s1", cycle=2, length=15, assumed=[8, 9])  # guesses the result of `first`
+    assert p.draft_arrived(second, "e1") == "ahead_unused"  # nothing held to build on (dropped): no offence
+    assert p.draft_arrived(first, "e1") is None and p.draft_arrived(second, "e1") is None
+    assert p.draft_arrived(ahead("s1", cycle=2, length=15, assumed=[8, 9]), "e1") == "duplicate_draft"
+    p.verified("s1", [5, 6, 7], now=1.0)
+    assert p.release_ahead("s1") == first
+    assert p.next_batch("v1") == [first]
+    p.verified("s1", [8, 9], now=2.0)
+    assert p.release_ahead("s1") == second
+    assert p.next_batch("v1") == [second]
+
+
+def test_a_wrong_guess_drops_every_tree_built_on_it():
+    p = in_flight()
+    assert p.draft_arrived(ahead("s1", cycle=1, length=13, assumed=[5, 6, 8]), "e1") is None
+    assert p.draft_arrived(ahead("s1", cycle=2, length=15, assumed=[8, 9]), "e1") is None
+    p.verified("s1", [5, 6, 7], now=1.0)
+    assert p.release_ahead("s1") is None and p.sessions["s1"].ahead == {}
+    # the edge's fresh tree for cycle 1, then a late tree of the dropped chain: no offence, not used
+    assert p.draft_arrived(ahead("s1", cycle=2, length=15, assumed=[8, 9]), "e1") == "ahead_unused"
+    assert p.draft_arrived(tree("s1", cycle=1, length=13), "e1") is None
+    assert p.next_batch("v1") == [tree("s1", cycle=1, length=13)]
+    p.verified("s1", [8, 9], now=2.0)
+    assert p.release_ahead("s1") is None
+    assert p.next_batch("v1") == []
 
 
 def test_a_tree_ahead_is_dropped_when_its_session_loses_its_edge():

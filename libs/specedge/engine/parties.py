@@ -25,7 +25,7 @@ from specedge.engine.acceptance import accept
 from specedge.engine.runner import ForwardRequest, ModelRunner
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
-from specedge.protocol import DraftTreeMsg, VerifyResult
+from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, VerifyResult
 
 
 class StaleMessageError(ValueError):
@@ -121,14 +121,17 @@ class BuiltTree:
 
 @dataclass
 class _Proactive:
-    """A tree being drafted ahead, from a guessed result."""
+    """A tree being drafted ahead, from a guessed result of the tree before it."""
 
-    guess_path: list[int]   # drafted node indices of the current tree
+    guess_path: list[int]   # drafted node indices of the tree before it
     guess_bonus: int
+    assumed: list[int]      # the tokens that guess commits (path tokens and bonus)
+    cycle: int              # the cycle this tree is for, and the committed length it extends
+    committed_len: int
     job: TreeJob
     steps: Iterator[int]
     done: bool = False
-    sent: bool = False  # sent ahead of the current tree's result (`tree_ahead`)
+    sent: bool = False  # sent ahead of the result it guesses (`tree_ahead`)
 
 
 @dataclass
@@ -137,7 +140,9 @@ class _DraftSession:
     params: TreeParams
     cycle: int = 0
     current: BuiltTree | None = None
-    proactive: _Proactive | None = None
+    # Trees drafted ahead, each from a guess of the previous one's result (the first: of
+    # `current`'s); a tree joins the chain only once the one before it was sent.
+    ahead: list[_Proactive] = dataclasses.field(default_factory=list)
     current_sent: bool = False  # `current` already went out (sent ahead, and its guess was right)
     hit_rate: float = 0.5  # recent proactive hits (exponentially weighted), for backing off
 
@@ -156,9 +161,12 @@ class Drafter:
     """Edge-side: draft trees with the draft model, and proactive drafting while waiting."""
 
     def __init__(self, model: PreTrainedModel, params: TreeParams, max_sessions: int = 8,
-                 max_len: int = 4096) -> None:
-        """`max_len`: the most committed tokens (prompt + output) a session may reach."""
-        scratch = max(2 * (params.depth * params.beams + 2), 256)  # the tree out + the one drafted ahead
+                 max_len: int = 4096, max_ahead: int = MAX_TREES_AHEAD) -> None:
+        """`max_len`: the most committed tokens (prompt + output) a session may reach;
+        `max_ahead`: how many trees a session drafts ahead of its tree out for verification
+        (beyond the first only when each is sent ahead: `tree_ahead`)."""
+        self.max_ahead = max(1, max_ahead)
+        scratch = max((1 + self.max_ahead) * (params.depth * params.beams + 2), 256)  # the tree out + those ahead
         self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len + scratch, max_scratch=scratch)
         self.params = params
         self.sessions: dict[str, _DraftSession] = {}
@@ -233,76 +241,103 @@ class Drafter:
     PROACTIVE_MIN_HIT_RATE = 0.1  # below this a session drafts ahead only every PROACTIVE_PROBE-th cycle
     PROACTIVE_PROBE = 4
 
-    def start_proactive(self, session_id: str) -> None:
-        """Begin drafting the next tree from the guessed result of the tree just sent — unless
-        this session's guesses keep missing (the draft tracks the target poorly here): then
-        only every `PROACTIVE_PROBE`-th cycle, to notice when they start hitting again. The
-        work saved is the edge's (its power, or a CPU it shares), never the output's."""
+    def start_proactive(self, session_id: str) -> bool:
+        """Begin drafting the next tree from the guessed result of the last tree there is
+        (the current one, or the last drafted ahead once it was sent) — unless the chain is
+        full, its last tree is unfinished or unsent, or this session's guesses keep missing
+        (the draft tracks the target poorly here): then only every `PROACTIVE_PROBE`-th
+        cycle, to notice when they start hitting again. The work saved is the edge's (its
+        power, or a CPU it shares), never the output's. Returns whether a tree was begun."""
         session = self.sessions[session_id]
+        if session.current is None or len(session.ahead) >= self.max_ahead:
+            return False
+        if session.ahead and not (session.ahead[-1].done and session.ahead[-1].sent):
+            return False
         if session.hit_rate < self.PROACTIVE_MIN_HIT_RATE and session.cycle % self.PROACTIVE_PROBE:
-            return
-        built = session.current
+            return False
+        if session.ahead:
+            last = session.ahead[-1]
+            built, cycle, committed_len = self._built(last.job), last.cycle, last.committed_len
+        else:
+            built, cycle, committed_len = session.current, session.cycle, len(session.committed)
         path, bonus = built.tree.guess_next_root()
         if bonus < 0:
-            return
+            return False
         leaf_scratch = built.node_scratch[path[-1]] if path else built.root_scratch
+        assumed = [*(built.tree.tokens[i] for i in path), bonus]
         job, steps = self._grow(session_id, bonus, leaf_scratch)
-        session.proactive = _Proactive(path, bonus, job, self._counted(steps))
+        session.ahead.append(_Proactive(path, bonus, assumed, cycle + 1, committed_len + len(assumed), job,
+                                        self._counted(steps)))
         self.stats.proactive_attempts += 1
+        return True
 
     def proactive_step(self, session_id: str) -> bool:
-        """Run one more proactive draft pass; False when there is nothing left to do."""
-        proactive = self.sessions[session_id].proactive
-        if proactive is None or proactive.done:
+        """Run one more pass of the tree being drafted ahead; False when there is none to run."""
+        ahead = self.sessions[session_id].ahead
+        if not ahead or ahead[-1].done:
             return False
+        proactive = ahead[-1]
         if next(proactive.steps, None) is None:
             proactive.done = True
         return not proactive.done
 
     def tree_ahead(self, session_id: str) -> DraftTreeMsg | None:
-        """The finished proactive tree as a message to send before the current tree's result
-        arrives — naming the guessed outcome it assumes — or None (not finished, already
-        sent, or no guess). The scheduler verifies it only if the guess comes true, and then
+        """The last tree drafted ahead, finished, as a message to send before the result it
+        guesses arrives — naming the outcome it assumes — or None (not finished, already
+        sent, or none). The scheduler verifies it only if the guess comes true, and then
         `on_result` does not ask for it again (`current_sent`)."""
-        session = self.sessions[session_id]
-        proactive = session.proactive
-        if proactive is None or not proactive.done or proactive.sent:
+        ahead = self.sessions[session_id].ahead
+        if not ahead or not ahead[-1].done or ahead[-1].sent:
             return None
+        proactive = ahead[-1]
         proactive.sent = True
         tree = proactive.job.tree()
-        built = session.current.tree
-        assumed = [*(built.tokens[i] for i in proactive.guess_path), proactive.guess_bonus]
-        return DraftTreeMsg(session_id=session_id, cycle=session.cycle + 1,
-                            committed_len=len(session.committed) + len(assumed), tokens=list(tree.tokens),
-                            parents=list(tree.parents), assumed=assumed)
+        return DraftTreeMsg(session_id=session_id, cycle=proactive.cycle, committed_len=proactive.committed_len,
+                            tokens=list(tree.tokens), parents=list(tree.parents), assumed=list(proactive.assumed))
 
     def on_result(self, result: VerifyResult) -> bool:
-        """Apply a verification result; returns whether the proactive guess was a hit."""
+        """Apply a verification result; returns whether the first tree drafted ahead guessed
+        it. On a hit that tree becomes current and the rest of the chain stays (its scratch
+        nodes renumbered); on a miss the whole chain is dropped."""
         session = self.sessions[result.session_id]
         if (result.cycle, result.committed_len) != (session.cycle, len(session.committed)):
             raise StaleMessageError(f"result for cycle {result.cycle}; session is at cycle {session.cycle}")
         built = session.current
         path = _walk(built.tree, result.accepted)
         scratch_path = [built.root_scratch, *(built.node_scratch[i] for i in path)]
-        proactive, session.proactive = session.proactive, None
+        chain, session.ahead = session.ahead, []
+        proactive = chain[0] if chain else None
         hit = proactive is not None and proactive.guess_path == path and proactive.guess_bonus == result.bonus
         if proactive is not None:
             session.hit_rate = 0.8 * session.hit_rate + 0.2 * hit
         session.committed += [*result.accepted, result.bonus]
         session.cycle += 1
-        if hit:
-            for _ in proactive.steps:  # finish the tree if the result came before it was done
-                pass
-            ahead = self._built(proactive.job)
-            keep = [ahead.root_scratch, *ahead.node_scratch]
-            self.runner.commit(result.session_id, scratch_path, keep)
-            session.current = BuiltTree(ahead.tree, 0, list(range(1, len(keep))))
-            session.current_sent = proactive.sent
-            self.stats.proactive_hits += 1
-        else:
+        if not hit:
             self.runner.commit(result.session_id, scratch_path)
             session.current, session.current_sent = None, False
-        return hit
+            return False
+        for _ in proactive.steps:  # finish the tree if the result came before it was done
+            pass
+        nxt = self._built(proactive.job)
+        keep = [nxt.root_scratch, *nxt.node_scratch]
+        # Later trees of the chain keep every node they grew (a tree still growing appends
+        # after its last one); one not begun yet hangs below a node about to move: dropped.
+        rest, offsets = [], []
+        for later in chain[1:]:
+            if later.job.growth is None:
+                break
+            rest.append(later)
+        for later in rest:
+            offsets.append(len(keep))
+            keep += range(later.job.root_scratch, later.job.root_scratch + 1 + len(later.job.growth.tree))
+        self.runner.commit(result.session_id, scratch_path, keep)
+        for later, offset in zip(rest, offsets, strict=True):
+            later.job.root_scratch = offset
+        session.current = BuiltTree(nxt.tree, 0, list(range(1, len(nxt.node_scratch) + 1)))
+        session.current_sent = proactive.sent
+        session.ahead = rest
+        self.stats.proactive_hits += 1
+        return True
 
 
 def _walk(tree: DraftTree, accepted: list[int]) -> list[int]:
