@@ -10,6 +10,7 @@ import typer
 from edge_agent.settings import EdgeAgentSettings
 from specedge.config import Credentials, Device, Dtype, LogLevelOpt, Name, NatsUrl, build
 from specedge.models import BUNDLED_DRAFT, bundled
+from specedge.protocol import MAX_TREES_AHEAD
 
 
 def command(
@@ -38,6 +39,10 @@ def command(
         "--send-ahead/--no-send-ahead", envvar="SPECEDGE_SEND_AHEAD",
         help="Send a proactive tree as soon as it is drafted, before the result it guesses arrives "
              "(verified at once if the guess was right).")] = True,
+    trees_ahead: Annotated[int, typer.Option(
+        "--trees-ahead", envvar="SPECEDGE_TREES_AHEAD", min=1, max=MAX_TREES_AHEAD,
+        help="With --send-ahead: how many trees a session drafts and sends ahead in a chain, each "
+             "from the guessed result of the one before.")] = MAX_TREES_AHEAD,
     emulate_rtt_ms: Annotated[float, typer.Option(
         "--emulate-rtt-ms", envvar="SPECEDGE_EMULATE_RTT_MS",
         help="Benchmarks: delay this edge's drafts and results by half this each way.")] = 0.0,
@@ -54,7 +59,7 @@ def command(
     settings = build(EdgeAgentSettings, nats_url=nats_url, credentials=credentials,
                      draft=draft or bundled(BUNDLED_DRAFT),
                      device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, user=user,
-                     server_side=server_side, proactive=proactive, send_ahead=send_ahead,
+                     server_side=server_side, proactive=proactive, send_ahead=send_ahead, trees_ahead=trees_ahead,
                      emulate_rtt_ms=emulate_rtt_ms, name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)
 

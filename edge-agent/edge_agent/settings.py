@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from specedge.config import ServiceSettings
+from specedge.protocol import MAX_TREES_AHEAD
 
 
 class EdgeAgentSettings(ServiceSettings):
@@ -17,6 +18,7 @@ class EdgeAgentSettings(ServiceSettings):
     server_side: bool = False  # a drafter the operator runs beside the verifiers (mode server-only)
     proactive: bool | None = None  # draft ahead while a tree is out (default: yes, unless server-side)
     send_ahead: bool = True  # send a proactive tree finished before its result came (with proactive)
+    trees_ahead: int = Field(default=MAX_TREES_AHEAD, ge=1, le=MAX_TREES_AHEAD)  # a chain sent ahead, at most
     emulate_rtt_ms: float = Field(default=0.0, ge=0)  # benchmarks: a WAN round trip on this edge's link
 
     @property

@@ -94,3 +94,38 @@ def test_a_tree_sent_ahead_is_the_tree_a_hit_makes_current_and_guesses_that_miss
         drafter.start_proactive("s")
         session.cycle += 1
     assert drafter.stats.proactive_attempts == attempts + 1
+
+
+def test_a_chain_of_trees_sent_ahead_serves_exactly_and_trees_two_deep_become_current(models):
+    """The edge drafts two trees ahead, each from the guessed result of the one before, and
+    sends both; the verifier takes them while their guesses come true. The output is the
+    target's own greedy decoding, token for token."""
+    target, draft = models
+    tok_ids = [int(t) for t in prompts(1)[0]]
+    drafter = Drafter(draft, TreeParams(budget=12, depth=3, branch=4, beams=6), max_ahead=2)
+    verifier = Verifier(target)
+    drafter.open("s", tok_ids)
+    verifier.open("s", tok_ids, SamplingParams())
+    out, queue, two_deep, second = [], [drafter.draft("s")], 0, {}
+    while len(out) < 120:
+        while drafter.start_proactive("s"):  # a chain of at most two, each finished and sent ahead
+            while drafter.proactive_step("s"):
+                pass
+            sent = drafter.tree_ahead("s")
+            assert sent is not None and sent.cycle == queue[-1].cycle + 1
+            assert sent.committed_len == queue[-1].committed_len + len(sent.assumed)
+            queue.append(sent)
+            second[sent.cycle] = len(drafter.sessions["s"].ahead) == 2  # drafted while two trees were out
+        assert len(queue) <= 3 and not drafter.start_proactive("s")
+        result = verifier.verify([queue.pop(0)])[0]
+        out += [*result.accepted, result.bonus]
+        hit = drafter.on_result(result)
+        assert hit == bool(queue and queue[0].assumed == [*result.accepted, result.bonus])
+        if hit:
+            assert drafter.sessions["s"].current_sent and drafter.draft("s").tokens == queue[0].tokens
+            two_deep += second[queue[0].cycle]
+        else:
+            queue = [drafter.draft("s")]
+    assert two_deep > 0
+    reference = target.generate(torch.tensor([tok_ids]), max_new_tokens=len(out), do_sample=False)
+    assert out == reference[0, len(tok_ids):].tolist()
