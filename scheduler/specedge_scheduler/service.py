@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 import msgspec
 from nats.aio.client import Client
@@ -61,7 +61,7 @@ from specedge_scheduler.tracing import SessionSpans, batch_span
 log = logging.getLogger("specedge_scheduler")
 
 
-@dataclass
+@dataclasses.dataclass
 class _Output:
     max_new_tokens: int
     eos_ids: set[int]
@@ -89,6 +89,7 @@ class SchedulerService:
         self._schedulers: dict[str, float] = {}  # other schedulers -> last heartbeat
         self._last_scan = 0.0
         self._takeover: asyncio.Task | None = None
+        self._claimed: dict[str, str] = {}  # session -> the dead scheduler: claimed, adoption not finished
         self._state_down: dict[str, float] = {}  # session -> since when its Redis is unreachable
         self.metrics = metrics or SchedulerMetrics()
         self.reject = Rejections(log, lambda reason: self.metrics.rejected.labels(reason).inc())
@@ -520,18 +521,24 @@ class SchedulerService:
                 if sid in self.policy.sessions:
                     continue
                 record = await self.store.load(sid)
-                if (record is None or not record.scheduler or record.scheduler in live or record.max_new_tokens < 1
-                        or record.idle_s < timeout):
-                    continue  # gone, owned by a live scheduler, not opened by one, or committed to lately
-                if not await self.store.claim(sid, record.scheduler, self.instance_id):
-                    continue  # another scheduler was quicker
+                if record is None:
+                    self._claimed.pop(sid, None)
+                    continue
+                if (dead := self._claimed.get(sid)) is None:  # (else claimed at an earlier scan, not adopted)
+                    if (not record.scheduler or record.scheduler in live or record.max_new_tokens < 1
+                            or record.idle_s < timeout):
+                        continue  # owned by a live scheduler, not opened by one, or committed to lately
+                    if not await self.store.claim(sid, record.scheduler, self.instance_id):
+                        continue  # another scheduler was quicker
+                    dead = self._claimed[sid] = record.scheduler
                 if record.idle_s > self.ORPHAN_MAX_IDLE_S:
                     log.info("deleting abandoned session %s (scheduler %s gone, idle %.0fs)", sid[:16],
-                             record.scheduler, record.idle_s)
+                             dead, record.idle_s)
                     await self.store.end(sid)
-                    continue
-                await self._adopt(record)
-        except Exception as exc:  # Redis down: try again at the next scan
+                else:
+                    await self._adopt(dataclasses.replace(record, scheduler=dead))
+                self._claimed.pop(sid, None)
+        except Exception as exc:  # Redis down: try again at the next scan (a claimed session too)
             log.warning("could not look for orphaned sessions: %r", exc)
 
     async def _adopt(self, record) -> None:
@@ -551,12 +558,17 @@ class SchedulerService:
             return
         log.warning("took over session %s from scheduler %s (cycle %d, %d tokens out)", sid[:16],
                     record.scheduler, record.cycle, len(record.output))
-        await self.store.assign(sid, verifier=assignment.verifier, edge=assignment.edge or "")
-        if record.edge and record.edge != assignment.edge:  # it drafts for the dead scheduler
-            await bus.publish(self.nc, subjects.edge_close(record.edge), protocol.encode(CloseSession(session_id=sid)),
-                              context=spans.session_context)
-        keep, reason = cut_output(record.output, output.eos_ids, output.max_new_tokens - output.generated)
-        await self._emit(sid, output, keep, reason, context=spans.session_context)
+        try:
+            await self.store.assign(sid, verifier=assignment.verifier, edge=assignment.edge or "")
+            if record.edge and record.edge != assignment.edge:  # it drafts for the dead scheduler
+                await bus.publish(self.nc, subjects.edge_close(record.edge),
+                                  protocol.encode(CloseSession(session_id=sid)), context=spans.session_context)
+            keep, reason = cut_output(record.output, output.eos_ids, output.max_new_tokens - output.generated)
+            await self._emit(sid, output, keep, reason, context=spans.session_context)
+        except Exception:  # Redis or NATS failed half-way: let go of it, to adopt it again at the next scan
+            self.policy.finish(sid)
+            self._outputs.pop(sid, None)
+            raise
         if reason is not None:
             await self._end(sid)
             return
