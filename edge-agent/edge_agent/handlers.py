@@ -113,7 +113,7 @@ class EdgeService:
     async def on_assign(self, msg: Msg) -> None:
         try:
             assign = protocol.decode(msg.data, DraftAssign)
-            params = TreeParams(assign.budget, assign.depth, assign.branch, assign.beams)
+            params = TreeParams(assign.budget, assign.depth, assign.branch, assign.beams, assign.temperature)
             subjects.drafts(self.instance_id, assign.scheduler)  # a usable subject token
         except (ProtocolError, ValueError) as exc:
             self.reject(getattr(exc, "reason", "bad_params"), "an assignment")

@@ -67,6 +67,7 @@ class _Output:
     eos_ids: set[int]
     spans: SessionSpans
     generated: int = 0
+    tree_temperature: float = 1.0  # its drafts' scoring temperature (from its sampling)
 
 
 _WHY = {"unknown_session": "its state is gone from Redis (expired, or Redis restarted without persistence)",
@@ -245,7 +246,8 @@ class SchedulerService:
             await msg.respond(protocol.encode(SessionOpened(session_id=sid, error=error)))
             return error
         spans = SessionSpans(sid, parent)
-        self._outputs[sid] = _Output(request.max_new_tokens, set(request.eos_ids), spans)
+        self._outputs[sid] = _Output(request.max_new_tokens, set(request.eos_ids), spans,
+                                     tree_temperature=request.sampling.tree_temperature)
         self.policy.draft_due(sid, time.monotonic())
         spans.begin_cycle(0)
         if assignment.edge is not None:
@@ -291,10 +293,12 @@ class SchedulerService:
             await bus.publish(self.nc, subjects.session_tokens(session_id), protocol.encode(event))
         await self._end(session_id, error)
 
-    def _shape(self, session_id: str) -> dict[str, int]:
-        """The tree shape a session's edge is asked for on assignment."""
+    def _shape(self, session_id: str) -> dict[str, int | float]:
+        """The tree shape a session's edge is asked for on assignment, and its scoring temperature."""
         budget, depth = self.policy.shape_for(session_id)
-        return {**self.draft_shape, "budget": budget, "depth": depth}
+        output = self._outputs.get(session_id)
+        return {**self.draft_shape, "budget": budget, "depth": depth,
+                "temperature": output.tree_temperature if output is not None else 1.0}
 
     async def on_draft(self, msg: Msg) -> None:
         edge = msg.subject.split(".")[-2]
@@ -547,7 +551,8 @@ class SchedulerService:
         is re-sent from index 0 first."""
         sid = record.session_id
         spans = SessionSpans(sid, None, adopted_from=record.scheduler)  # a trace of its own from here on
-        output = self._outputs[sid] = _Output(record.max_new_tokens, set(record.eos_ids), spans)
+        output = self._outputs[sid] = _Output(record.max_new_tokens, set(record.eos_ids), spans,
+                                              tree_temperature=record.sampling.tree_temperature)
         try:
             assignment = self.policy.assign(sid, len(record.tokens), record.mode, record.user,
                                             prefer=record.verifier or None, cycle=record.cycle)

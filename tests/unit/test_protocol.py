@@ -4,7 +4,16 @@ import msgspec
 import pytest
 
 from specedge import protocol
-from specedge.protocol import ProtocolError, ServiceAnnouncement, ServiceLeave, decode, encode
+from specedge.protocol import (
+    GREEDY_TREE_TEMPERATURE,
+    ProtocolError,
+    SamplingSpec,
+    ServiceAnnouncement,
+    ServiceLeave,
+    decode,
+    encode,
+    tree_temperature,
+)
 
 
 def announcement(**over) -> ServiceAnnouncement:
@@ -53,3 +62,9 @@ def test_rejections_count_by_reason_and_never_raise(caplog):
     reject("stale_cycle", "a tree")
     assert dict(reject.counts) == {"malformed": 1, "stale_cycle": 1}
     assert "rejected a leave: malformed" in caplog.text
+
+
+def test_tree_temperature_follows_the_targets_sampling_within_bounds():
+    assert tree_temperature(0.0) == GREEDY_TREE_TEMPERATURE == SamplingSpec().tree_temperature
+    assert tree_temperature(0.7) == 0.7
+    assert tree_temperature(0.2) == GREEDY_TREE_TEMPERATURE and tree_temperature(1.5) == 1.0

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from specedge import protocol, telemetry
-from specedge.protocol import DraftTreeMsg, TokenEvent, VerifyBatchReply, VerifyBatchRequest, VerifyResult
+from specedge.protocol import DraftTreeMsg, SamplingSpec, TokenEvent, VerifyBatchReply, VerifyBatchRequest, VerifyResult
 from specedge_scheduler import tracing as scheduler_tracing
 from specedge_scheduler.policy import SchedulingPolicy
 from specedge_scheduler.service import SchedulerService, _Output
@@ -151,7 +151,7 @@ def test_an_adopted_session_goes_on_under_a_session_span_of_its_own(exported):
     svc = service(nc)
     record = types.SimpleNamespace(session_id="s", max_new_tokens=8, eos_ids=[EOS], tokens=[1, 2, 3, 4, 5],
                                    mode="autoregressive", user="", verifier="v1", cycle=2, scheduler="dead-1",
-                                   edge="", output=[4, 5])
+                                   edge="", output=[4, 5], sampling=SamplingSpec())
     asyncio.run(svc._adopt(record))
 
     spans = svc._outputs["s"].spans

@@ -27,6 +27,7 @@ from specedge.engine.parties import Drafter, Verifier
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
+from specedge.protocol import tree_temperature
 
 log = logging.getLogger("specedge.bench_modes")
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [chat_prompt_ids(tok, t) for t in texts]
     longest = max(len(p) for p in prompts) + args.max_tokens + args.depth + 2
     verifier = Verifier(target.model, max_sessions=1, max_len=longest, max_tree_nodes=max(args.budget, 1))
-    drafter = Drafter(draft.model, TreeParams(args.budget, args.depth, args.branch, args.beams),
+    drafter = Drafter(draft.model, TreeParams(args.budget, args.depth, args.branch, args.beams,
+                                              tree_temperature(0.0)),  # greedy
                       max_sessions=1, max_len=longest)
     eos = set(target.model.generation_config.eos_token_id)
     rows: dict[str, dict[str, list[float]]] = {m: {"tpv": [], "passes": [], "hit": [], "ms": [], "server_ms": []}

@@ -13,6 +13,7 @@ from specedge.engine.parties import Drafter, Verifier
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
+from specedge.protocol import tree_temperature
 
 
 class GenerateSettings(BaseModel):
@@ -50,7 +51,8 @@ def run_generate(s: GenerateSettings, as_json: bool) -> str:
         draft = load_causal_lm(s.draft or bundled(BUNDLED_DRAFT), s.device, s.dtype)
         if draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
             raise SystemExit("the draft model's tokenizer differs from the target's; they cannot be paired")
-        tree = TreeParams(budget=s.budget, depth=s.depth, branch=s.branch, beams=s.beams)
+        tree = TreeParams(budget=s.budget, depth=s.depth, branch=s.branch, beams=s.beams,
+                          temperature=tree_temperature(s.temperature))
         drafter = Drafter(draft.model, tree, max_sessions=1, max_len=max_len)
     eos = target.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -2,14 +2,15 @@
 
 Start at the root (the last committed token). Every node that has been through the draft
 model offers its top-`branch` next tokens as candidates, scored by cumulative draft
-log-probability. Each pass takes the best `beams` candidates (never deeper than `depth`,
-and none that can no longer make the best `budget`), runs them through the draft model in
-one forward pass — which computes their KV entries and their own candidates — and
-repeats, at most `depth` passes after the root's. The tree is then the best `budget`
-nodes by score; scores only fall along a path, so that set contains every kept node's
-ancestors. Every kept node has its draft KV computed, the last level included, so
-nothing is missing whichever path the target accepts; and the last level's logits give
-proactive drafting its next token.
+log-probability at the tree's `temperature` (below 1 the draft's first choices weigh more
+and trees grow deeper: `protocol.tree_temperature`). Each pass takes the best `beams`
+candidates (never deeper than `depth`, and none that can no longer make the best
+`budget`), runs them through the draft model in one forward pass — which computes their
+KV entries and their own candidates — and repeats, at most `depth` passes after the
+root's. The tree is then the best `budget` nodes by score; scores only fall along a
+path, so that set contains every kept node's ancestors. Every kept node has its draft KV
+computed, the last level included, so nothing is missing whichever path the target
+accepts; and the last level's logits give proactive drafting its next token.
 
 Candidate selection is the pure `TreeGrowth` class; `grow_trees` drives it with a
 `ModelRunner` for any number of sessions at once (one batched forward per pass).
@@ -33,10 +34,13 @@ class TreeParams:
     depth: int = 4     # levels below the root at most (= draft passes after the root's)
     branch: int = 16   # candidates per expanded node (top-k)
     beams: int = 32    # nodes added per pass at most
+    temperature: float = 1.0  # candidates scored by log-softmax(logits / temperature); < 1 deepens
 
     def __post_init__(self) -> None:
         if min(self.budget, self.depth, self.branch, self.beams) < 0:
             raise ValueError("tree parameters must be >= 0")
+        if not 0.05 <= self.temperature <= 4:
+            raise ValueError("tree temperature must be in [0.05, 4]")
 
 
 @dataclass
@@ -164,8 +168,9 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
         job.growth = TreeGrowth(params)
         job.root_scratch = runner.sessions[job.session_id].n_scratch
     logits = runner.forward([ForwardRequest(j.session_id, [j.root_token], [j.root_parent]) for j in jobs])
+    scale = 1.0 / params.temperature
     for job, out in zip(jobs, logits, strict=True):
-        job.growth.offer(-1, torch.log_softmax(out[-1], -1))
+        job.growth.offer(-1, torch.log_softmax(out[-1] * scale, -1))
     yield 0
     for step in range(1, params.depth + 1):
         work = [(job, job.growth.take()) for job in jobs]
@@ -180,7 +185,7 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
             requests.append(ForwardRequest(job.session_id, [tree.tokens[i] for i in added], parents))
         logits = runner.forward(requests)
         for (job, added), out in zip(work, logits, strict=True):
-            logprobs = torch.log_softmax(out, -1)
+            logprobs = torch.log_softmax(out * scale, -1)
             for row, node in enumerate(added):
                 job.growth.offer(node, logprobs[row])
         yield step
