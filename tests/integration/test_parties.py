@@ -1,11 +1,13 @@
 """The drafter and verifier parties: batching across sessions, stale messages, proactive hits."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specedge.engine.generate import generate
-from specedge.engine.parties import Drafter, StaleMessageError, Verifier
+from specedge.engine.parties import Drafter, StaleMessageError, Verifier, _first_choices
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import DraftTree, TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
@@ -156,3 +158,18 @@ def test_trees_scored_at_the_greedy_temperature_are_deeper_and_accept_more(model
     (plain_out, plain_tpv, plain_depth), (greedy_out, greedy_tpv, greedy_depth) = outcome.values()
     assert greedy_out == plain_out
     assert greedy_depth > plain_depth and greedy_tpv > 1.1 * plain_tpv
+
+
+def test_trees_are_scored_sharper_only_while_the_target_takes_the_drafts_first_choices(models):
+    _, draft = models
+    drafter = Drafter(draft, TreeParams(budget=8, depth=3, temperature=0.5))
+    drafter.open("s", prompts(1)[0])
+    session = drafter.sessions["s"]
+    session.first_choice_rate = 0.9
+    assert drafter.tree_params("s").temperature == 0.5
+    session.first_choice_rate = Drafter.SHARPEN_MIN_FIRST_CHOICE - 0.01  # the draft tracks the target poorly
+    assert drafter.tree_params("s") == dataclasses.replace(session.params, temperature=1.0)
+    # what a cycle counts: root -> 10 (first choice) -> 11 (second choice), then a bonus that was the first
+    tree = DraftTree(tokens=[10, 12, 11], parents=[-1, -1, 0], next_tokens=[13, -1, 14], root_next_token=10)
+    assert _first_choices(tree, [0, 2], bonus=14) == 2 / 3
+    assert _first_choices(tree, [], bonus=12) == 0.0

@@ -145,6 +145,9 @@ class _DraftSession:
     ahead: list[_Proactive] = dataclasses.field(default_factory=list)
     current_sent: bool = False  # `current` already went out (sent ahead, and its guess was right)
     hit_rate: float = 0.5  # recent proactive hits (exponentially weighted), for backing off
+    # how often the target's token was the draft's first choice (exponentially weighted over
+    # cycles), for scoring trees below temperature 1 only where that pays
+    first_choice_rate: float = 0.75
 
 
 @dataclass
@@ -192,9 +195,22 @@ class Drafter:
         depth = max(1, min(depth, self.params.depth * self.params.beams // max(1, session.params.beams)))
         session.params = dataclasses.replace(session.params, budget=max(0, budget), depth=depth)
 
+    SHARPEN_MIN_FIRST_CHOICE = 0.6  # below this a session's trees are scored at temperature 1
+
+    def tree_params(self, session_id: str) -> TreeParams:
+        """The shape of this session's next tree: its params, but scored at temperature 1
+        (not sharper) while the target takes the draft's first choice less often than
+        `SHARPEN_MIN_FIRST_CHOICE` — there deeper chains of first choices do not pay (measured
+        on the bundled pair: ≥ 0.7 on the short Spec-Bench categories, ≤ 0.5 on the long
+        out-of-domain ones)."""
+        session = self.sessions[session_id]
+        if session.params.temperature < 1 and session.first_choice_rate < self.SHARPEN_MIN_FIRST_CHOICE:
+            return dataclasses.replace(session.params, temperature=1.0)
+        return session.params
+
     def _grow(self, session_id: str, root: int, root_parent: int) -> tuple[TreeJob, Iterator[int]]:
         job = TreeJob(session_id, root, root_parent)
-        return job, grow_trees(self.runner, [job], self.sessions[session_id].params)
+        return job, grow_trees(self.runner, [job], self.tree_params(session_id))
 
     def _counted(self, steps: Iterator[int]) -> Iterator[int]:
         while True:
@@ -223,7 +239,7 @@ class Drafter:
             session = self.sessions[session_id]
             if session.current is None:
                 job = TreeJob(session_id, session.committed[-1], -1)
-                by_shape.setdefault(session.params, []).append(job)
+                by_shape.setdefault(self.tree_params(session_id), []).append(job)
         for params, jobs in by_shape.items():
             for _ in self._counted(grow_trees(self.runner, jobs, params)):
                 pass
@@ -305,6 +321,8 @@ class Drafter:
         built = session.current
         path = _walk(built.tree, result.accepted)
         scratch_path = [built.root_scratch, *(built.node_scratch[i] for i in path)]
+        session.first_choice_rate = 0.75 * session.first_choice_rate + 0.25 * _first_choices(
+            built.tree, path, result.bonus)
         chain, session.ahead = session.ahead, []
         proactive = chain[0] if chain else None
         hit = proactive is not None and proactive.guess_path == path and proactive.guess_bonus == result.bonus
@@ -338,6 +356,17 @@ class Drafter:
         session.ahead = rest
         self.stats.proactive_hits += 1
         return True
+
+
+def _first_choices(tree: DraftTree, path: list[int], bonus: int) -> float:
+    """The share of a cycle's target tokens (the accepted path, then the bonus) that were the
+    draft's first choice where they were drawn."""
+    matches, parent = 0, -1
+    for node in [*path, None]:
+        first = tree.root_next_token if parent < 0 else tree.next_tokens[parent]
+        matches += first == (tree.tokens[node] if node is not None else bonus)
+        parent = node if node is not None else parent
+    return matches / (len(path) + 1)
 
 
 def _walk(tree: DraftTree, accepted: list[int]) -> list[int]:
