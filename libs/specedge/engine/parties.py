@@ -256,13 +256,15 @@ class Drafter:
 
     PROACTIVE_MIN_HIT_RATE = 0.1  # below this a session drafts ahead only every PROACTIVE_PROBE-th cycle
     PROACTIVE_PROBE = 4
+    CHAIN_MIN_HIT_RATE = 0.5  # below this a session drafts one tree ahead, not a chain
 
     def start_proactive(self, session_id: str) -> bool:
         """Begin drafting the next tree from the guessed result of the last tree there is
         (the current one, or the last drafted ahead once it was sent) — unless the chain is
         full, its last tree is unfinished or unsent, or this session's guesses keep missing
         (the draft tracks the target poorly here): then only every `PROACTIVE_PROBE`-th
-        cycle, to notice when they start hitting again. The work saved is the edge's (its
+        cycle, to notice when they start hitting again; a chain (a tree after a tree
+        ahead) only while they hit at least `CHAIN_MIN_HIT_RATE` of the time. The work saved is the edge's (its
         power, or a CPU it shares), never the output's. Returns whether a tree was begun."""
         session = self.sessions[session_id]
         if session.current is None or len(session.ahead) >= self.max_ahead:
@@ -271,6 +273,8 @@ class Drafter:
             return False
         if session.hit_rate < self.PROACTIVE_MIN_HIT_RATE and session.cycle % self.PROACTIVE_PROBE:
             return False
+        if session.ahead and session.hit_rate < self.CHAIN_MIN_HIT_RATE:
+            return False  # a second tree ahead is used only if two guesses in a row hit
         if session.ahead:
             last = session.ahead[-1]
             built, cycle, committed_len = self._built(last.job), last.cycle, last.committed_len
