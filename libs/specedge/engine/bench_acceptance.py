@@ -5,7 +5,11 @@ acceptance changes when the scheduler shrinks or deepens trees; this measures it
 target/draft pair on Spec-Bench prompts (greedy, server-only mode: acceptance does not
 depend on where the draft runs).
 
-    python -m specedge.engine.bench_acceptance --num-prompts 8 --budgets 4,8,16,32,64 --depths 2,3,4,6
+    python -m specedge.engine.bench_acceptance --num-prompts 8 --budgets 4,8,16,32,64 --depths 2,3,4,6 \
+        --temperatures 1,0.5
+
+`--temperatures`: the trees' scoring temperatures (`TreeParams.temperature`; the system
+scores greedy trees at `protocol.tree_temperature(0)`), one table each.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from specedge.engine.parties import Drafter, Verifier
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
+from specedge.protocol import tree_temperature
 
 log = logging.getLogger("specedge.bench_acceptance")
 
@@ -35,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--budgets", default="4,8,16,32,64")
     parser.add_argument("--depths", default="2,3,4,6")
+    parser.add_argument("--temperatures", default=str(tree_temperature(0.0)),
+                        help="comma-separated tree scoring temperatures (default: the greedy one)")
     parser.add_argument("--target", default=bundled(BUNDLED_TARGET))
     parser.add_argument("--draft", default=bundled(BUNDLED_DRAFT))
     args = parser.parse_args(argv)
@@ -44,21 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     tok = target.tokenizer
     prompts = [chat_prompt_ids(tok, t) for t in texts]
     budgets, depths = [int(b) for b in args.budgets.split(",")], [int(d) for d in args.depths.split(",")]
+    temperatures = [float(t) for t in args.temperatures.split(",")]
     longest = max(len(p) for p in prompts) + args.max_tokens + max(depths) + 2
     verifier = Verifier(target.model, max_sessions=1, max_len=longest, max_tree_nodes=max(budgets))
     eos = set(target.model.generation_config.eos_token_id)
-    grid = {}
-    for depth in depths:
-        for budget in budgets:
-            drafter = Drafter(draft.model, TreeParams(budget, depth, 16, 32), max_sessions=1, max_len=longest)
-            tpv = [generate("server-only", verifier, drafter, ids, SamplingParams(), args.max_tokens, eos)
-                   .mean_tokens_per_verify for ids in prompts]
-            grid[f"{budget}x{depth}"] = round(statistics.fmean(tpv), 3)
-            log.info("budget %d depth %d: %.2f tokens per verify", budget, depth, grid[f"{budget}x{depth}"])
-    lines = ["| depth \\ budget | " + " | ".join(map(str, budgets)) + " |", "|---" * (len(budgets) + 1) + "|"]
-    lines += [f"| {d} | " + " | ".join(f"{grid[f'{b}x{d}']:.2f}" for b in budgets) + " |" for d in depths]
-    sys.stdout.write(f"{len(prompts)} prompts, {args.max_tokens} new tokens, greedy; tokens per verify\n\n"
-                     + "\n".join(lines) + "\n\n" + json.dumps(grid) + "\n")
+    out = f"{len(prompts)} prompts, {args.max_tokens} new tokens, greedy; tokens per verify\n"
+    for temperature in temperatures:
+        grid = {}
+        for depth in depths:
+            for budget in budgets:
+                drafter = Drafter(draft.model, TreeParams(budget, depth, 16, 32, temperature), max_sessions=1,
+                                  max_len=longest)
+                tpv = [generate("server-only", verifier, drafter, ids, SamplingParams(), args.max_tokens, eos)
+                       .mean_tokens_per_verify for ids in prompts]
+                grid[f"{budget}x{depth}"] = round(statistics.fmean(tpv), 3)
+                log.info("temperature %g budget %d depth %d: %.2f tokens per verify", temperature, budget, depth,
+                         grid[f"{budget}x{depth}"])
+        lines = ["| depth \\ budget | " + " | ".join(map(str, budgets)) + " |", "|---" * (len(budgets) + 1) + "|"]
+        lines += [f"| {d} | " + " | ".join(f"{grid[f'{b}x{d}']:.2f}" for b in budgets) + " |" for d in depths]
+        out += f"\ntree temperature {temperature:g}\n\n" + "\n".join(lines) + "\n\n" + json.dumps(grid) + "\n"
+    sys.stdout.write(out)
     return 0
 
 
