@@ -173,3 +173,27 @@ def test_trees_are_scored_sharper_only_while_the_target_takes_the_drafts_first_c
     tree = DraftTree(tokens=[10, 12, 11], parents=[-1, -1, 0], next_tokens=[13, -1, 14], root_next_token=10)
     assert _first_choices(tree, [0, 2], bonus=14) == 2 / 3
     assert _first_choices(tree, [], bonus=12) == 0.0
+
+
+def test_sessions_of_one_shape_draft_together_whatever_their_temperature(models):
+    """A server-side drafter's lockstep batch stays one pass per level when one session is
+    scored at temperature 1 (its draft tracks poorly) and another sharper — the same trees
+    as drafted one by one."""
+    _, draft = models
+    params = TreeParams(budget=12, depth=3, branch=4, beams=6, temperature=0.5)
+    ids = prompts(2)
+
+    def drafter_with(sessions: list[int]) -> Drafter:
+        drafter = Drafter(draft, params)
+        for i in sessions:
+            drafter.open(f"s{i}", ids[i])
+        if 1 in sessions:
+            drafter.sessions["s1"].first_choice_rate = 0.1
+        return drafter
+
+    together = drafter_with([0, 1])
+    trees = together.draft_many(["s0", "s1"])
+    assert together.stats.forward_passes == params.depth + 1
+    alone = [drafter_with([i]).draft(f"s{i}") for i in (0, 1)]
+    assert [(t.tokens, t.parents) for t in trees] == [(t.tokens, t.parents) for t in alone]
+    assert together.tree_params("s1").temperature == 1.0 and together.tree_params("s0").temperature == 0.5

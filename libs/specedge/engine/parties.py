@@ -238,8 +238,9 @@ class Drafter:
         for session_id in session_ids:
             session = self.sessions[session_id]
             if session.current is None:
-                job = TreeJob(session_id, session.committed[-1], -1)
-                by_shape.setdefault(self.tree_params(session_id), []).append(job)
+                params = self.tree_params(session_id)  # sessions of one shape share passes, whatever their temperature
+                job = TreeJob(session_id, session.committed[-1], -1, temperature=params.temperature)
+                by_shape.setdefault(dataclasses.replace(params, temperature=1.0), []).append(job)
         for params, jobs in by_shape.items():
             for _ in self._counted(grow_trees(self.runner, jobs, params)):
                 pass

@@ -147,6 +147,7 @@ class TreeJob:
     session_id: str
     root_token: int
     root_parent: int = -1  # scratch index the root hangs below (-1 = prefix end)
+    temperature: float | None = None  # its scoring temperature (None: the params')
     growth: TreeGrowth | None = None
     root_scratch: int = -1
 
@@ -160,6 +161,7 @@ class TreeJob:
 
 def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> Iterator[int]:
     """Grow one tree per job, one batched draft forward pass per step; yields the pass number.
+    Jobs share the shape in `params`; each may score at a temperature of its own.
 
     A generator, so a caller can stop between passes (proactive drafting is abandoned
     this way); the trees grown so far are valid at every yield.
@@ -167,10 +169,10 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
     for job in jobs:
         job.growth = TreeGrowth(params)
         job.root_scratch = runner.sessions[job.session_id].n_scratch
+    scale = {id(j): 1.0 / (params.temperature if j.temperature is None else j.temperature) for j in jobs}
     logits = runner.forward([ForwardRequest(j.session_id, [j.root_token], [j.root_parent]) for j in jobs])
-    scale = 1.0 / params.temperature
     for job, out in zip(jobs, logits, strict=True):
-        job.growth.offer(-1, torch.log_softmax(out[-1] * scale, -1))
+        job.growth.offer(-1, torch.log_softmax(out[-1] * scale[id(job)], -1))
     yield 0
     for step in range(1, params.depth + 1):
         work = [(job, job.growth.take()) for job in jobs]
@@ -185,7 +187,7 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
             requests.append(ForwardRequest(job.session_id, [tree.tokens[i] for i in added], parents))
         logits = runner.forward(requests)
         for (job, added), out in zip(work, logits, strict=True):
-            logprobs = torch.log_softmax(out * scale, -1)
+            logprobs = torch.log_softmax(out * scale[id(job)], -1)
             for row, node in enumerate(added):
                 job.growth.offer(node, logprobs[row])
         yield step
