@@ -15,6 +15,7 @@ how the messages travel (in process, with a simulated delay, or over NATS).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,9 +124,7 @@ class BuiltTree:
 class _Proactive:
     """A tree being drafted ahead, from a guessed result of the tree before it."""
 
-    guess_path: list[int]   # drafted node indices of the tree before it
-    guess_bonus: int
-    assumed: list[int]      # the tokens that guess commits (path tokens and bonus)
+    assumed: list[int]      # the guessed result of the tree before it: accepted tokens and bonus
     cycle: int              # the cycle this tree is for, and the committed length it extends
     committed_len: int
     job: TreeJob
@@ -287,8 +286,7 @@ class Drafter:
         leaf_scratch = built.node_scratch[path[-1]] if path else built.root_scratch
         assumed = [*(built.tree.tokens[i] for i in path), bonus]
         job, steps = self._grow(session_id, bonus, leaf_scratch)
-        session.ahead.append(_Proactive(path, bonus, assumed, cycle + 1, committed_len + len(assumed), job,
-                                        self._counted(steps)))
+        session.ahead.append(_Proactive(assumed, cycle + 1, committed_len + len(assumed), job, self._counted(steps)))
         self.stats.proactive_attempts += 1
         return True
 
@@ -330,7 +328,7 @@ class Drafter:
             built.tree, path, result.bonus)
         chain, session.ahead = session.ahead, []
         proactive = chain[0] if chain else None
-        hit = proactive is not None and proactive.guess_path == path and proactive.guess_bonus == result.bonus
+        hit = proactive is not None and proactive.assumed == [*result.accepted, result.bonus]  # tokens name the path
         if proactive is not None:
             session.hit_rate = 0.8 * session.hit_rate + 0.2 * hit
         session.committed += [*result.accepted, result.bonus]
@@ -345,11 +343,7 @@ class Drafter:
         keep = [nxt.root_scratch, *nxt.node_scratch]
         # Later trees of the chain keep every node they grew (a tree still growing appends
         # after its last one); one not begun yet hangs below a node about to move: dropped.
-        rest, offsets = [], []
-        for later in chain[1:]:
-            if later.job.growth is None:
-                break
-            rest.append(later)
+        rest, offsets = list(itertools.takewhile(lambda later: later.job.growth is not None, chain[1:])), []
         for later in rest:
             offsets.append(len(keep))
             keep += range(later.job.root_scratch, later.job.root_scratch + 1 + len(later.job.growth.tree))
@@ -366,12 +360,9 @@ class Drafter:
 def _first_choices(tree: DraftTree, path: list[int], bonus: int) -> float:
     """The share of a cycle's target tokens (the accepted path, then the bonus) that were the
     draft's first choice where they were drawn."""
-    matches, parent = 0, -1
-    for node in [*path, None]:
-        first = tree.root_next_token if parent < 0 else tree.next_tokens[parent]
-        matches += first == (tree.tokens[node] if node is not None else bonus)
-        parent = node if node is not None else parent
-    return matches / (len(path) + 1)
+    firsts = [tree.root_next_token, *(tree.next_tokens[node] for node in path)]
+    drawn = [*(tree.tokens[node] for node in path), bonus]
+    return sum(f == d for f, d in zip(firsts, drawn, strict=True)) / len(drawn)
 
 
 def _walk(tree: DraftTree, accepted: list[int]) -> list[int]:

@@ -169,10 +169,11 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
     for job in jobs:
         job.growth = TreeGrowth(params)
         job.root_scratch = runner.sessions[job.session_id].n_scratch
-    scale = {id(j): 1.0 / (params.temperature if j.temperature is None else j.temperature) for j in jobs}
+        if job.temperature is None:
+            job.temperature = params.temperature
     logits = runner.forward([ForwardRequest(j.session_id, [j.root_token], [j.root_parent]) for j in jobs])
     for job, out in zip(jobs, logits, strict=True):
-        job.growth.offer(-1, torch.log_softmax(out[-1] * scale[id(job)], -1))
+        job.growth.offer(-1, torch.log_softmax(out[-1] / job.temperature, -1))
     yield 0
     for step in range(1, params.depth + 1):
         work = [(job, job.growth.take()) for job in jobs]
@@ -187,7 +188,7 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
             requests.append(ForwardRequest(job.session_id, [tree.tokens[i] for i in added], parents))
         logits = runner.forward(requests)
         for (job, added), out in zip(work, logits, strict=True):
-            logprobs = torch.log_softmax(out * scale[id(job)], -1)
+            logprobs = torch.log_softmax(out / job.temperature, -1)
             for row, node in enumerate(added):
                 job.growth.offer(node, logprobs[row])
         yield step
