@@ -19,7 +19,7 @@ help:
 	@echo "make test    run the test suite (unit, integration with real servers, end to end)"
 	@echo "make soak    load test: 64 streaming clients for 5 minutes against specedge up (docs/benchmarks.md)"
 	@echo "make lint    ruff"
-	@echo "make models  retrain the bundled tiny models (about 25 minutes on 2 CPU cores; not in CI)"
+	@echo "make models  retrain the bundled tiny models (about 45 minutes on 2 CPU cores; not in CI)"
 
 install: $(STAMP) browser
 

@@ -15,6 +15,16 @@ Training: a byte-level BPE tokenizer shared by both models; the target is traine
 next-token cross-entropy; the draft is distilled from the target (KL to the target's
 next-token distribution plus a little cross-entropy), as a real draft/target pair is.
 
+Aligning the draft (on-policy distillation, as DistillSpec does): the target answers chat
+prompts built from English prose — the standard library's docstrings and documentation
+text and the installed (pinned) packages' descriptions, passages of 60 to 1,300 tokens
+with an instruction before or after — greedily and by sampling, and the draft is trained
+on the target's own replies (KL to the target's distribution at every reply position),
+interleaved with batches of the stdlib stream so that it keeps what it had. Speculation
+only ever asks the draft to predict the target's replies, and the first stage never shows
+it replies to long prose, where the tiny target drifts into patterns of its own. No
+benchmark prompt is used. ``--align-only`` runs this stage alone on the bundled pair.
+
 Determinism: every random choice is seeded. On the same Python (stdlib) version, torch
 version and thread count the run repeats; across CPUs, float rounding can differ.
 """
@@ -23,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
 import hashlib
 import json
 import logging
 import math
 import pathlib
+import random
 import sysconfig
 import time
 
@@ -35,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen3Config,
@@ -202,6 +216,140 @@ def train(model, stream, steps, batch, peak_lr, gen, teacher=None):
     model.eval()
 
 
+# --------------------------------------------------------------- aligning the draft
+
+ALIGN_INSTRUCTIONS = (
+    "Summarize the following text.", "What is this text about?", "Explain the main points below.",
+    "Read the passage and answer the question at the end.", "Write a short summary.",
+    "Rewrite this in simple words.",
+)
+ALIGN_PASSAGE_TOKENS = (60, 200, 500, 900, 1300)
+ALIGN_MAX_PROMPT = 1600
+ALIGN_REPLY_TOKENS = 96
+ALIGN_HELD_OUT = 80  # replies kept out of training, to measure agreement on
+
+
+def prose_paragraphs() -> list[str]:
+    """English paragraphs: stdlib docstrings and documentation text, installed packages' descriptions.
+
+    The packages are the pinned lock's (``requirements.txt``), SpecEdge's own excluded, so
+    the list is the same wherever the lock installs.
+    """
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    paragraphs: list[str] = []
+    for f in stdlib_files():
+        if f.suffix != ".py":
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    paragraphs.extend(p for p in doc.split("\n\n") if len(p) > 80)
+    topics = (root / "pydoc_data" / "topics.py").read_text(encoding="utf-8", errors="replace")
+    paragraphs.extend(p for p in topics.replace("\\n", "\n").split("\n\n") if len(p) > 80)
+    site = sysconfig.get_paths()["purelib"]
+    for meta in sorted(glob.glob(f"{site}/*.dist-info/METADATA")):
+        if pathlib.Path(meta).parent.name.startswith("specedge"):
+            continue
+        body = pathlib.Path(meta).read_text(encoding="utf-8", errors="replace").split("\n\n", 1)[-1]
+        paragraphs.extend(p for p in body.split("\n\n") if len(p) > 80 and not p.startswith("    "))
+    return paragraphs
+
+
+def align_prompt(tok: PreTrainedTokenizerFast, paragraphs: list[str], rng: random.Random) -> list[int]:
+    """One chat prompt: a passage of consecutive paragraphs with an instruction before or after."""
+    chars = rng.choice(ALIGN_PASSAGE_TOKENS) * 4
+    i = rng.randrange(len(paragraphs))
+    text = ""
+    while len(text) < chars and i < len(paragraphs):
+        text += paragraphs[i] + "\n\n"
+        i += 1
+    instruction = rng.choice(ALIGN_INSTRUCTIONS)
+    body = f"{instruction}\n\n{text.strip()}" if rng.random() < 0.5 else f"{text.strip()}\n{instruction}"
+    text = tok.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"][-ALIGN_MAX_PROMPT:]
+
+
+@torch.no_grad()
+def target_replies(target, tok, n: int, seed: int) -> list[tuple[int, list[int]]]:
+    """(prompt length, prompt + the target's reply) for n prompts; every third reply sampled (T = 0.8)."""
+    rng = random.Random(seed)
+    paragraphs = prose_paragraphs()
+    log.info("aligning: %d prose paragraphs", len(paragraphs))
+    out, t0 = [], time.monotonic()
+    for k in range(n):
+        prompt = align_prompt(tok, paragraphs, rng)
+        sampled = k % 3 == 2
+        torch.manual_seed(seed + k)
+        reply = target.generate(
+            torch.tensor([prompt]), max_new_tokens=ALIGN_REPLY_TOKENS, do_sample=sampled,
+            temperature=0.8 if sampled else None, top_k=0 if sampled else None,
+        )
+        out.append((len(prompt), reply[0].tolist()))
+        if k % 50 == 0 or k == n - 1:
+            log.info("target replies %d/%d (%.0fs)", k + 1, n, time.monotonic() - t0)
+    return out
+
+
+@torch.no_grad()
+def reply_agreement(target, draft, samples: list[tuple[int, list[int]]]) -> float:
+    """Share of the target's reply tokens that are the draft's greedy next token."""
+    hits = total = 0
+    for prompt_len, seq in samples:
+        reply = torch.tensor(seq[prompt_len:])
+        guess = draft(input_ids=torch.tensor([seq])).logits[0, prompt_len - 1 : -1].argmax(-1)
+        hits += int((guess == reply).sum())
+        total += len(reply)
+    return hits / max(1, total)
+
+
+def align_draft(draft, target, samples, stream: torch.Tensor, epochs: int, peak_lr: float,
+                gen: torch.Generator, per_step: int = 4) -> None:
+    """Train the draft on the target's replies (KL at reply positions) plus a stdlib batch a step."""
+    def teacher(prompt_len: int, seq: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = target(input_ids=torch.tensor([seq])).logits[0, prompt_len - 1 : -1]
+        return F.log_softmax(logits.float(), -1).half()
+
+    t0 = time.monotonic()
+    teachers = [teacher(*s) for s in samples]
+    log.info("aligning: target distributions at %d replies (%.0fs)", len(samples), time.monotonic() - t0)
+    steps = epochs * (len(samples) // per_step)
+    opt = torch.optim.AdamW(draft.parameters(), lr=peak_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    draft.train()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(samples), generator=gen).tolist()
+        for first in range(0, len(order) - per_step + 1, per_step):
+            for g in opt.param_groups:
+                g["lr"] = peak_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            replies = 0.0
+            for i in order[first : first + per_step]:
+                prompt_len, seq = samples[i]
+                logits = draft(input_ids=torch.tensor([seq])).logits[0, prompt_len - 1 : -1].float()
+                replies = replies + F.kl_div(F.log_softmax(logits, -1), teachers[i].float(),
+                                             log_target=True, reduction="batchmean")
+            x = next(batches(stream, 1, per_step, gen))
+            logits = draft(input_ids=x).logits[:, :-1].float().reshape(-1, VOCAB_SIZE)
+            with torch.no_grad():
+                t_logp = F.log_softmax(target(input_ids=x).logits[:, :-1].float(), -1).reshape(-1, VOCAB_SIZE)
+            kept = F.kl_div(F.log_softmax(logits, -1), t_logp, log_target=True, reduction="batchmean")
+            loss = replies / per_step + kept
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % 50 == 0 or step == steps:
+                log.info("align step %d/%d replies KL %.3f stdlib KL %.3f (%.0fs)", step, steps,
+                         replies.item() / per_step, kept.item(), time.monotonic() - t0)
+    draft.eval()
+
+
 @torch.no_grad()
 def evaluate(target, draft, stream: torch.Tensor, n_seq: int = 48) -> dict:
     """Held-out loss of each model and greedy next-token agreement draft vs target."""
@@ -225,7 +373,7 @@ def evaluate(target, draft, stream: torch.Tensor, n_seq: int = 48) -> dict:
 # ------------------------------------------------------------------------- writing
 
 
-def write_model(model, tok, out_dir: pathlib.Path, card: str) -> None:
+def write_model(model, tok, out_dir: pathlib.Path, card: str, save_tokenizer: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
@@ -233,11 +381,12 @@ def write_model(model, tok, out_dir: pathlib.Path, card: str) -> None:
         do_sample=False,
     )
     model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    if save_tokenizer:
+        tok.save_pretrained(out_dir)
     (out_dir / "README.md").write_text(card)
 
 
-def model_card(name: str, role: str, model, metrics: dict, args, seconds: float) -> str:
+def model_card(name: str, role: str, model, metrics: dict, args) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
     return f"""# {name}
@@ -255,7 +404,9 @@ MLP {cfg.intermediate_size}, vocabulary {cfg.vocab_size}, tied embeddings, float
   (`<|im_start|>role ... <|im_end|>`), end of turn `<|im_end|>`.
 - Trained by `models/train_tiny_pair.py` (seed {args.seed}, {args.target_steps} target steps,
   {args.draft_steps} draft distillation steps, batch {args.batch} × {SEQ_LEN} tokens) in
-  {seconds / 60:.1f} minutes on 2 CPU cores. Command: `make models`.
+  {metrics['train_minutes']:.1f} minutes on 2 CPU cores; then the draft was aligned to the target's own
+  replies ({args.align_replies} chat prompts built from English prose, {args.align_epochs} epochs) in
+  {metrics['align_minutes']:.1f} minutes. Command: `make models`.
 
 ## Measured quality (held-out stdlib files, {metrics['held_out_tokens']:,} positions)
 
@@ -264,9 +415,26 @@ MLP {cfg.intermediate_size}, vocabulary {cfg.vocab_size}, tied embeddings, float
 | target held-out loss (nats/token) | {metrics['target_held_out_loss']} |
 | draft held-out loss (nats/token) | {metrics['draft_held_out_loss']} |
 | draft greedy next token == target greedy next token | {metrics['greedy_agreement'] * 100:.1f}% |
+| the same on {metrics['held_out_replies']} held-out target replies to prose prompts \
+(before alignment) | {metrics['reply_agreement'] * 100:.1f}% \
+({metrics['reply_agreement_before_alignment'] * 100:.1f}%) |
 | target params / draft params | {metrics['param_ratio']:.2f}× |
 | both models on disk | {metrics['disk_mb']:.1f} MB |
 """
+
+
+def align(target, draft, tok, train_stream: torch.Tensor, args) -> dict:
+    """The alignment stage; returns the draft's agreement on held-out target replies before and after."""
+    samples = target_replies(target, tok, args.align_replies, args.seed + 2)
+    held, train_set = samples[:ALIGN_HELD_OUT], samples[ALIGN_HELD_OUT:]
+    before = reply_agreement(target, draft, held)
+    torch.manual_seed(args.seed + 3)
+    align_draft(draft, target, train_set, train_stream, args.align_epochs, 1e-3,
+                torch.Generator().manual_seed(args.seed + 3))
+    after = reply_agreement(target, draft, held)
+    log.info("draft agreement on held-out target replies: %.3f -> %.3f", before, after)
+    return {"reply_agreement_before_alignment": round(before, 4), "reply_agreement": round(after, 4),
+            "held_out_replies": len(held)}
 
 
 def main() -> None:
@@ -276,39 +444,56 @@ def main() -> None:
     parser.add_argument("--target-steps", type=int, default=600)
     parser.add_argument("--draft-steps", type=int, default=350)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--align-replies", type=int, default=1200)
+    parser.add_argument("--align-epochs", type=int, default=3)
+    parser.add_argument("--align-only", action="store_true",
+                        help="load the pair from --out and run only the draft's alignment stage")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(args.seed)
     t_start = time.monotonic()
+    dirs = {"target": args.out / "specedge-tiny-target", "draft": args.out / "specedge-tiny-draft"}
 
     train_docs, held_docs = load_corpus()
     log.info("corpus: %d train docs, %d held-out docs", len(train_docs), len(held_docs))
-    tok = train_tokenizer(train_docs)
+    if args.align_only:
+        tok = AutoTokenizer.from_pretrained(dirs["target"])
+        target = AutoModelForCausalLM.from_pretrained(dirs["target"]).eval()
+        draft = AutoModelForCausalLM.from_pretrained(dirs["draft"]).eval()
+        train_minutes = json.loads((args.out / "quality.json").read_text())["train_minutes"]
+    else:
+        tok = train_tokenizer(train_docs)
     train_stream = token_stream(tok, train_docs)
     held_stream = token_stream(tok, held_docs)
     log.info("tokens: %d train, %d held out", len(train_stream), len(held_stream))
 
-    target = Qwen3ForCausalLM(make_config(tok, TARGET_ARCH))
-    train(target, train_stream, args.target_steps, args.batch, 2e-3, torch.Generator().manual_seed(args.seed))
-    torch.manual_seed(args.seed + 1)
-    draft = Qwen3ForCausalLM(make_config(tok, DRAFT_ARCH))
-    train(draft, train_stream, args.draft_steps, args.batch, 3e-3,
-          torch.Generator().manual_seed(args.seed + 1), teacher=target)
+    if not args.align_only:
+        target = Qwen3ForCausalLM(make_config(tok, TARGET_ARCH))
+        train(target, train_stream, args.target_steps, args.batch, 2e-3, torch.Generator().manual_seed(args.seed))
+        torch.manual_seed(args.seed + 1)
+        draft = Qwen3ForCausalLM(make_config(tok, DRAFT_ARCH))
+        train(draft, train_stream, args.draft_steps, args.batch, 3e-3,
+              torch.Generator().manual_seed(args.seed + 1), teacher=target)
+        train_minutes = round((time.monotonic() - t_start) / 60, 1)
+    t_align = time.monotonic()
+    alignment = align(target, draft, tok, train_stream, args)
 
     metrics = evaluate(target, draft, held_stream)
+    metrics.update(alignment)
     n_t = sum(p.numel() for p in target.parameters())
     n_d = sum(p.numel() for p in draft.parameters())
     metrics["param_ratio"] = n_t / n_d
-    seconds = time.monotonic() - t_start
-    dirs = {"target": args.out / "specedge-tiny-target", "draft": args.out / "specedge-tiny-draft"}
+    metrics["train_minutes"] = train_minutes
+    metrics["align_minutes"] = round((time.monotonic() - t_align) / 60, 1)
     for role, model in (("target", target), ("draft", draft)):
-        write_model(model, tok, dirs[role], "")
+        if role == "draft" or not args.align_only:  # --align-only: the tokenizer files stay as they are
+            write_model(model, tok, dirs[role], "", save_tokenizer=not args.align_only)
     metrics["disk_mb"] = sum(f.stat().st_size for d in dirs.values() for f in d.iterdir()) / 1e6
     for role, model in (("target", target), ("draft", draft)):
-        (dirs[role] / "README.md").write_text(
-            model_card(dirs[role].name, role, model, metrics, args, seconds))
+        (dirs[role] / "README.md").write_text(model_card(dirs[role].name, role, model, metrics, args))
     (args.out / "quality.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("done in %.0fs: %s", seconds, metrics)
+    log.info("done in %.0fs: %s", time.monotonic() - t_start, metrics)
 
 
 if __name__ == "__main__":
