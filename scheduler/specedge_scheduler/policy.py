@@ -9,12 +9,13 @@ simulator can drive it (`simulator.py`). Three batching strategies:
   alternate strictly; a group's batch waits for all its drafts (up to a deadline).
 - `pipeline`: sessions in K phase groups so that while one group is verified the others
   draft — K the fewest whose predicted cycle is within `GROUP_TOLERANCE` of the shortest;
-  the group with the oldest ready tree goes next, waiting for its drafts due soon
-  (`_slack`); with two groups or more, each edge's next depth is the one with the most
-  expected tokens per second of its cycle, from its measured turnaround, drafting time
-  and acceptance (`timing.EdgeTiming.best_depth`); under heavy load (the verifier busy
-  `SATURATED` of a cycle) trees shrink so the batch's nodes cost at most
-  `node_cost_share` of a pass (verification cost grows with batch × nodes).
+  the group with the oldest ready tree goes next, waiting for its drafts due soon — an
+  idle verifier half a verification at most (`_slack`); with two groups or more, each
+  edge's next depth is the one with the most expected tokens per second of its cycle,
+  from its measured turnaround, drafting time and acceptance
+  (`timing.EdgeTiming.best_depth`); under heavy load (the verifier busy `SATURATED` of a
+  cycle) trees shrink so the batch's nodes cost at most `node_cost_share` of a pass
+  (verification cost grows with batch × nodes).
 
 Any strategy: a tree an edge sent ahead of its session's result (`DraftTreeMsg.assumed`)
 is held and queued the moment the result shows its guess was right (`release_ahead`); an
@@ -511,16 +512,17 @@ class SchedulingPolicy:
                 return []
         return self._take(queue, group)
 
-    IDLE_WAIT_PASSES = 2.0
+    IDLE_WAIT_PASSES = 0.5
 
     def _slack(self, verifier: str, group: int, queue: deque[DraftTreeMsg]) -> float:
         """How long a group's batch may wait for its missing drafts. With other groups' trees
         ready, only while that is cheaper than verifying the late ones in a batch of their
         own: one verification divided by the group's size. With nothing else to do, up to
-        `IDLE_WAIT_PASSES` verifications: the verifier would idle anyway, and one full batch
-        costs far less server time than several small ones (each pass has a fixed cost) — a
-        later draft goes on in the next batch, so a slow edge never holds the others back
-        for longer."""
+        `IDLE_WAIT_PASSES` of a verification: long enough to take in a draft due just after
+        the others, short enough that the ready trees do not wait out a pass of their own (on
+        this machine waiting up to two passes, as this policy once did, made a batch of four
+        edges 1–9% slower per token for 10–20% less server time: `docs/benchmarks.md`). A
+        later draft goes on in the next batch, so a slow edge never holds the others back."""
         others = any((s := self.sessions.get(t.session_id)) is not None and s.group != group for t in queue)
         if not others:
             return self.IDLE_WAIT_PASSES * self._verify_estimate(verifier)
