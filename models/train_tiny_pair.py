@@ -40,6 +40,7 @@ import logging
 import math
 import pathlib
 import random
+import re
 import sysconfig
 import time
 
@@ -229,11 +230,23 @@ ALIGN_REPLY_TOKENS = 96
 ALIGN_HELD_OUT = 80  # replies kept out of training, to measure agreement on
 
 
+def package_key(name: str) -> str:
+    """A distribution's name as both the lock and a ``*.dist-info`` folder can spell it."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def locked_packages() -> set[str]:
+    """The distributions pinned in ``requirements.txt`` (SpecEdge's own are not in it)."""
+    lock = pathlib.Path(__file__).resolve().parent.parent / "requirements.txt"
+    lines = (line.strip() for line in lock.read_text().splitlines())
+    return {package_key(re.split(r"[=<>~!@ ;\[]", line)[0]) for line in lines if line and not line.startswith("#")}
+
+
 def prose_paragraphs() -> list[str]:
     """English paragraphs: stdlib docstrings and documentation text, installed packages' descriptions.
 
-    The packages are the pinned lock's (``requirements.txt``), SpecEdge's own excluded, so
-    the list is the same wherever the lock installs.
+    Only the packages pinned in the lock (``requirements.txt``) are read, so the list is the
+    same wherever the lock is installed, whatever else the environment holds.
     """
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     paragraphs: list[str] = []
@@ -252,8 +265,9 @@ def prose_paragraphs() -> list[str]:
     topics = (root / "pydoc_data" / "topics.py").read_text(encoding="utf-8", errors="replace")
     paragraphs.extend(p for p in topics.replace("\\n", "\n").split("\n\n") if len(p) > 80)
     site = sysconfig.get_paths()["purelib"]
+    locked = locked_packages()
     for meta in sorted(glob.glob(f"{site}/*.dist-info/METADATA")):
-        if pathlib.Path(meta).parent.name.startswith("specedge"):
+        if package_key(pathlib.Path(meta).parent.name.split("-")[0]) not in locked:
             continue
         body = pathlib.Path(meta).read_text(encoding="utf-8", errors="replace").split("\n\n", 1)[-1]
         paragraphs.extend(p for p in body.split("\n\n") if len(p) > 80 and not p.startswith("    "))

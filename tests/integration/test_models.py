@@ -94,6 +94,18 @@ def test_the_draft_is_aligned_to_the_targets_own_replies(pair):
     assert f"{QUALITY['reply_agreement'] * 100:.1f}%" in card
 
 
+def test_agreement_benchmark_measures_the_draft_against_the_targets_replies(pair):
+    from specedge.engine.bench_agreement import agreement
+    from specedge.models import chat_prompt_ids
+
+    target, draft, tok, _ = pair
+    prompts = [chat_prompt_ids(tok, "Summarize: the quick brown fox jumps over the lazy dog.")]
+    itself = agreement(target, target, prompts, max_tokens=12)
+    assert itself["top1"] == itself["top4"] == 1.0 and itself["positions"] > 0
+    measured = agreement(target, draft, prompts, max_tokens=12)
+    assert 0.0 <= measured["top1"] <= measured["top4"] <= 1.0
+
+
 def test_engine_loader_picks_cpu_float32_and_fingerprints():
     loaded = load_causal_lm(TARGET)
     assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32

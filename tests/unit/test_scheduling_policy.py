@@ -343,6 +343,18 @@ def test_the_pipeline_keeps_full_trees_while_the_verifier_has_time_to_spare():
     assert busy.shape_for("s0")[0] < 32
 
 
+def test_an_idle_verifier_waits_half_a_verification_for_a_late_draft_not_more():
+    p = pipeline_policy(sessions=4, turnaround_s=0.03)
+    assert p.groups("v") == 1
+    for sid in ("s0", "s1", "s2"):  # three drafts in on time; s3's is due any moment
+        assert p.draft_arrived(tree(sid), p.sessions[sid].edge, now=0.03) is None
+    pass_s = 0.006 + 0.0002 * 4 * 33  # one verification of the whole group
+    assert p.next_batch("v", now=0.03) == []  # worth a short wait: one pass instead of two
+    assert p.next_batch("v", now=0.03 + 0.4 * pass_s) == []
+    batch = p.next_batch("v", now=0.03 + 0.6 * pass_s)  # the ready trees do not wait out a pass
+    assert sorted(t.session_id for t in batch) == ["s0", "s1", "s2"]
+
+
 def test_server_side_drafters_sessions_are_verified_together_under_every_strategy():
     for strategy in ("fifo", "two-groups", "pipeline"):
         p = SchedulingPolicy(max_batch=4, strategy=strategy)

@@ -1,0 +1,71 @@
+"""How often the draft's next token is the target's, along the target's own greedy replies.
+
+The quantity speculation lives on: every tree is the draft's guess at what the target
+will say next. Per Spec-Bench category (prompts picked as `specedge bench` picks them), the target answers
+each prompt greedily; the
+draft reads the same text and its greedy next token is compared with the target's at every
+reply position (top-1), and whether the target's token is among the draft's four most
+likely (top-4).
+
+    python -m specedge.engine.bench_agreement --num-prompts 8 --max-tokens 64 [--draft DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from specedge.bench import load_prompts
+from specedge.engine.loading import load_causal_lm
+from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
+
+log = logging.getLogger("specedge.bench_agreement")
+CATEGORIES = ("multi-turn", "translation", "summarization", "qa", "math_reasoning", "rag")
+
+
+@torch.no_grad()
+def agreement(target, draft, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+    """Top-1 and top-4 agreement over the target's greedy replies to `prompts`."""
+    top1 = top4 = total = 0
+    for ids in prompts:
+        prompt = torch.tensor([ids], device=target.device)
+        seq = target.generate(prompt, max_new_tokens=max_tokens, do_sample=False)
+        reply = seq[0, len(ids):]
+        if len(reply) == 0:
+            continue
+        logits = draft(input_ids=seq).logits[0, len(ids) - 1 : -1]
+        top1 += int((logits.argmax(-1) == reply).sum())
+        top4 += int((logits.topk(4, -1).indices == reply[:, None]).any(-1).sum())
+        total += len(reply)
+    return {"top1": round(top1 / max(1, total), 3), "top4": round(top4 / max(1, total), 3), "positions": total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", help="JSONL with `turns` or `prompt` per line (default: Spec-Bench)")
+    parser.add_argument("--categories", default=",".join(CATEGORIES))
+    parser.add_argument("--num-prompts", type=int, default=8, help="per category")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--target", default=bundled(BUNDLED_TARGET))
+    parser.add_argument("--draft", default=bundled(BUNDLED_DRAFT))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    target, draft = load_causal_lm(args.target), load_causal_lm(args.draft)
+    results = {}
+    by_category = load_prompts(args.prompts, [c for c in args.categories.split(",") if c], args.num_prompts)
+    for category, texts in by_category.items():
+        prompts = [chat_prompt_ids(target.tokenizer, t) for t in texts]
+        results[category] = agreement(target.model.eval(), draft.model.eval(), prompts, args.max_tokens)
+        log.info("%s: %s", category, results[category])
+    lines = ["| category | top-1 | top-4 | positions |", "|---|---|---|---|"]
+    lines += [f"| {c} | {r['top1']:.3f} | {r['top4']:.3f} | {r['positions']} |" for c, r in results.items()]
+    sys.stdout.write("\n".join(lines) + "\n\n" + json.dumps(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
