@@ -332,7 +332,7 @@ def align_draft(draft, target, samples, stream: torch.Tensor, epochs: int, peak_
     t0 = time.monotonic()
     teachers = [teacher(*s) for s in samples]
     log.info("aligning: target distributions at %d replies (%.0fs)", len(samples), time.monotonic() - t0)
-    steps = epochs * (len(samples) // per_step)
+    steps = max(1, epochs * (len(samples) // per_step))
     opt = torch.optim.AdamW(draft.parameters(), lr=peak_lr, weight_decay=0.0, betas=(0.9, 0.95))
     draft.train()
     step = 0
@@ -430,7 +430,7 @@ MLP {cfg.intermediate_size}, vocabulary {cfg.vocab_size}, tied embeddings, float
 | draft held-out loss (nats/token) | {metrics['draft_held_out_loss']} |
 | draft greedy next token == target greedy next token | {metrics['greedy_agreement'] * 100:.1f}% |
 | the same on {metrics['held_out_replies']} held-out target replies to prose prompts \
-(before alignment) | {metrics['reply_agreement'] * 100:.1f}% \
+(passages from the training pool; before alignment) | {metrics['reply_agreement'] * 100:.1f}% \
 ({metrics['reply_agreement_before_alignment'] * 100:.1f}%) |
 | target params / draft params | {metrics['param_ratio']:.2f}× |
 | both models on disk | {metrics['disk_mb']:.1f} MB |
@@ -440,7 +440,8 @@ MLP {cfg.intermediate_size}, vocabulary {cfg.vocab_size}, tied embeddings, float
 def align(target, draft, tok, train_stream: torch.Tensor, args) -> dict:
     """The alignment stage; returns the draft's agreement on held-out target replies before and after."""
     samples = target_replies(target, tok, args.align_replies, args.seed + 2)
-    held, train_set = samples[:ALIGN_HELD_OUT], samples[ALIGN_HELD_OUT:]
+    n_held = min(ALIGN_HELD_OUT, len(samples) // 4)  # fewer only in a short trial run
+    held, train_set = samples[:n_held], samples[n_held:]
     before = reply_agreement(target, draft, held)
     torch.manual_seed(args.seed + 3)
     align_draft(draft, target, train_set, train_stream, args.align_epochs, 1e-3,
