@@ -56,6 +56,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from specedge.engine.bench_agreement import agreement
+
 log = logging.getLogger("train_tiny_pair")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -309,18 +311,6 @@ def target_replies(target, tok, n: int, seed: int) -> list[tuple[int, list[int]]
     return out
 
 
-@torch.no_grad()
-def reply_agreement(target, draft, samples: list[tuple[int, list[int]]]) -> float:
-    """Share of the target's reply tokens that are the draft's greedy next token."""
-    hits = total = 0
-    for prompt_len, seq in samples:
-        reply = torch.tensor(seq[prompt_len:])
-        guess = draft(input_ids=torch.tensor([seq])).logits[0, prompt_len - 1 : -1].argmax(-1)
-        hits += int((guess == reply).sum())
-        total += len(reply)
-    return hits / max(1, total)
-
-
 def align_draft(draft, target, samples, stream: torch.Tensor, epochs: int, peak_lr: float,
                 gen: torch.Generator, per_step: int = 4) -> None:
     """Train the draft on the target's replies (KL at reply positions) plus a stdlib batch a step."""
@@ -442,11 +432,11 @@ def align(target, draft, tok, train_stream: torch.Tensor, args) -> dict:
     samples = target_replies(target, tok, args.align_replies, args.seed + 2)
     n_held = min(ALIGN_HELD_OUT, len(samples) // 4)  # fewer only in a short trial run
     held, train_set = samples[:n_held], samples[n_held:]
-    before = reply_agreement(target, draft, held)
+    before = agreement(draft, held)["top1"]
     torch.manual_seed(args.seed + 3)
     align_draft(draft, target, train_set, train_stream, args.align_epochs, 1e-3,
                 torch.Generator().manual_seed(args.seed + 3))
-    after = reply_agreement(target, draft, held)
+    after = agreement(draft, held)["top1"]
     log.info("draft agreement on held-out target replies: %.3f -> %.3f", before, after)
     return {"reply_agreement_before_alignment": round(before, 4), "reply_agreement": round(after, 4),
             "held_out_replies": len(held)}

@@ -8,8 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from specedge.engine.bench_agreement import agreement, greedy_replies
 from specedge.engine.loading import ModelLoadError, load_causal_lm
-from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, model_id, models_dir, tokenizer_fingerprint
+from specedge.models import (
+    BUNDLED_DRAFT,
+    BUNDLED_TARGET,
+    bundled,
+    chat_prompt_ids,
+    model_id,
+    models_dir,
+    tokenizer_fingerprint,
+)
 from tests.conftest import REPO
 
 TARGET, DRAFT = bundled(BUNDLED_TARGET), bundled(BUNDLED_DRAFT)
@@ -88,21 +97,18 @@ def test_the_draft_is_aligned_to_the_targets_own_replies(pair):
     replies = train.target_replies(target, tok, 16, seed=1234 + 2)
     assert all(len(seq) > prompt_len for prompt_len, seq in replies)
     assert max(prompt_len for prompt_len, _ in replies) > 500  # long prose passages among them
-    agreement = train.reply_agreement(target, draft, replies)
-    assert agreement >= QUALITY["reply_agreement_before_alignment"] + 0.1
+    assert agreement(draft, replies)["top1"] >= QUALITY["reply_agreement_before_alignment"] + 0.1
     card = (models_dir() / BUNDLED_DRAFT / "README.md").read_text()
     assert f"{QUALITY['reply_agreement'] * 100:.1f}%" in card
 
 
 def test_agreement_benchmark_measures_the_draft_against_the_targets_replies(pair):
-    from specedge.engine.bench_agreement import agreement
-    from specedge.models import chat_prompt_ids
-
     target, draft, tok, _ = pair
-    prompts = [chat_prompt_ids(tok, "Summarize: the quick brown fox jumps over the lazy dog.")]
-    itself = agreement(target, target, prompts, max_tokens=12)
+    replies = greedy_replies(target, [chat_prompt_ids(tok, "Summarize: the quick brown fox jumps over the lazy dog.")],
+                             max_tokens=12)
+    itself = agreement(target, replies)
     assert itself["top1"] == itself["top4"] == 1.0 and itself["positions"] > 0
-    measured = agreement(target, draft, prompts, max_tokens=12)
+    measured = agreement(draft, replies)
     assert 0.0 <= measured["top1"] <= measured["top4"] <= 1.0
 
 

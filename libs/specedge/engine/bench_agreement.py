@@ -1,11 +1,11 @@
 """How often the draft's next token is the target's, along the target's own greedy replies.
 
 The quantity speculation lives on: every tree is the draft's guess at what the target
-will say next. Per Spec-Bench category (prompts picked as `specedge bench` picks them), the target answers
-each prompt greedily; the
-draft reads the same text and its greedy next token is compared with the target's at every
-reply position (top-1), and whether the target's token is among the draft's four most
-likely (top-4).
+will say next. Per Spec-Bench category (prompts picked as `specedge bench` picks them),
+the target answers each prompt greedily; the draft reads the same text, and at every reply
+position its greedy next token is compared with the target's (top-1) and the target's
+token looked for among the draft's four most likely (top-4). `agreement` is also how
+`models/train_tiny_pair.py` measures its alignment stage.
 
     python -m specedge.engine.bench_agreement --num-prompts 8 --max-tokens 64 [--draft DIR]
 """
@@ -28,20 +28,25 @@ CATEGORIES = ("multi-turn", "translation", "summarization", "qa", "math_reasonin
 
 
 @torch.no_grad()
-def agreement(target, draft, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
-    """Top-1 and top-4 agreement over the target's greedy replies to `prompts`."""
+def greedy_replies(target, prompts: list[list[int]], max_tokens: int) -> list[tuple[int, list[int]]]:
+    """(prompt length, prompt + the target's greedy reply) for each prompt."""
+    return [(len(ids), target.generate(torch.tensor([ids], device=target.device), max_new_tokens=max_tokens,
+                                       do_sample=False)[0].tolist()) for ids in prompts]
+
+
+@torch.no_grad()
+def agreement(draft, samples: list[tuple[int, list[int]]]) -> dict[str, float]:
+    """Top-1 and top-4 agreement of the draft with the replies in `samples` (prompt length, sequence)."""
     top1 = top4 = total = 0
-    for ids in prompts:
-        prompt = torch.tensor([ids], device=target.device)
-        seq = target.generate(prompt, max_new_tokens=max_tokens, do_sample=False)
-        reply = seq[0, len(ids):]
+    for prompt_len, seq in samples:
+        reply = torch.tensor(seq[prompt_len:], device=draft.device)
         if len(reply) == 0:
             continue
-        logits = draft(input_ids=seq).logits[0, len(ids) - 1 : -1]
+        logits = draft(input_ids=torch.tensor([seq], device=draft.device)).logits[0, prompt_len - 1 : -1]
         top1 += int((logits.argmax(-1) == reply).sum())
         top4 += int((logits.topk(4, -1).indices == reply[:, None]).any(-1).sum())
         total += len(reply)
-    return {"top1": round(top1 / max(1, total), 3), "top4": round(top4 / max(1, total), 3), "positions": total}
+    return {"top1": top1 / max(1, total), "top4": top4 / max(1, total), "positions": total}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     by_category = load_prompts(args.prompts, [c for c in args.categories.split(",") if c], args.num_prompts)
     for category, texts in by_category.items():
         prompts = [chat_prompt_ids(target.tokenizer, t) for t in texts]
-        results[category] = agreement(target.model.eval(), draft.model.eval(), prompts, args.max_tokens)
+        samples = greedy_replies(target.model.eval(), prompts, args.max_tokens)
+        results[category] = {k: round(v, 3) for k, v in agreement(draft.model.eval(), samples).items()}
         log.info("%s: %s", category, results[category])
     lines = ["| category | top-1 | top-4 | positions |", "|---|---|---|---|"]
     lines += [f"| {c} | {r['top1']:.3f} | {r['top4']:.3f} | {r['positions']} |" for c, r in results.items()]
