@@ -10,6 +10,10 @@ decoding draws it, so for greedy decoding and for a given seed the output is ide
 the target's own, whatever the draft proposed: a bad draft can only cost speed. Draft
 probabilities are never needed.
 
+`accept_batch` applies the same rule to every tree of a verification pass at once, on the
+logits' device, with one device→host transfer for the whole pass; `accept` is the same
+rule for one tree, written plainly (the reference the batched one is tested against).
+
 Vocabulary: the *tree* is node 0 (the root: the last committed token) plus the drafted
 nodes; `parents[i] < i` for every drafted node. *Accepted* nodes are drafted nodes on the
 path the walk took; the *bonus* is the final draw.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from specedge.engine.sampling import SamplingParams, sample
+from specedge.engine.sampling import SamplingParams, sample, sample_rows
 
 
 def tree_depths(parents: list[int]) -> list[int]:
@@ -48,3 +52,44 @@ def accept(
         path.append(child)
         node = child
     return path, drawn[node]
+
+
+def accept_batch(
+    trees: list[tuple[list[int], list[int]]],  # per tree: (tokens, parents) as in `accept`
+    logits: torch.Tensor,                       # [sum of tree sizes, V] target logits, trees in order
+    params: list[SamplingParams],               # per tree
+    root_positions: list[int],                  # per tree
+) -> list[tuple[list[int], int]]:
+    """`accept` for every tree of a pass; draws and the walk run on the logits' device and
+    only the outcome (which nodes were accepted, and the draws) comes back, in one transfer."""
+    tokens, parent_rows, positions, row_params, depth_of = [], [], [], [], []
+    offset = 0
+    for (tree_tokens, parents), p, root in zip(trees, params, root_positions, strict=True):
+        depths = tree_depths(parents)
+        seen: set[tuple[int, int]] = set()
+        for i, (token, parent) in enumerate(zip(tree_tokens, parents, strict=True)):
+            first = i == 0 or (parent, token) not in seen  # first child wins if a (hostile) tree repeats a token
+            seen.add((parent, token))
+            tokens.append(token if first else -1)  # a repeat never matches a draw
+            parent_rows.append(offset + parent if i else offset + i)
+        positions += [root + d + 1 for d in depths]
+        row_params += [p] * len(parents)
+        depth_of += depths
+        offset += len(parents)
+    dev = logits.device
+    drawn = sample_rows(logits, row_params, positions)
+    parent_t = torch.tensor(parent_rows, device=dev)
+    match = torch.tensor(tokens, device=dev) == drawn[parent_t]
+    roots = torch.tensor([d == 0 for d in depth_of], device=dev)
+    ok = roots.clone()
+    for _ in range(max(depth_of, default=0)):  # a node is accepted when it and its parent's chain match
+        ok = roots | (match & ok[parent_t])
+    outcome = torch.stack([ok.long(), drawn]).tolist()  # the pass's one device->host transfer
+    results, offset = [], 0
+    for tree_tokens, _ in trees:
+        n = len(tree_tokens)
+        accepted, draws = outcome[0][offset : offset + n], outcome[1][offset : offset + n]
+        path = sorted((i for i in range(1, n) if accepted[i]), key=lambda i: depth_of[offset + i])
+        results.append((path, draws[path[-1] if path else 0]))
+        offset += n
+    return results

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
-from specedge.engine.acceptance import accept
-from specedge.engine.runner import ForwardRequest, ModelRunner
+from specedge.engine.acceptance import accept_batch
+from specedge.engine.backends import DEFAULT_ATTENTION, make_runner
+from specedge.engine.runner import ForwardRequest
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
 from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, VerifyResult
@@ -44,10 +45,12 @@ class Verifier:
     """Target-side: prefill, batched tree verification, acceptance, cache compaction."""
 
     def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
-                 max_tree_nodes: int = 256) -> None:
-        """`max_len`: the most committed tokens (prompt + output) a session may reach."""
+                 max_tree_nodes: int = 256, attention: str = DEFAULT_ATTENTION, kv_tokens: int | None = None) -> None:
+        """`max_len`: the most committed tokens (prompt + output) a session may reach;
+        `attention` and `kv_tokens`: the runner (`backends.make_runner`)."""
         scratch = max(max_tree_nodes + 1, 256)
-        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len + scratch, max_scratch=scratch)
+        self.runner = make_runner(model, attention=attention, max_sessions=max_sessions, max_len=max_len + scratch,
+                                  max_scratch=scratch, kv_tokens=kv_tokens)
         self.vocab_size = model.config.vocab_size
         self.max_tree_nodes = max_tree_nodes
         self.sessions: dict[str, _TargetSession] = {}
@@ -94,13 +97,13 @@ class Verifier:
             for t in trees
         ]
         started = time.perf_counter()
-        logits = self.runner.forward(requests)
+        logits = self.runner.forward(requests, packed=True)
         self.forward_passes += 1
+        sessions = [self.sessions[t.session_id] for t in trees]
+        outcomes = accept_batch([(r.tokens, r.parents) for r in requests], logits, [s.params for s in sessions],
+                                [len(s.committed) - 1 for s in sessions])
         results = []
-        for tree, request, node_logits in zip(trees, requests, logits, strict=True):
-            session = self.sessions[tree.session_id]
-            path, bonus = accept(request.tokens, request.parents, node_logits, session.params,
-                                 root_position=len(session.committed) - 1)
+        for tree, request, session, (path, bonus) in zip(trees, requests, sessions, outcomes, strict=True):
             self.runner.commit(tree.session_id, [0, *path])
             accepted = [request.tokens[i] for i in path]
             results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
@@ -163,13 +166,14 @@ class Drafter:
     """Edge-side: draft trees with the draft model, and proactive drafting while waiting."""
 
     def __init__(self, model: PreTrainedModel, params: TreeParams, max_sessions: int = 8,
-                 max_len: int = 4096, max_ahead: int = MAX_TREES_AHEAD) -> None:
+                 max_len: int = 4096, max_ahead: int = MAX_TREES_AHEAD, attention: str = DEFAULT_ATTENTION) -> None:
         """`max_len`: the most committed tokens (prompt + output) a session may reach;
         `max_ahead`: how many trees a session drafts ahead of its tree out for verification
         (beyond the first only when each is sent ahead: `tree_ahead`)."""
         self.max_ahead = max(1, max_ahead)
         scratch = max((1 + self.max_ahead) * (params.depth * params.beams + 2), 256)  # the tree out + those ahead
-        self.runner = ModelRunner(model, max_sessions=max_sessions, max_len=max_len + scratch, max_scratch=scratch)
+        self.runner = make_runner(model, attention=attention, max_sessions=max_sessions, max_len=max_len + scratch,
+                                  max_scratch=scratch)
         self.params = params
         self.sessions: dict[str, _DraftSession] = {}
         self.stats = DrafterStats()

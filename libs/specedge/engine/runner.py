@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from specedge.engine.kv_pool import CacheFullError, SessionTooLongError
 
-class CacheFullError(RuntimeError):
-    """No free slot, or a session's slot has no room for the tokens asked."""
+__all__ = ["CacheFullError", "ForwardRequest", "ModelRunner", "SessionCache", "SessionTooLongError",
+           "decoder_forward"]
 
 
 @dataclass
@@ -125,19 +126,20 @@ class ModelRunner:
     # -- forward --------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, requests: list[ForwardRequest]) -> list[torch.Tensor]:
+    def forward(self, requests: list[ForwardRequest], packed: bool = False) -> list[torch.Tensor] | torch.Tensor:
         """One forward pass over new scratch nodes of several sessions.
 
-        Returns, per request, the logits of its new nodes: [len(tokens), vocab] (float32).
+        Returns, per request, the logits of its new nodes: [len(tokens), vocab] (float32);
+        `packed`: all of them as one [total new nodes, vocab] tensor, requests in order.
         """
         caches = [self.sessions[r.session_id] for r in requests]
         for r, c in zip(requests, caches, strict=True):
             if len(r.tokens) != len(r.parents) or not r.tokens:
                 raise ValueError("each request needs as many parents as tokens, and at least one")
             if c.n_scratch + len(r.tokens) > self.max_scratch:
-                raise CacheFullError(f"scratch tree of {r.session_id!r} would exceed {self.max_scratch} nodes")
+                raise SessionTooLongError(f"scratch tree of {r.session_id!r} would exceed {self.max_scratch} nodes")
             if c.prefix_len + c.n_scratch + len(r.tokens) > self.max_len:
-                raise CacheFullError(f"session {r.session_id!r} would exceed {self.max_len} positions")
+                raise SessionTooLongError(f"session {r.session_id!r} would exceed {self.max_len} positions")
             if any(not -1 <= p < c.n_scratch + j for j, p in enumerate(r.parents)):
                 raise ValueError(f"request for {r.session_id!r}: every parent must be -1 or an earlier node")
         n_new = [len(r.tokens) for r in requests]
@@ -175,35 +177,21 @@ class ModelRunner:
         write_slot_t = torch.tensor(write_slot, device=dev)
         write_pos_t = torch.tensor(write_pos, device=dev)
         logits = self._forward(input_ids, positions, mask[:, None], valid, slots, write_slot_t, write_pos_t, length)
-        return [logits[b, : n_new[b]].float() for b in range(batch)]
+        out = [logits[b, : n_new[b]].float() for b in range(batch)]
+        return torch.cat(out) if packed else out
 
     def _forward(self, input_ids, positions, mask, valid, slots, write_slot, write_pos, length) -> torch.Tensor:
-        inner = self.model.model
-        hidden = inner.embed_tokens(input_ids)
-        cos, sin = inner.rotary_emb(hidden, positions)
-        batch, width, _ = hidden.shape
-        for index, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, width, -1, self.head_dim)
-            k = attn.k_proj(x).view(batch, width, -1, self.head_dim)
-            v = attn.v_proj(x).view(batch, width, -1, self.head_dim)
-            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = _apply_rope(q, k, cos, sin)
+        def attend(index, attn, q, k, v):
             # Store the new keys/values in each session's slot, then attend over the slots (a
             # view when they are contiguous, else a gathered copy).
             self.k_cache[index][write_slot, :, write_pos] = k.transpose(1, 2)[valid]
             self.v_cache[index][write_slot, :, write_pos] = v.transpose(1, 2)[valid]
             keys = self.k_cache[index][slots, :, :length]
             values = self.v_cache[index][slots, :, :length]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
-                                                 enable_gqa=True)
-            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(inner.norm(hidden))
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                  enable_gqa=True)
+
+        return self.model.lm_head(decoder_forward(self.model, input_ids, positions, attend))
 
     # -- committing -------------------------------------------------------------------
 
@@ -251,6 +239,31 @@ class ModelRunner:
             last = self.forward([ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1)))])[0][-1]
             self.commit(session_id, list(range(len(chunk))))
         return last
+
+
+def decoder_forward(model: PreTrainedModel, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    """The decoder stack of a Hugging Face Qwen3/Qwen2/Llama model with attention left to
+    `attend(layer_index, attn_module, q, k, v) -> out` (all [batch, heads, width, head_dim],
+    q and k already rotated); returns the final-normed hidden states [batch, width, hidden]."""
+    inner = model.model
+    hidden = inner.embed_tokens(input_ids)
+    cos, sin = inner.rotary_emb(hidden, positions)
+    batch, width, _ = hidden.shape
+    for index, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(batch, width, -1, attn.head_dim)
+        k = attn.k_proj(x).view(batch, width, -1, attn.head_dim)
+        v = attn.v_proj(x).view(batch, width, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = _apply_rope(q, k, cos, sin)
+        out = attend(index, attn, q, k, v)
+        hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return inner.norm(hidden)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -57,25 +57,56 @@ def uniform(seed: int, position: int) -> float:
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[N, V] logits -> [N, V] float64 probabilities after temperature, top-k and top-p."""
-    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
-    if params.top_k and params.top_k < probs.shape[-1]:
-        kth = torch.topk(probs, params.top_k, dim=-1).values[..., -1:]
-        probs = torch.where(probs >= kth, probs, 0.0)
-    if params.top_p < 1:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
-        keep_sorted = before < params.top_p * sorted_p.sum(-1, keepdim=True)
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        probs = torch.where(keep, probs, 0.0)
+    n = logits.shape[0]
+    return filtered_probs_rows(logits, *_row_params([params] * n, logits.device))
+
+
+def _row_params(params: list[SamplingParams], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-row temperature, top-k and top-p as device tensors (host -> device only)."""
+    return (torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device),
+            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device))
+
+
+def filtered_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                        top_p: torch.Tensor) -> torch.Tensor:
+    """`filtered_probs` with each row's own parameters ([N] tensors; temperature > 0), on the
+    device, without a transfer to the host. A row's result depends only on that row."""
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits.double() / temperature[:, None], dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    use_k = (top_k > 0) & (top_k < vocab)
+    kth = sorted_p.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])
+    probs = torch.where(~use_k[:, None] | (probs >= kth), probs, 0.0)
+    use_p = top_p < 1
+    sorted_p = torch.where(~use_k[:, None] | (sorted_p >= kth), sorted_p, 0.0)  # the same filter, sorted
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly before each token
+    keep_sorted = before < top_p[:, None] * sorted_p.sum(-1, keepdim=True)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    probs = torch.where(~use_p[:, None] | keep, probs, 0.0)
     return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+    """One token per row of `logits` [N, V] (on its device): row i is drawn with `params[i]`
+    for absolute position `positions[i]`. Greedy rows take the argmax; the others the
+    inverse CDF of their filtered distribution at `uniform(seed, position)`. No transfer to
+    the host: the uniforms are computed on the host and sent."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    dev = logits.device
+    rows = torch.tensor(sampled, device=dev)
+    chosen = [params[i] for i in sampled]
+    probs = filtered_probs_rows(logits[rows], *_row_params(chosen, dev))
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.tensor([uniform(p.seed, positions[i]) for p, i in zip(chosen, sampled, strict=True)],
+                     dtype=torch.float64, device=dev)
+    drawn = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(-1)
+    return tokens.index_copy(0, rows, drawn.clamp_(max=logits.shape[-1] - 1))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, positions: list[int]) -> torch.Tensor:
     """One token per row of `logits` [N, V]; row i is drawn for absolute position positions[i]."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, params)
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.tensor([uniform(params.seed, p) for p in positions], dtype=torch.float64, device=cdf.device)
-    tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(-1)
-    return tokens.clamp_(max=logits.shape[-1] - 1)
+    return sample_rows(logits, [params] * logits.shape[0], positions)

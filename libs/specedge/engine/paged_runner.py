@@ -1,0 +1,304 @@
+"""The paged model runner: token trees of many sessions over one paged KV pool, attended
+with a compiled FlexAttention kernel (`--attention flex`, the default).
+
+Same contract as the reference `runner.ModelRunner` (open, forward over new scratch
+nodes of many sessions, commit of a path with a kept subtree, prefill in chunks) and the
+same logits, but shaped for a GPU:
+
+- **K/V live in a pool of slots** per layer, `[1, kv_heads, slots, head_dim]`, sized from
+  a memory budget (`kv_pool.plan`), not from `max_sessions × max_len`. Each session has a
+  page table (`kv_pool.SlotTable`: one slot per token). A new node's K/V is written once,
+  into a free slot of its session; committing an accepted path appends the path's slots
+  to the page table and marks them committed; rejected nodes' slots are free at once.
+  No K/V is ever copied.
+- **Tree attention as intervals.** A pass's queries are a session's new tree nodes,
+  put in the tree's pre-order; the new nodes below any node are then consecutive query
+  rows, so each slot carries one interval of rows that see it (`slot_lo`, `slot_hi` on
+  the device: a committed token's spans every row, a free slot's none, a tree node's the
+  rows of its new descendants and itself). The kernel's mask is `slot_lo[kv] <= q <
+  slot_hi[kv]` — two lookups, no ancestor matrix. The block mask lists, per batch row,
+  exactly the extents its session owns, so attention reads only the session's own K/V,
+  in place.
+- **No device→host synchronisation in a pass**: indices go host→device, the logits stay
+  on the device for acceptance (`acceptance.accept_batch`).
+
+Not here: which tokens are accepted (acceptance), how trees are chosen (tree), batching.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers import PreTrainedModel
+
+from specedge.engine.kv_pool import EXTENT, CacheFullError, SessionTooLongError, SlotPool, SlotTable
+from specedge.engine.runner import ForwardRequest, SessionCache, decoder_forward
+
+_EVERYTHING = 1 << 30  # a committed slot's interval [-1, _EVERYTHING) holds every query
+
+_compiled_flex = None
+
+
+def _flex():
+    """FlexAttention compiled once per process (dynamic shapes: batch, width and the number
+    of blocks vary from pass to pass without recompiling)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+def tree_intervals(parents: list[int]) -> tuple[list[int], list[int]]:
+    """Pre-order number and subtree end of each node of a forest (`parents[i] < i`, -1 for a
+    root): a is an ancestor of q, or q itself, iff `pre[a] <= pre[q] < end[a]`."""
+    size = [1] * len(parents)
+    for i in range(len(parents) - 1, -1, -1):
+        if parents[i] >= 0:
+            size[parents[i]] += size[i]
+    pre, next_child, next_root = [0] * len(parents), [0] * len(parents), 0
+    for i, parent in enumerate(parents):  # parents first: each child takes the next range below its parent
+        if parent < 0:
+            pre[i], next_root = next_root, next_root + size[i]
+        else:
+            pre[i] = next_child[parent]
+            next_child[parent] += size[i]
+        next_child[i] = pre[i] + 1
+    return pre, [p + n for p, n in zip(pre, size, strict=True)]
+
+
+def query_intervals(parents: list[int], first: int) -> tuple[list[int], list[int], list[int]]:
+    """The pass's queries are nodes `first..` of the tree; put them in pre-order (`order`)
+    and give every node the interval [lo, hi) of query rows below it (itself included):
+    a new node's descendants are contiguous in the tree's pre-order, so they are contiguous
+    among the queries too. Row j sees node a iff `lo[a] <= j < hi[a]`."""
+    pre, end = tree_intervals(parents)
+    order = sorted(range(first, len(parents)), key=pre.__getitem__)
+    ranks = [pre[node] for node in order]
+    lo = [bisect.bisect_left(ranks, p) for p in pre]
+    hi = [bisect.bisect_left(ranks, e) for e in end]
+    return order, lo, hi
+
+
+@dataclass
+class PagedSession(SessionCache):
+    """A session's scratch tree (parents, depths) plus the slots its nodes occupy."""
+
+    slot: int = -1
+    ancestors: torch.Tensor | None = None  # not kept: intervals replace the ancestor matrix
+    table: SlotTable = None
+    scratch_slots: list[int] = field(default_factory=list)
+
+    def _append(self, parent: int) -> None:
+        index = len(self.parents)
+        if not -1 <= parent < index:
+            raise ValueError(f"parent {parent} of scratch node {index} is not an earlier node")
+        self.parents.append(parent)
+        self.depths.append(0 if parent < 0 else self.depths[parent] + 1)
+
+
+class PagedRunner:
+    """Sessions over a pool of `kv_tokens` slots; a session may hold up to `max_len` tokens
+    (committed and scratch) and `max_scratch` tree nodes; `max_sessions` caps how many are
+    open (None: as many as the pool holds)."""
+
+    attention = "flex"
+
+    def __init__(self, model: PreTrainedModel, kv_tokens: int, max_len: int = 1 << 20, max_scratch: int = 512,
+                 prefill_chunk: int = 256, max_sessions: int | None = None) -> None:
+        if prefill_chunk > max_scratch:
+            raise ValueError("prefill_chunk must fit in max_scratch")
+        self.model, self.config = model, model.config
+        self.max_len, self.max_scratch, self.prefill_chunk = max_len, max_scratch, prefill_chunk
+        self.max_sessions = max_sessions
+        self.pool = SlotPool(kv_tokens)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        first = model.model.layers[0].self_attn
+        self.head_dim = first.head_dim
+        shape = (1, self.config.num_key_value_heads, self.pool.n_slots, self.head_dim)
+        layers = len(model.model.layers)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        # each slot's interval of queries that see it: committed [-1, _EVERYTHING), free [0, 0)
+        self.slot_lo = torch.zeros(self.pool.n_slots, dtype=torch.int32, device=self.device)
+        self.slot_hi = torch.zeros(self.pool.n_slots, dtype=torch.int32, device=self.device)
+        self.sessions: dict[str, PagedSession] = {}
+
+    # -- sessions -------------------------------------------------------------------
+
+    def open(self, session_id: str) -> PagedSession:
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id!r} is already open")
+        if self.max_sessions is not None and len(self.sessions) >= self.max_sessions:
+            raise CacheFullError(f"all {self.max_sessions} sessions are in use")
+        cache = self.sessions[session_id] = PagedSession(table=self.pool.open(session_id))
+        return cache
+
+    def evict(self, session_id: str) -> None:
+        """Forget a session and return its extents (no-op if unknown)."""
+        cache = self.sessions.pop(session_id, None)
+        if cache is not None:
+            self._set_intervals(cache.table.committed + cache.scratch_slots, [], [])
+            self.pool.close(session_id)
+
+    @property
+    def free_tokens(self) -> int:
+        """Slots no session holds: the capacity a verifier announces."""
+        return self.pool.free_slots
+
+    def can_hold(self, n_tokens: int) -> bool:
+        """Whether a new session of `n_tokens` (plus a tree) fits now."""
+        return n_tokens + self.max_scratch <= self.max_len and \
+            -(-(n_tokens + 1) // EXTENT) <= self.pool.free_slots // EXTENT
+
+    def free_positions(self, session_id: str) -> int:
+        cache = self.sessions[session_id]
+        return min(self.max_len - cache.prefix_len - cache.n_scratch, self.pool.room(session_id))
+
+    # -- forward --------------------------------------------------------------------
+
+    def _check(self, requests: list[ForwardRequest], caches: list[PagedSession]) -> None:
+        extents_needed = 0
+        for r, c in zip(requests, caches, strict=True):
+            if len(r.tokens) != len(r.parents) or not r.tokens:
+                raise ValueError("each request needs as many parents as tokens, and at least one")
+            if c.n_scratch + len(r.tokens) > self.max_scratch:
+                raise SessionTooLongError(f"scratch tree of {r.session_id!r} would exceed {self.max_scratch} nodes")
+            if c.prefix_len + c.n_scratch + len(r.tokens) > self.max_len:
+                raise SessionTooLongError(f"session {r.session_id!r} would exceed {self.max_len} positions")
+            if any(not -1 <= p < c.n_scratch + j for j, p in enumerate(r.parents)):
+                raise ValueError(f"request for {r.session_id!r}: every parent must be -1 or an earlier node")
+            extents_needed += max(0, -(-(len(r.tokens) - len(c.table.free)) // EXTENT))
+        if len({r.session_id for r in requests}) != len(requests):
+            raise ValueError("one request per session per pass")
+        if extents_needed * EXTENT > self.pool.free_slots:
+            raise CacheFullError(f"the KV pool has no room for this pass ({self.pool.free_slots} slots free)")
+
+    @torch.inference_mode()
+    def forward(self, requests: list[ForwardRequest], packed: bool = False) -> list[torch.Tensor] | torch.Tensor:
+        """One forward pass over new scratch nodes of several sessions.
+
+        Returns, per request, the logits of its new nodes: [len(tokens), vocab] (float32,
+        on the device; views of one tensor); `packed`: that one [total new nodes, vocab]
+        tensor, requests in order.
+        """
+        caches = [self.sessions[r.session_id] for r in requests]
+        self._check(requests, caches)
+        n_new = [len(r.tokens) for r in requests]
+        batch, width = len(requests), max(n_new)
+        ids, pos, out_rows, write_slots = [], [], [], []
+        tree_slots, tree_lo, tree_hi = [], [], []
+        for b, (r, c) in enumerate(zip(requests, caches, strict=True)):
+            first = c.n_scratch
+            for parent in r.parents:
+                c._append(parent)
+            slots = self.pool.allocate(r.session_id, n_new[b])
+            c.scratch_slots += slots
+            order, lo, hi = query_intervals(c.parents, first)  # a node added can renumber the whole tree
+            rank = {node: j for j, node in enumerate(order)}
+            tree_slots += c.scratch_slots
+            tree_lo += lo
+            tree_hi += hi
+            pad = width - n_new[b]
+            ids += [r.tokens[node - first] for node in order] + [0] * pad
+            pos += [c.prefix_len + c.depths[node] for node in order] + [0] * pad
+            out_rows += (b * width + rank[node] for node in range(first, first + n_new[b]))
+            write_slots += slots
+        dev = self.device
+        input_ids = torch.tensor(ids, device=dev).view(batch, width)
+        positions = torch.tensor(pos, device=dev).view(batch, width)
+        rows = torch.tensor(out_rows, device=dev)  # each new node's query row, in request order
+        slots_t = torch.tensor(write_slots, device=dev)
+        self._set_intervals(tree_slots, tree_lo, tree_hi)
+        block_mask = self._block_mask(caches, width)
+        flex = _flex()
+
+        def attend(index, attn, q, k, v):
+            # write the new nodes' K/V into their slots, then attend over the pool in place
+            k_new = k.transpose(1, 2).reshape(batch * width, -1, self.head_dim)[rows]
+            v_new = v.transpose(1, 2).reshape(batch * width, -1, self.head_dim)[rows]
+            self.k_cache[index][0].index_copy_(1, slots_t, k_new.transpose(0, 1))
+            self.v_cache[index][0].index_copy_(1, slots_t, v_new.transpose(0, 1))
+            return flex(q, self.k_cache[index], self.v_cache[index], block_mask=block_mask,
+                        scale=attn.scaling, enable_gqa=True)
+
+        hidden = decoder_forward(self.model, input_ids, positions, attend)
+        logits = self.model.lm_head(hidden.reshape(batch * width, -1)[rows]).float()
+        return logits if packed else list(logits.split(n_new))
+
+    def _set_intervals(self, slots: list[int], lo: list[int], hi: list[int]) -> None:
+        """Give `slots` the intervals lo/hi; slots beyond those lists are freed."""
+        if not slots:
+            return
+        free = len(slots) - len(lo)
+        index = torch.tensor(slots, device=self.device)
+        self.slot_lo[index] = torch.tensor(lo + [0] * free, dtype=torch.int32, device=self.device)
+        self.slot_hi[index] = torch.tensor(hi + [0] * free, dtype=torch.int32, device=self.device)
+
+    def _block_mask(self, caches: list[PagedSession], width: int) -> BlockMask:
+        """Per batch row, the extents its session owns, each through the tree mask: query q
+        sees slot kv when q falls in the slot's interval. (Fully committed extents could skip
+        the mask, but Inductor's CPU template miscompiles that path: every block is masked.)"""
+        indices = torch.zeros(len(caches), 1, 1, self.pool.n_extents, dtype=torch.int32)  # room for every block
+        for b, c in enumerate(caches):
+            indices[b, 0, 0, : len(c.table.extents)] = torch.tensor(c.table.extents, dtype=torch.int32)
+        q_blocks = -(-width // EXTENT)
+        counts = torch.tensor([len(c.table.extents) for c in caches], dtype=torch.int32)[:, None, None]
+        lo, hi = self.slot_lo, self.slot_hi
+
+        def tree_mask(b, h, q, kv):
+            return (lo[kv] <= q) & (q < hi[kv])
+
+        return BlockMask.from_kv_blocks(
+            counts.expand(-1, 1, q_blocks).contiguous().to(self.device),
+            indices.expand(-1, 1, q_blocks, -1).contiguous().to(self.device),
+            BLOCK_SIZE=EXTENT, mask_mod=tree_mask, seq_lengths=(width, self.pool.n_slots), compute_q_blocks=False)
+
+    # -- committing -------------------------------------------------------------------
+
+    def commit(self, session_id: str, path: list[int], keep: list[int] = ()) -> None:
+        """Commit scratch `path` (a chain from a depth-0 node) and keep the subtree `keep`
+        hanging below its last node (or below the prefix end when the path is empty) as the
+        new scratch, in the given order (parents first); every other node's slot is freed.
+        A page-table update: no K/V moves."""
+        c = self.sessions[session_id]
+        for i, node in enumerate(path):
+            expected = path[i - 1] if i else -1
+            if not 0 <= node < c.n_scratch or c.parents[node] != expected:
+                raise ValueError(f"commit path is not a chain from the prefix end at node {node}")
+        attach = path[-1] if path else -1
+        new_index = {old: new for new, old in enumerate(keep)}
+        for old in keep:
+            parent = c.parents[old] if 0 <= old < c.n_scratch else None
+            if parent != attach and not (parent in new_index and new_index[parent] < new_index[old]):
+                raise ValueError(f"kept node {old} does not hang below the committed path")
+        path_slots = [c.scratch_slots[i] for i in path]
+        keep_slots = [c.scratch_slots[i] for i in keep]
+        moved = set(path) | set(keep)
+        dropped = [slot for i, slot in enumerate(c.scratch_slots) if i not in moved]
+        self.pool.commit(session_id, path_slots)
+        self.pool.release(session_id, dropped)
+        old_parents = c.parents
+        c.prefix_len += len(path)
+        c.parents, c.depths, c.scratch_slots = [], [], keep_slots
+        for old in keep:
+            parent = old_parents[old]
+            c._append(-1 if parent == attach else new_index[parent])
+        # kept nodes get their intervals when the session is next in a pass
+        self._set_intervals(path_slots + dropped, [-1] * len(path_slots), [_EVERYTHING] * len(path_slots))
+
+    def rollback_scratch(self, session_id: str) -> None:
+        """Drop every scratch node (nothing committed)."""
+        self.commit(session_id, [])
+
+    def prefill(self, session_id: str, tokens: list[int]) -> torch.Tensor | None:
+        """Commit `tokens` to the session's prefix in chunks; returns the last token's logits."""
+        last = None
+        for start in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[start : start + self.prefill_chunk]
+            last = self.forward([ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1)))])[0][-1]
+            self.commit(session_id, list(range(len(chunk))))
+        return last
