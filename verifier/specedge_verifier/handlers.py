@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from specedge import bus, protocol, subjects, telemetry
 from specedge.engine.parties import Verifier
-from specedge.engine.runner import CacheFullError
+from specedge.engine.runner import CacheFullError, SessionTooLongError
 from specedge.engine.sampling import SamplingParams
 from specedge.metrics import VerifierMetrics
 from specedge.protocol import (
@@ -128,6 +128,9 @@ class VerifierService:
         while True:
             try:
                 await asyncio.to_thread(self.verifier.open, session_id, tokens, params, cycle)
+            except SessionTooLongError:  # longer than any session may be: evicting others cannot help
+                self.verifier.close(session_id)
+                return "no_capacity"
             except CacheFullError:
                 self.verifier.close(session_id)
                 if not idle:

@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-EXTENT = 128  # slots per extent; equals the attention kernel's KV block size
+EXTENT = 64  # slots per extent; equals the attention kernel's KV block size
 
 TREE_ALLOWANCE = 33  # nodes of a verification tree, counted on top of a session's context
 

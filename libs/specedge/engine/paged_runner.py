@@ -151,8 +151,9 @@ class PagedRunner:
 
     def can_hold(self, n_tokens: int) -> bool:
         """Whether a new session of `n_tokens` (plus a tree) fits now."""
-        return n_tokens + self.max_scratch <= self.max_len and \
-            -(-(n_tokens + 1) // EXTENT) <= self.pool.free_slots // EXTENT
+        if self.max_sessions is not None and len(self.sessions) >= self.max_sessions:
+            return False
+        return n_tokens <= self.max_len and -(-(n_tokens + 1) // EXTENT) <= self.pool.free_slots // EXTENT
 
     def free_positions(self, session_id: str) -> int:
         cache = self.sessions[session_id]

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from specedge.engine.acceptance import accept_batch
 from specedge.engine.backends import DEFAULT_ATTENTION, make_runner
-from specedge.engine.runner import ForwardRequest
+from specedge.engine.runner import CacheFullError, ForwardRequest, SessionTooLongError
 from specedge.engine.sampling import SamplingParams
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
 from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, VerifyResult
@@ -64,8 +64,16 @@ class Verifier:
         """
         if not prompt:
             raise ValueError("the prompt must have at least one token")
+        if len(prompt) + self.max_tree_nodes + 1 > self.runner.max_len:
+            raise SessionTooLongError(f"a prompt of {len(prompt)} tokens is longer than a session may be")
+        if not self.runner.can_hold(len(prompt)):
+            raise CacheFullError(f"no room for a session of {len(prompt)} tokens")
         self.runner.open(session_id)
-        self.runner.prefill(session_id, prompt[:-1])
+        try:
+            self.runner.prefill(session_id, prompt[:-1])
+        except Exception:
+            self.runner.evict(session_id)
+            raise
         self.forward_passes += -(-(len(prompt) - 1) // self.runner.prefill_chunk)
         self.sessions[session_id] = _TargetSession(list(prompt), params, cycle)
 

@@ -119,6 +119,10 @@ class ModelRunner:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    def can_hold(self, n_tokens: int) -> bool:
+        """Whether a new session of `n_tokens` fits now (a free slot long enough)."""
+        return bool(self._free_slots) and n_tokens <= self.max_len
+
     def free_positions(self, session_id: str) -> int:
         cache = self.sessions[session_id]
         return self.max_len - cache.prefix_len - cache.n_scratch
