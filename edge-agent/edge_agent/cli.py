@@ -25,6 +25,9 @@ def command(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")] = 4,
     max_len: Annotated[int, typer.Option(
         "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
+    attention: Annotated[str, typer.Option(
+        "--attention", envvar="SPECEDGE_ATTENTION",
+        help="flex (paged KV pool, compiled FlexAttention) or reference (a dense slot per session, SDPA).")] = "flex",
     user: Annotated[str, typer.Option(
         "--user", envvar="SPECEDGE_USER",
         help="Draft only for this user's requests (the user an API key maps to). Default: the shared pool.")] = "",
@@ -58,7 +61,8 @@ def command(
         user, server_side = user or identity.user, server_side or identity.pool == "server"
     settings = build(EdgeAgentSettings, nats_url=nats_url, credentials=credentials,
                      draft=draft or bundled(BUNDLED_DRAFT),
-                     device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, user=user,
+                     device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, attention=attention,
+                     user=user,
                      server_side=server_side, proactive=proactive, send_ahead=send_ahead, trees_ahead=trees_ahead,
                      emulate_rtt_ms=emulate_rtt_ms, name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

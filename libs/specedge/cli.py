@@ -176,6 +176,15 @@ def generate(
         raise SystemExit(2) from None
 
 
+@app.command(name="bench-verify", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                                     "help_option_names": []})
+def bench_verify(ctx: typer.Context) -> None:
+    """The verifier engine's benchmark: the verify step per attention backend (--help for its options)."""
+    from specedge.engine.bench_verify import main  # noqa: PLC0415
+
+    raise SystemExit(main(ctx.args))
+
+
 def _add_role_commands() -> None:
     for ep in sorted(entry_points(group="specedge.commands"), key=lambda e: e.name):
         app.command(name=ep.name)(ep.load())

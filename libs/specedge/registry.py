@@ -14,8 +14,9 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -53,13 +54,21 @@ def announce_subject(ann: ServiceAnnouncement) -> str:
 
 
 @contextlib.asynccontextmanager
-async def presence(nc: Client, me: ServiceAnnouncement) -> AsyncIterator[ServiceAnnouncement]:
-    """Be visible on the bus for the duration of the block."""
-    payload = encode(me)
+async def presence(nc: Client, me: ServiceAnnouncement,
+                   live: Callable[[], dict[str, str]] | None = None) -> AsyncIterator[ServiceAnnouncement]:
+    """Be visible on the bus for the duration of the block; `live` adds details read anew
+    for every announcement (a verifier's free KV capacity)."""
+
+    def payload() -> bytes:
+        if live is None:
+            return encoded
+        return encode(msgspec.structs.replace(me, details={**me.details, **live()}))
+
+    encoded = encode(me)
 
     async def on_discover(msg: Msg) -> None:
         if msg.reply:
-            await msg.respond(payload)
+            await msg.respond(payload())
 
     sub = await bus.subscribe(nc, subjects.REGISTRY_DISCOVER, cb=on_discover)
     await nc.flush()  # the subscription is live on the server before we say we are registered
@@ -67,7 +76,7 @@ async def presence(nc: Client, me: ServiceAnnouncement) -> AsyncIterator[Service
     async def heartbeat() -> None:
         while True:
             with contextlib.suppress(Exception):  # a heartbeat lost while reconnecting is fine
-                await bus.publish(nc, announce_subject(me), payload)
+                await bus.publish(nc, announce_subject(me), payload())
             await asyncio.sleep(me.heartbeat_s)
 
     task = asyncio.create_task(heartbeat(), name=f"heartbeat-{me.instance_id}")

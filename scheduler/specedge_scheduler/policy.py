@@ -59,10 +59,15 @@ class Worker:
     user: str = ""  # an edge's owner; "" for the shared pool and server drafters
     pool: EdgePool = "shared"
     sessions: set[str] = field(default_factory=set)
+    free_tokens: int | None = None  # a paged verifier's free KV capacity (announced, less what was placed since)
 
     @property
     def free(self) -> int:
         return self.capacity - len(self.sessions)
+
+    def fits(self, tokens: int) -> bool:
+        """Room for one more session of `tokens` (and its trees)."""
+        return self.free > 0 and (self.free_tokens is None or self.free_tokens >= tokens + SESSION_HEADROOM)
 
 
 @dataclass
@@ -89,6 +94,9 @@ class SessionState:
 class Assignment:
     verifier: str
     edge: str | None  # None: drafted server-side
+
+
+SESSION_HEADROOM = 64  # tokens a new session needs beyond its prompt: its first trees and replies
 
 
 class NoCapacityError(RuntimeError):
@@ -127,9 +135,12 @@ class SchedulingPolicy:
 
     # -- membership ---------------------------------------------------------------
 
-    def verifier_seen(self, instance_id: str, capacity: int, now: float, fingerprint: str = "") -> None:
+    def verifier_seen(self, instance_id: str, capacity: int, now: float, fingerprint: str = "",
+                      free_tokens: int | None = None) -> None:
+        """A verifier's announcement: sessions it may hold, and (paged) the KV tokens it has free."""
         worker = self.verifiers.setdefault(instance_id, Worker(instance_id, capacity, now))
         worker.capacity, worker.last_seen, worker.fingerprint = capacity, now, fingerprint
+        worker.free_tokens = free_tokens
         self._queues.setdefault(instance_id, deque())
 
     def edge_seen(self, instance_id: str, capacity: int, now: float, fingerprint: str = "", user: str = "",
@@ -232,13 +243,15 @@ class SchedulingPolicy:
         """
         if session_id in self.sessions:
             raise ValueError(f"session {session_id!r} is already assigned")
-        verifiers = [w for w in self.verifiers.values() if w.free > 0]
+        verifiers = [w for w in self.verifiers.values() if w.fits(committed_len)]
         if prefer in self.verifiers:
             verifier = self.verifiers[prefer]
         elif not verifiers:
             raise NoCapacityError("no verifier has room for another session")
-        else:
-            verifier = max(verifiers, key=lambda w: (w.free, w.instance_id))
+        else:  # the most free KV tokens (paged verifiers), else the most free sessions
+            verifier = max(verifiers, key=lambda w: (w.free_tokens or 0, w.free, w.instance_id))
+        if verifier.free_tokens is not None:  # until its next announcement says better
+            verifier.free_tokens = max(0, verifier.free_tokens - committed_len - SESSION_HEADROOM)
         edge = self._drafter_for(mode, user, verifier.fingerprint)
         verifier.sessions.add(session_id)
         if edge is not None:

@@ -156,7 +156,9 @@ class SchedulerService:
         if ann.role == "scheduler":
             self._schedulers[ann.instance_id] = now
         elif ann.role == "verifier":
-            self.policy.verifier_seen(ann.instance_id, capacity, now, fingerprint)
+            free_tokens = ann.details.get("free_tokens")
+            self.policy.verifier_seen(ann.instance_id, capacity, now, fingerprint,
+                                      int(free_tokens) if free_tokens is not None else None)
         elif ann.role == "edge-agent":
             new = ann.instance_id not in self.policy.edges
             user, pool = ann.details.get("user", ""), ann.details.get("pool", "shared")

@@ -1,6 +1,8 @@
 """The paged runner (FlexAttention over the KV pool) against the reference runner, and its
 cache accounting: logits, commits as page-table updates, capacity, transfers per pass."""
 
+import time
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -181,3 +183,83 @@ def test_batched_acceptance_equals_the_plain_rule_on_hostile_trees():
     batched = accept_batch(trees, torch.cat(logits), params, roots)
     plain = [accept(t, p, x, sp, r) for (t, p), x, sp, r in zip(trees, logits, params, roots, strict=True)]
     assert batched == plain
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_that_ride_along_with_verifications(model):
+    """A 4k-token prompt arriving while 8 sessions verify: every pass carries one chunk, so
+    their p99 step time grows by at most one chunk's time; the prompt's cache then equals
+    a prefill done alone (its next logits are the same)."""
+    import statistics
+
+    verifier = Verifier(model, max_sessions=10, max_len=4500, max_tree_nodes=32)
+    gen = torch.Generator().manual_seed(5)
+    for i in range(8):
+        verifier.open(f"s{i}", torch.randint(3, 4000, (300,), generator=gen).tolist(), SamplingParams())
+    parents = [-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+
+    def trees():
+        return [DraftTreeMsg(session_id=f"s{i}", cycle=verifier.sessions[f"s{i}"].cycle,
+                             committed_len=len(verifier.sessions[f"s{i}"].committed),
+                             tokens=torch.randint(3, 4000, (12,), generator=gen).tolist(), parents=parents)
+                for i in range(8)]
+
+    def timed(prefill_budget: int) -> float:
+        started = time.perf_counter()
+        verifier.step(trees(), prefill_budget)
+        return time.perf_counter() - started
+
+    def p99(samples: list[float]) -> float:
+        return sorted(samples)[max(0, int(0.99 * len(samples)) - 1)]
+
+    for _ in range(3):
+        timed(0)  # warm up, and compile the kernel for passes that carry a chunk
+    verifier.begin("warm", torch.randint(3, 4000, (3 * verifier.prefill_chunk,), generator=gen).tolist(),
+                   SamplingParams())
+    while verifier.prefilling("warm"):
+        timed(verifier.prefill_chunk)
+    verifier.close("warm")
+    before = [timed(verifier.prefill_chunk) for _ in range(16)]  # nothing to prefill yet
+    prompt = torch.randint(3, 4000, (4096,), generator=gen).tolist()
+    verifier.begin("long", prompt, SamplingParams())
+    during = []
+    while verifier.prefilling("long"):
+        during.append(timed(verifier.prefill_chunk))
+    assert len(during) == -(-4095 // verifier.prefill_chunk)  # one chunk per pass
+    alone = PagedRunner(model, kv_tokens=5000, max_scratch=256)
+    alone.open("x")
+    chunk_times = []
+    alone.forward([ForwardRequest("x", prompt[:256], list(range(-1, 255)))])  # warm up
+    alone.rollback_scratch("x")
+    for start in range(0, 4095, 256):  # the same chunks, each timed on its own
+        chunk = prompt[start : min(start + 256, 4095)]
+        began = time.perf_counter()
+        alone.forward([ForwardRequest("x", chunk, list(range(-1, len(chunk) - 1)))])
+        chunk_times.append(time.perf_counter() - began)
+        alone.commit("x", list(range(len(chunk))))
+    growth = p99(during) - p99(before)
+    assert growth <= max(chunk_times) * 1.5 + 0.01, (statistics.median(before), during, chunk_times)
+    probe = DraftTreeMsg(session_id="long", cycle=0, committed_len=4096, tokens=[7], parents=[-1])
+    result = verifier.verify([probe])[0]
+    expected = alone.forward([ForwardRequest("x", [prompt[-1], 7], [-1, 0])])[0].argmax(-1).tolist()
+    assert [*result.accepted, result.bonus] in ([expected[0]], [7, expected[1]])
+
+
+def test_a_drafting_pass_makes_one_device_to_host_transfer():
+    """The edge's drafter grows its trees on the same paged engine, with the same budget:
+    one transfer per draft pass (the pass's candidates, all rows at once)."""
+    from specedge.engine.bench_verify import count_host_transfers
+    from specedge.engine.parties import Drafter
+    from specedge.engine.tree import TreeParams
+    from specedge.models import BUNDLED_DRAFT
+
+    draft = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_DRAFT)).eval()
+    drafter = Drafter(draft, TreeParams(budget=16, depth=3, branch=4, beams=8), max_sessions=6, max_len=512)
+    assert isinstance(drafter.runner, PagedRunner)
+    for i in range(6):
+        drafter.open(f"d{i}", list(range(20 + i, 60 + i)))
+    drafter.draft_many(["d3", "d4", "d5"])  # warm up: compiling the kernel reads tensors too
+    passes = drafter.stats.forward_passes
+    with count_host_transfers() as calls:
+        trees = drafter.draft_many(["d0", "d1", "d2"])
+    assert all(len(t.tokens) == 16 for t in trees)
+    assert len(calls) == drafter.stats.forward_passes - passes == 4  # the roots' pass and 3 levels

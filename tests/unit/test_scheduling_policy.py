@@ -39,6 +39,18 @@ def test_least_loaded_assignment_and_capacity():
     assert p.assign("s4", 10).edge == "e1"
 
 
+def test_paged_verifiers_are_chosen_by_free_kv_tokens_and_refuse_what_does_not_fit():
+    p = SchedulingPolicy()
+    p.verifier_seen("small", capacity=64, now=0, free_tokens=3000)
+    p.verifier_seen("large", capacity=64, now=0, free_tokens=5000)
+    assert p.assign("a", 2000).verifier == "large"  # most free tokens; 2000 + headroom are then spoken for
+    assert p.assign("b", 2000).verifier == "small"
+    with pytest.raises(NoCapacityError):
+        p.assign("c", 3000)  # neither has 3000 tokens left, whatever its session count
+    p.verifier_seen("small", capacity=64, now=1, free_tokens=4000)  # its next announcement
+    assert p.assign("c", 3000).verifier == "small"
+
+
 def test_an_edge_with_another_tokenizer_gets_no_sessions():
     p = SchedulingPolicy()
     p.verifier_seen("v", capacity=4, now=0, fingerprint="abc")

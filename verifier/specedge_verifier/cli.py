@@ -25,16 +25,33 @@ def command(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="KV cache slots (sessions held at once).")] = 8,
     max_len: Annotated[int, typer.Option(
         "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
+    attention: Annotated[str, typer.Option(
+        "--attention", envvar="SPECEDGE_ATTENTION",
+        help="flex (paged KV pool, compiled FlexAttention) or reference (a dense slot per session, SDPA).")] = "flex",
+    kv_cache_memory: Annotated[float | None, typer.Option(
+        "--kv-cache-memory", envvar="SPECEDGE_KV_CACHE_MEMORY",
+        help="KV pool size: GiB above 1, else the fraction of device memory the verifier may use in all "
+             "(default: room for --max-sessions sessions of --max-len).")] = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Print the memory plan as one JSON line and exit without allocating.")] = False,
+    memory_gib: Annotated[float | None, typer.Option(
+        "--memory-gib", help="With --plan: the device memory to plan for (default: this device's).")] = None,
     metrics_port: MetricsPort = 0,
     name: Name = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Run a verifier: holds the target model and verifies batches of draft trees."""
+    if plan:
+        from specedge.engine.shapes import print_plan  # noqa: PLC0415
+
+        raise typer.Exit(print_plan(target or bundled(BUNDLED_TARGET), dtype=dtype, device=device,
+                                    kv_cache_memory=kv_cache_memory or 0.9, memory_gib=memory_gib))
     from specedge.service import run  # noqa: PLC0415
     from specedge_verifier.main import serve  # noqa: PLC0415
 
     settings = build(VerifierSettings, nats_url=nats_url, credentials=credentials,
                      redis_url=redis_url, metrics_port=metrics_port, name=name,
                      log_level=log_level, target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
-                     max_sessions=max_sessions, max_len=max_len)
+                     max_sessions=max_sessions, max_len=max_len, attention=attention,
+                     kv_cache_memory=kv_cache_memory)
     run(functools.partial(serve, settings), settings.log_level)

@@ -112,22 +112,42 @@ class VerifierService:
         with telemetry.span("prefill", SpanKind.SERVER, {"specedge.session.id": request.session_id,
                                                          "specedge.prompt_tokens": len(request.tokens)}) as span:
             async with self._model_lock:
-                error = await self._open(request.session_id, request.tokens, params, cycle=0)
+                error = await self._open(request.session_id, request.tokens, params, cycle=0, prefill=False)
+            if error is None:
+                error = await self._prefill(request.session_id)
             if span is not None and error:
                 span.set_attribute("specedge.error", error)
         await self._reply(msg, PrefillReply(session_id=request.session_id, committed_len=len(request.tokens),
                                             error=error))
 
+    async def _prefill(self, session_id: str) -> str | None:
+        """Prefill an admitted session one chunk per pass, taking the model lock for each
+        pass only: verification batches waiting for the lock go in between (and carry
+        chunks of their own), so a long prompt holds none of them up by more than a chunk."""
+        while self.verifier.prefilling(session_id):
+            async with self._model_lock:
+                if not self.verifier.prefilling(session_id):
+                    break  # finished by a verification pass meanwhile
+                try:
+                    await asyncio.to_thread(self.verifier.step, [], self.verifier.prefill_chunk)
+                except Exception as exc:  # the session fails; the verifier goes on
+                    log.warning("prefill of session %s failed: %r", session_id[:16], exc)
+                    self._forget(session_id)
+                    return "no_capacity"
+        return None if session_id in self.verifier.sessions else "no_capacity"
+
     async def _open(self, session_id: str, tokens: list[int], params: SamplingParams, cycle: int,
-                    keep: frozenset[str] = frozenset()) -> str | None:
-        """(Re-)prefill a session; holds the model lock. When every cache slot is taken, the
-        least recently used session (not one in `keep`) is evicted: its tokens are in Redis,
-        so it is re-prefilled if it comes back. Returns an error reason or None."""
+                    keep: frozenset[str] = frozenset(), prefill: bool = True) -> str | None:
+        """Admit a session (and with `prefill`, prefill it now); holds the model lock. When
+        the cache is full, the least recently used session (not one in `keep`) is evicted:
+        its tokens are in Redis, so it is re-prefilled if it comes back. Returns an error
+        reason or None."""
         self._forget(session_id)  # a re-prefill replaces the old cache
         idle = sorted((t, s) for s, t in self._used.items() if s not in keep and s != session_id)
+        admit = self.verifier.open if prefill else self.verifier.begin
         while True:
             try:
-                await asyncio.to_thread(self.verifier.open, session_id, tokens, params, cycle)
+                await asyncio.to_thread(admit, session_id, tokens, params, cycle)
             except SessionTooLongError:  # longer than any session may be: evicting others cannot help
                 self.verifier.close(session_id)
                 return "no_capacity"
@@ -215,7 +235,9 @@ class VerifierService:
                     "specedge.batch.size": len(good), "specedge.batch.nodes": sum(len(t.tokens) + 1 for t in good)
             }) as span:
                 started, at = time.perf_counter(), time.monotonic()
-                results = await asyncio.to_thread(self.verifier.verify, good) if good else []
+                # each pass also carries a chunk of any prompt being prefilled
+                results = await asyncio.to_thread(self.verifier.step, good, self.verifier.prefill_chunk) \
+                    if good else []
                 forward_ms = 1000 * (time.perf_counter() - started)
                 if span is not None:
                     span.set_attribute("specedge.accepted_len", sum(len(r.accepted) for r in results))

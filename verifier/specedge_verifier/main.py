@@ -9,6 +9,7 @@ import logging
 from specedge import bus, registry, telemetry
 from specedge.engine.loading import load_for_service
 from specedge.engine.parties import Verifier
+from specedge.engine.shapes import plan_for
 from specedge.metrics import VerifierMetrics
 from specedge.service import Lifecycle
 from specedge.state import SessionStore, connect_redis
@@ -28,9 +29,16 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
         nc = await stack.enter_async_context(bus.connect(
             settings.nats_url, me.instance_id, credentials=settings.credentials))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
-        verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len)
+        kv_tokens = None
+        if settings.kv_cache_memory is not None and settings.attention == "flex":
+            kv_plan = plan_for(target.model, settings.kv_cache_memory)
+            log.info("KV cache plan: %s", kv_plan.json())
+            kv_tokens = kv_plan.kv_tokens
+        verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len,
+                            attention=settings.attention, kv_tokens=kv_tokens)
         metrics = VerifierMetrics()
         metrics.serve(settings.metrics_port)
         await VerifierService(nc, me.instance_id, verifier, store, metrics).subscribe()
-        await stack.enter_async_context(registry.presence(nc, me))
+        await stack.enter_async_context(registry.presence(
+            nc, me, live=lambda: {"free_tokens": str(verifier.free_tokens)}))
         await life.serve_until_stopped()

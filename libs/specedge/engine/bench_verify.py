@@ -1,17 +1,24 @@
-"""Measure verification cost: one target forward over a batch of trees, by batch size and tree size.
+"""`specedge bench-verify`: the verifier engine's benchmark — the whole verify step
+(forward, acceptance, commit) per attention backend, side by side, over a grid.
 
-    python -m specedge.engine.bench_verify [--batch-sizes 1,2,4,8] [--nodes 1,16,32,64]
-                                           [--context 256] [--device auto] [--json FILE]
+    specedge bench-verify [--batch 1,8,32,64] [--nodes 8,33] [--context 512,2048,4096]
+                          [--backends reference,flex] [--device cpu|cuda] [--target PATH|qwen3-14b]
+                          [--json FILE] [--markdown FILE]
 
-Each cell is the median over `--repeats` forward passes of `ModelRunner.forward` with
-`batch` sessions, each holding `context` committed tokens and verifying a tree of `nodes`
-nodes (root included). This is the verifier's cost model — what a pipeline-aware
-scheduler must predict — and the check to run on a GPU machine.
+Each row: median ms of a verify step of `batch` sessions, each with `context` committed
+tokens and a tree of `nodes` nodes (root included); device→host transfers per pass
+(counted with a hook around every tensor method that copies to the host); K/V bytes
+copied per pass beyond the new nodes' own K/V (the runners count every copy they make);
+host CPU ms per pass; KV bytes held per session against the tokens in it; on CUDA, the
+ratio of the step to the floor of `HARDWARE.md` for the GPU it runs on. Cells that do not
+fit in memory are skipped with a note. The cells of one grid point run back to back, so
+the backends are compared under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -19,62 +26,179 @@ import time
 
 import torch
 
-from specedge.engine.loading import load_causal_lm
-from specedge.engine.runner import ForwardRequest, ModelRunner
-from specedge.models import BUNDLED_TARGET, bundled, model_id
+from specedge.engine.kv_pool import EXTENT
+from specedge.engine.parties import Verifier
+from specedge.engine.sampling import SamplingParams
+from specedge.models import BUNDLED_TARGET, bundled
+from specedge.protocol import DraftTreeMsg
+
+# bandwidth (bytes/s) and dense bf16 peak (flop/s) by GPU name (HARDWARE.md)
+GPUS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.04e12, 312e12), "4090": (1.01e12, 165e12)}
+HOST_COPIES = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
-def measure(runner: ModelRunner, batch: int, nodes: int, repeats: int) -> float:
-    """Median milliseconds of one batched tree forward (sessions already prefilled)."""
-    parents = [-1] + [(i - 1) // 2 for i in range(1, nodes)]  # a binary tree, parents first
-    requests = [ForwardRequest(f"s{b}", [7 + b] * nodes, parents) for b in range(batch)]
-    times = []
-    for _ in range(repeats + 1):
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize()
+@contextlib.contextmanager
+def count_host_transfers():
+    """Count calls of the tensor methods that bring data to the host (a list of names)."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_COPIES}
+
+    def hooked(name):
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    for name in HOST_COPIES:
+        setattr(torch.Tensor, name, hooked(name))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def floor_ms(model, batch: int, nodes: int, context: int) -> float | None:
+    """The floor of one pass on this CUDA GPU (HARDWARE.md), or None off CUDA / unknown GPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    spec = next((v for k, v in GPUS.items() if k in name), None)
+    if spec is None:
+        return None
+    bandwidth, peak = spec
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
+    width = next(model.parameters()).element_size()
+    kv_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * width
+    tokens = batch * nodes
+    moved = weights + batch * context * kv_token + tokens * kv_token
+    flops = 2 * params * tokens + 4 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * \
+        tokens * context + 2 * config.hidden_size * config.vocab_size * tokens
+    return 1000 * max(moved / bandwidth, flops / peak)
+
+
+def binary_tree(nodes: int) -> list[int]:
+    """Parents of the drafted nodes of a binary tree of `nodes` nodes, root included (-1 = root)."""
+    return [-1 if i == 1 else (i - 1) // 2 - 1 for i in range(1, nodes)]
+
+
+def measure(model, backend: str, batch: int, nodes: int, context: int, repeats: int) -> dict:
+    """One row: `repeats` verify steps after a warm-up step."""
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    verifier = Verifier(model, max_sessions=batch, max_len=context + (repeats + 2) * nodes + 2,
+                        max_tree_nodes=max(nodes, 1), attention=backend)
+    gen = torch.Generator().manual_seed(batch * 1000 + nodes)
+    vocab = model.config.vocab_size
+    for b in range(batch):
+        verifier.open(f"s{b}", torch.randint(3, vocab, (context,), generator=gen).tolist(), SamplingParams())
+    parents = binary_tree(nodes)
+    runner = verifier.runner
+    steps, transfers, copied, cpu = [], [], [], []
+    for step in range(repeats + 1):
+        trees = [DraftTreeMsg(session_id=sid, cycle=s.cycle, committed_len=len(s.committed),
+                              tokens=torch.randint(3, vocab, (len(parents),), generator=gen).tolist(), parents=parents)
+                 for sid, s in verifier.sessions.items()]
+        copied0, cpu0 = runner.kv_bytes_copied, time.process_time()
+        sync()
         started = time.perf_counter()
-        runner.forward(requests)
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-        for b in range(batch):
-            runner.rollback_scratch(f"s{b}")
-    return 1000 * statistics.median(times[1:])  # the first pass warms up
+        with count_host_transfers() as calls:
+            verifier.verify(trees)
+        sync()
+        if step:  # the first step warms up (and compiles)
+            steps.append(1000 * (time.perf_counter() - started))
+            transfers.append(len(calls))
+            copied.append(runner.kv_bytes_copied - copied0)
+            cpu.append(1000 * (time.process_time() - cpu0))
+    kv_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * \
+        next(model.parameters()).element_size()
+    if backend == "reference":
+        held = runner.max_len * kv_token  # a dense slot per session
+    else:
+        held = statistics.mean(len(t.extents) for t in runner.pool.tables.values()) * EXTENT * kv_token
+    tokens = statistics.mean(len(s.committed) for s in verifier.sessions.values())
+    median = statistics.median(steps)
+    floor = floor_ms(model, batch, nodes, context)
+    del verifier
+    return {"backend": backend, "batch": batch, "nodes": nodes, "context": context,
+            "step_ms_median": round(median, 3), "host_transfers_per_pass": statistics.median(transfers),
+            "kv_bytes_copied_per_pass": int(statistics.median(copied)), "host_cpu_ms_per_pass": round(
+                statistics.median(cpu), 3), "kv_bytes_per_session": int(held), "tokens_per_session": round(tokens),
+            "floor_ms": None if floor is None else round(floor, 3),
+            "floor_ratio": None if floor is None else round(median / floor, 3)}
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    cols = ["backend", "batch", "nodes", "context", "step_ms_median", "floor_ratio", "host_transfers_per_pass",
+            "kv_bytes_copied_per_pass", "host_cpu_ms_per_pass", "kv_bytes_per_session", "tokens_per_session"]
+    lines = [title, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def load_target(target: str, device: str, dtype: str):
+    from specedge.engine.loading import load_causal_lm, pick_device, pick_dtype  # noqa: PLC0415
+    from specedge.engine.shapes import is_shape, random_model  # noqa: PLC0415
+
+    if is_shape(target):
+        dev = pick_device(device)
+        return random_model(target, pick_dtype(dtype, dev, torch.bfloat16), dev)
+    return load_causal_lm(target, device, dtype).model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=bundled(BUNDLED_TARGET))
-    parser.add_argument("--batch-sizes", default="1,2,4,8")
-    parser.add_argument("--nodes", default="1,16,32,64")
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = argparse.ArgumentParser(prog="specedge bench-verify", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=bundled(BUNDLED_TARGET),
+                        help="a model path, or a shape with random weights: qwen3-14b, qwen3-0.6b, … or a config.json")
+    parser.add_argument("--batch", default="1,8,32,64")
+    parser.add_argument("--nodes", default="8,33")
+    parser.add_argument("--context", default="512,2048,4096")
+    parser.add_argument("--backends", default="reference,flex")
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--json", dest="json_path", help="also write the grid as JSON here")
+    parser.add_argument("--json", dest="json_path", help="write the rows here as a JSON list")
+    parser.add_argument("--markdown", help="write the table here too")
     args = parser.parse_args(argv)
 
-    batches = [int(x) for x in args.batch_sizes.split(",")]
-    node_counts = [int(x) for x in args.nodes.split(",")]
-    target = load_causal_lm(args.target, args.device, args.dtype)
-    runner = ModelRunner(target.model, max_sessions=max(batches), max_len=args.context + max(node_counts) + 1,
-                         max_scratch=max(*node_counts, 256) + 1)
-    for b in range(max(batches)):
-        runner.open(f"s{b}")
-        runner.prefill(f"s{b}", [(11 * b + i) % 4000 + 3 for i in range(args.context)])
-    grid = {(b, n): measure(runner, b, n, args.repeats) for b in batches for n in node_counts}
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x]
 
-    header = f"target {model_id(target.source)} on {target.device} ({str(target.dtype).removeprefix('torch.')}), " \
-             f"context {args.context}; median ms per verification pass"
-    lines = [header, "", "| batch \\ nodes | " + " | ".join(map(str, node_counts)) + " |",
-             "|---|" + "---|" * len(node_counts)]
-    for b in batches:
-        lines.append(f"| {b} | " + " | ".join(f"{grid[(b, n)]:.2f}" for n in node_counts) + " |")
-    sys.stdout.write("\n".join(lines) + "\n")
+    backends = [b for b in args.backends.split(",") if b]
+    if unknown := set(backends) - {"reference", "flex"}:
+        parser.error(f"unknown backends {sorted(unknown)}; choose from reference, flex")
+    model = load_target(args.target, args.device, args.dtype)
+    param = next(model.parameters())
+    title = (f"bench-verify: {args.target} on {torch.cuda.get_device_name() if param.is_cuda else 'cpu'} "
+             f"({str(param.dtype).removeprefix('torch.')}), median of {args.repeats} verify steps")
+    rows = []
+    for context in ints(args.context):
+        for batch in ints(args.batch):
+            for nodes in ints(args.nodes):
+                for backend in backends:
+                    try:
+                        row = measure(model, backend, batch, nodes, context, args.repeats)
+                    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                        if "out of memory" not in str(exc).lower() and not isinstance(
+                                exc, torch.OutOfMemoryError | MemoryError):
+                            raise
+                        sys.stderr.write(f"skipped {backend} batch {batch} × {nodes} nodes × {context}: "
+                                         "out of memory\n")
+                        continue
+                    finally:
+                        if param.is_cuda:
+                            torch.cuda.empty_cache()
+                    rows.append(row)
+                    sys.stderr.write(json.dumps(row) + "\n")  # progress, row by row
+    table = markdown(rows, title)
+    sys.stdout.write(table)
     if args.json_path:
         with open(args.json_path, "w") as f:
-            json.dump({"device": str(target.device), "dtype": str(target.dtype), "context": args.context,
-                       "ms": [{"batch": b, "nodes": n, "ms": grid[(b, n)]} for b, n in grid]}, f, indent=2)
+            json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
     return 0
 
 

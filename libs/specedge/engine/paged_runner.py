@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 from specedge.engine.kv_pool import EXTENT, CacheFullError, SessionTooLongError, SlotPool, SlotTable
 from specedge.engine.runner import ForwardRequest, SessionCache, decoder_forward
 
+ROW_WIDTH = 64  # queries per attention row; a longer request spans several rows
 _EVERYTHING = 1 << 30  # a committed slot's interval [-1, _EVERYTHING) holds every query
 
 _compiled_flex = None
@@ -126,6 +127,9 @@ class PagedRunner:
         self.slot_lo = torch.zeros(self.pool.n_slots, dtype=torch.int32, device=self.device)
         self.slot_hi = torch.zeros(self.pool.n_slots, dtype=torch.int32, device=self.device)
         self.sessions: dict[str, PagedSession] = {}
+        self.kv_bytes_copied = 0  # as the reference counts it; nothing here copies K/V
+        self.kv_token_bytes = 2 * layers * self.config.num_key_value_heads * self.head_dim * \
+            self.k_cache[0].element_size()
 
     # -- sessions -------------------------------------------------------------------
 
@@ -155,6 +159,13 @@ class PagedRunner:
             return False
         return n_tokens <= self.max_len and -(-(n_tokens + 1) // EXTENT) <= self.pool.free_slots // EXTENT
 
+    def reserve(self, session_id: str, n_tokens: int) -> None:
+        """Take the extents `n_tokens` more tokens of the session will need now, so that a
+        prompt admitted is never refused half-way through its prefill."""
+        table = self.pool.tables[session_id]
+        if n_tokens > len(table.free):
+            self.pool.release(session_id, self.pool.allocate(session_id, n_tokens))
+
     def free_positions(self, session_id: str) -> int:
         cache = self.sessions[session_id]
         return min(self.max_len - cache.prefix_len - cache.n_scratch, self.pool.room(session_id))
@@ -179,18 +190,23 @@ class PagedRunner:
             raise CacheFullError(f"the KV pool has no room for this pass ({self.pool.free_slots} slots free)")
 
     @torch.inference_mode()
-    def forward(self, requests: list[ForwardRequest], packed: bool = False) -> list[torch.Tensor] | torch.Tensor:
+    def forward(self, requests: list[ForwardRequest], packed: bool = False,
+                logits_of: int | None = None) -> list[torch.Tensor] | torch.Tensor:
         """One forward pass over new scratch nodes of several sessions.
 
         Returns, per request, the logits of its new nodes: [len(tokens), vocab] (float32,
         on the device; views of one tensor); `packed`: that one [total new nodes, vocab]
-        tensor, requests in order.
+        tensor, requests in order; `logits_of`: only the first that many requests' logits
+        (the rest — prompt chunks — only fill the cache, and skip the lm_head).
         """
         caches = [self.sessions[r.session_id] for r in requests]
         self._check(requests, caches)
         n_new = [len(r.tokens) for r in requests]
-        batch, width = len(requests), max(n_new)
-        ids, pos, out_rows, write_slots = [], [], [], []
+        # Tokens go through the model packed, [1, total]; attention sees them as rows of
+        # `width` queries, a request taking as many rows as it needs (a prompt chunk rides
+        # along with small trees without padding them all to its length).
+        width = min(max(n_new), ROW_WIDTH)
+        ids, pos, grid, out_index, write_slots, row_offset, extents = [], [], [], [], [], [], []
         tree_slots, tree_lo, tree_hi = [], [], []
         for b, (r, c) in enumerate(zip(requests, caches, strict=True)):
             first = c.n_scratch
@@ -203,32 +219,43 @@ class PagedRunner:
             tree_slots += c.scratch_slots
             tree_lo += lo
             tree_hi += hi
-            pad = width - n_new[b]
-            ids += [r.tokens[node - first] for node in order] + [0] * pad
-            pos += [c.prefix_len + c.depths[node] for node in order] + [0] * pad
-            out_rows += (b * width + rank[node] for node in range(first, first + n_new[b]))
-            write_slots += slots
+            start, first_row = len(ids), len(row_offset)
+            ids += [r.tokens[node - first] for node in order]
+            pos += [c.prefix_len + c.depths[node] for node in order]
+            grid += (first_row * width + j for j in range(n_new[b]))  # rank j: row j // width, column j % width
+            write_slots += [c.scratch_slots[node] for node in order]
+            out_index += (start + rank[node] for node in range(first, first + n_new[b]))
+            rows_needed = -(-n_new[b] // width)
+            row_offset += range(0, rows_needed * width, width)
+            extents += [c.table.extents] * rows_needed
+        if len(row_offset) == 1:  # an empty second row: one compiled kernel serves every batch (none for 1)
+            row_offset.append(0)
+            extents.append([])
         dev = self.device
-        input_ids = torch.tensor(ids, device=dev).view(batch, width)
-        positions = torch.tensor(pos, device=dev).view(batch, width)
-        rows = torch.tensor(out_rows, device=dev)  # each new node's query row, in request order
+        input_ids = torch.tensor(ids, device=dev)[None]
+        positions = torch.tensor(pos, device=dev)[None]
+        grid_t = torch.tensor(grid, device=dev)
         slots_t = torch.tensor(write_slots, device=dev)
         self._set_intervals(tree_slots, tree_lo, tree_hi)
-        block_mask = self._block_mask(caches, width)
+        block_mask = self._block_mask(extents, torch.tensor(row_offset, dtype=torch.int32, device=dev), width)
+        rows = len(row_offset)
         flex = _flex()
 
-        def attend(index, attn, q, k, v):
+        def attend(index, attn, q, k, v):  # q, k, v: [1, heads, total, head_dim]
             # write the new nodes' K/V into their slots, then attend over the pool in place
-            k_new = k.transpose(1, 2).reshape(batch * width, -1, self.head_dim)[rows]
-            v_new = v.transpose(1, 2).reshape(batch * width, -1, self.head_dim)[rows]
-            self.k_cache[index][0].index_copy_(1, slots_t, k_new.transpose(0, 1))
-            self.v_cache[index][0].index_copy_(1, slots_t, v_new.transpose(0, 1))
-            return flex(q, self.k_cache[index], self.v_cache[index], block_mask=block_mask,
-                        scale=attn.scaling, enable_gqa=True)
+            self.k_cache[index][0].index_copy_(1, slots_t, k[0])
+            self.v_cache[index][0].index_copy_(1, slots_t, v[0])
+            heads = q.shape[1]
+            queries = q.new_zeros(rows * width, heads, self.head_dim).index_copy_(0, grid_t, q[0].transpose(0, 1))
+            out = flex(queries.view(rows, width, heads, -1).transpose(1, 2), self.k_cache[index],
+                       self.v_cache[index], block_mask=block_mask, scale=attn.scaling, enable_gqa=True)
+            return out.transpose(1, 2).reshape(rows * width, heads, -1)[grid_t].transpose(0, 1)[None]
 
-        hidden = decoder_forward(self.model, input_ids, positions, attend)
-        logits = self.model.lm_head(hidden.reshape(batch * width, -1)[rows]).float()
-        return logits if packed else list(logits.split(n_new))
+        hidden = decoder_forward(self.model, input_ids, positions, attend)[0]
+        wanted = n_new if logits_of is None else n_new[:logits_of]
+        out_rows = torch.tensor(out_index[: sum(wanted)], dtype=torch.long, device=dev)
+        logits = self.model.lm_head(hidden[out_rows]).float()
+        return logits if packed else list(logits.split(wanted))
 
     def _set_intervals(self, slots: list[int], lo: list[int], hi: list[int]) -> None:
         """Give `slots` the intervals lo/hi; slots beyond those lists are freed."""
@@ -239,19 +266,20 @@ class PagedRunner:
         self.slot_lo[index] = torch.tensor(lo + [0] * free, dtype=torch.int32, device=self.device)
         self.slot_hi[index] = torch.tensor(hi + [0] * free, dtype=torch.int32, device=self.device)
 
-    def _block_mask(self, caches: list[PagedSession], width: int) -> BlockMask:
-        """Per batch row, the extents its session owns, each through the tree mask: query q
-        sees slot kv when q falls in the slot's interval. (Fully committed extents could skip
-        the mask, but Inductor's CPU template miscompiles that path: every block is masked.)"""
-        indices = torch.zeros(len(caches), 1, 1, self.pool.n_extents, dtype=torch.int32)  # room for every block
-        for b, c in enumerate(caches):
-            indices[b, 0, 0, : len(c.table.extents)] = torch.tensor(c.table.extents, dtype=torch.int32)
+    def _block_mask(self, extents: list[list[int]], row_offset: torch.Tensor, width: int) -> BlockMask:
+        """Per query row, the extents its session owns, each through the tree mask: the
+        query in column q of a row whose first query has rank `row_offset` sees slot kv
+        when its rank falls in the slot's interval."""
+        indices = torch.zeros(len(extents), 1, 1, self.pool.n_extents, dtype=torch.int32)  # room for every block
+        for b, owned in enumerate(extents):
+            indices[b, 0, 0, : len(owned)] = torch.tensor(owned, dtype=torch.int32)
         q_blocks = -(-width // EXTENT)
-        counts = torch.tensor([len(c.table.extents) for c in caches], dtype=torch.int32)[:, None, None]
+        counts = torch.tensor([len(owned) for owned in extents], dtype=torch.int32)[:, None, None]
         lo, hi = self.slot_lo, self.slot_hi
 
         def tree_mask(b, h, q, kv):
-            return (lo[kv] <= q) & (q < hi[kv])
+            rank = q + row_offset[b]
+            return (lo[kv] <= rank) & (rank < hi[kv])
 
         return BlockMask.from_kv_blocks(
             counts.expand(-1, 1, q_blocks).contiguous().to(self.device),

@@ -39,10 +39,16 @@ class _TargetSession:
     committed: list[int]
     params: SamplingParams
     cycle: int = 0
+    to_prefill: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not in the cache yet
 
 
 class Verifier:
-    """Target-side: prefill, batched tree verification, acceptance, cache compaction."""
+    """Target-side: prefill, batched tree verification, acceptance, cache compaction.
+
+    A prompt is prefilled in chunks that ride along with verification passes (`step`):
+    `begin` admits a session without a forward pass, and each pass carries up to
+    `prefill_budget` prompt tokens of sessions still prefilling, so a long prompt never
+    holds up other sessions' verifications by more than one chunk."""
 
     def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
                  max_tree_nodes: int = 256, attention: str = DEFAULT_ATTENTION, kv_tokens: int | None = None) -> None:
@@ -53,45 +59,72 @@ class Verifier:
                                   max_scratch=scratch, kv_tokens=kv_tokens)
         self.vocab_size = model.config.vocab_size
         self.max_tree_nodes = max_tree_nodes
+        self.prefill_chunk = self.runner.prefill_chunk
         self.sessions: dict[str, _TargetSession] = {}
         self.forward_passes = 0
-        self.busy_s = 0.0  # time spent verifying (not prefilling)
+        self.busy_s = 0.0  # time spent in passes that verify trees
 
-    def open(self, session_id: str, prompt: list[int], params: SamplingParams, cycle: int = 0) -> None:
-        """Prefill all prompt tokens but the last, which becomes the first tree's root.
-
-        To resume a session elsewhere, `prompt` is every committed token and `cycle` its cycle.
-        """
+    def begin(self, session_id: str, prompt: list[int], params: SamplingParams, cycle: int = 0) -> None:
+        """Admit a session: its cache is reserved and its prompt (all tokens but the last,
+        which becomes the first tree's root) queued for prefill by later passes. To resume
+        a session elsewhere, `prompt` is every committed token and `cycle` its cycle."""
         if not prompt:
             raise ValueError("the prompt must have at least one token")
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id!r} is already open")
         if len(prompt) + self.max_tree_nodes + 1 > self.runner.max_len:
             raise SessionTooLongError(f"a prompt of {len(prompt)} tokens is longer than a session may be")
         if not self.runner.can_hold(len(prompt)):
             raise CacheFullError(f"no room for a session of {len(prompt)} tokens")
         self.runner.open(session_id)
+        self.runner.reserve(session_id, len(prompt))
+        self.sessions[session_id] = _TargetSession(list(prompt), params, cycle, to_prefill=list(prompt[:-1]))
+
+    def prefilling(self, session_id: str) -> bool:
+        """Whether a session still has prompt tokens to prefill."""
+        session = self.sessions.get(session_id)
+        return session is not None and bool(session.to_prefill)
+
+    def open(self, session_id: str, prompt: list[int], params: SamplingParams, cycle: int = 0) -> None:
+        """`begin`, then prefill the whole prompt now, chunk by chunk."""
+        self.begin(session_id, prompt, params, cycle)
         try:
-            self.runner.prefill(session_id, prompt[:-1])
+            while self.prefilling(session_id):
+                self.step([], prefill_budget=self.prefill_chunk)
         except Exception:
-            self.runner.evict(session_id)
+            self.close(session_id)
             raise
-        self.forward_passes += -(-(len(prompt) - 1) // self.runner.prefill_chunk)
-        self.sessions[session_id] = _TargetSession(list(prompt), params, cycle)
 
     def close(self, session_id: str) -> None:
         self.runner.evict(session_id)
         self.sessions.pop(session_id, None)
+
+    @property
+    def free_tokens(self) -> int:
+        """Tokens the cache can still take for new sessions (what the verifier announces)."""
+        runner = self.runner
+        if hasattr(runner, "free_tokens"):
+            return runner.free_tokens
+        return runner.free_slots * (runner.max_len - runner.max_scratch)
 
     def problem(self, tree: DraftTreeMsg) -> str | None:
         """Why this tree cannot be verified now (a short reason), or None."""
         session = self.sessions.get(tree.session_id)
         if session is None:
             return "unknown_session"
+        if session.to_prefill:
+            return "prefilling"
         if (tree.cycle, tree.committed_len) != (session.cycle, len(session.committed)):
             return "stale_cycle"
         return tree.problem(self.vocab_size, self.max_tree_nodes)
 
     def verify(self, trees: list[DraftTreeMsg]) -> list[VerifyResult]:
         """Verify the trees of several sessions in one target forward pass (all must be valid)."""
+        return self.step(trees)
+
+    def step(self, trees: list[DraftTreeMsg], prefill_budget: int = 0) -> list[VerifyResult]:
+        """One pass: verify `trees` (all must be valid) and prefill up to `prefill_budget`
+        prompt tokens of sessions still prefilling (oldest first, a chunk at most each)."""
         if len({t.session_id for t in trees}) != len(trees):
             raise ValueError("one tree per session per batch")
         for tree in trees:
@@ -104,9 +137,25 @@ class Verifier:
                            [-1, *(p + 1 for p in t.parents)])
             for t in trees
         ]
+        chunks = []
+        for session_id, session in self.sessions.items():
+            if prefill_budget <= 0:
+                break
+            if session.to_prefill and session_id not in {t.session_id for t in trees}:
+                chunk = session.to_prefill[: min(prefill_budget, self.prefill_chunk)]
+                chunks.append(ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1))))
+                prefill_budget -= len(chunk)
+        if not requests and not chunks:
+            return []
         started = time.perf_counter()
-        logits = self.runner.forward(requests, packed=True)
+        logits = self.runner.forward(requests + chunks, packed=True, logits_of=len(requests))
         self.forward_passes += 1
+        for chunk in chunks:
+            self.runner.commit(chunk.session_id, list(range(len(chunk.tokens))))
+            session = self.sessions[chunk.session_id]
+            session.to_prefill = session.to_prefill[len(chunk.tokens) :]
+        if not requests:
+            return []
         sessions = [self.sessions[t.session_id] for t in trees]
         outcomes = accept_batch([(r.tokens, r.parents) for r in requests], logits, [s.params for s in sessions],
                                 [len(s.committed) - 1 for s in sessions])

@@ -22,8 +22,9 @@ The forward reuses the Hugging Face modules of the model (embeddings, norms, pro
 MLPs, rotary embedding) and replaces only attention's cache handling, so its logits match
 `model(input_ids)` to float tolerance. Supported: Qwen3, Qwen2 and Llama families.
 Gathering the batch's slots costs one copy of their K/V per layer per pass unless they
-are contiguous (a single session always is: its pass attends to a view of its slot); a
-paged attention kernel would avoid it and is the obvious next step on a GPU.
+are contiguous (a single session always is: its pass attends to a view of its slot), and
+a commit moves the accepted path's K/V (`kv_bytes_copied` counts both). This is the
+reference backend (`--attention reference`); `paged_runner.PagedRunner` is the default.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
         self.sessions: dict[str, SessionCache] = {}
+        self.kv_bytes_copied = 0  # K/V copied beyond writing new nodes: gathers for attention, commits
+        self._kv_token_bytes = 2 * len(model.model.layers) * n_kv * self.head_dim * self.k_cache[0].element_size()
         self._free_slots = list(range(max_sessions - 1, -1, -1))
 
     # -- sessions -------------------------------------------------------------------
@@ -119,6 +122,9 @@ class ModelRunner:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    def reserve(self, session_id: str, n_tokens: int) -> None:
+        """Nothing to do: a session's slot always holds `max_len` positions."""
+
     def can_hold(self, n_tokens: int) -> bool:
         """Whether a new session of `n_tokens` fits now (a free slot long enough)."""
         return bool(self._free_slots) and n_tokens <= self.max_len
@@ -130,11 +136,13 @@ class ModelRunner:
     # -- forward --------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, requests: list[ForwardRequest], packed: bool = False) -> list[torch.Tensor] | torch.Tensor:
+    def forward(self, requests: list[ForwardRequest], packed: bool = False,
+                logits_of: int | None = None) -> list[torch.Tensor] | torch.Tensor:
         """One forward pass over new scratch nodes of several sessions.
 
         Returns, per request, the logits of its new nodes: [len(tokens), vocab] (float32);
-        `packed`: all of them as one [total new nodes, vocab] tensor, requests in order.
+        `packed`: all of them as one [total new nodes, vocab] tensor, requests in order;
+        `logits_of`: only the first that many requests' logits (the rest only fill the cache).
         """
         caches = [self.sessions[r.session_id] for r in requests]
         for r, c in zip(requests, caches, strict=True):
@@ -181,8 +189,8 @@ class ModelRunner:
         write_slot_t = torch.tensor(write_slot, device=dev)
         write_pos_t = torch.tensor(write_pos, device=dev)
         logits = self._forward(input_ids, positions, mask[:, None], valid, slots, write_slot_t, write_pos_t, length)
-        out = [logits[b, : n_new[b]].float() for b in range(batch)]
-        return torch.cat(out) if packed else out
+        out = [logits[b, : n_new[b]].float() for b in range(batch if logits_of is None else logits_of)]
+        return (torch.cat(out) if out else logits.new_zeros(0, logits.shape[-1]).float()) if packed else out
 
     def _forward(self, input_ids, positions, mask, valid, slots, write_slot, write_pos, length) -> torch.Tensor:
         def attend(index, attn, q, k, v):
@@ -192,6 +200,8 @@ class ModelRunner:
             self.v_cache[index][write_slot, :, write_pos] = v.transpose(1, 2)[valid]
             keys = self.k_cache[index][slots, :, :length]
             values = self.v_cache[index][slots, :, :length]
+            if isinstance(slots, torch.Tensor):  # gathered, not a view
+                self.kv_bytes_copied += 2 * keys.numel() * keys.element_size()
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling,
                                                   enable_gqa=True)
 
@@ -217,6 +227,7 @@ class ModelRunner:
             dst = torch.arange(len(moved), device=self.device) + c.prefix_len
             for cache in (*self.k_cache, *self.v_cache):
                 cache[c.slot, :, dst] = cache[c.slot, :, src]  # advanced indexing reads a copy first
+            self.kv_bytes_copied += len(moved) * self._kv_token_bytes
         attach = path[-1] if path else -1
         new_index = {old: new for new, old in enumerate(keep)}
         old_parents = c.parents

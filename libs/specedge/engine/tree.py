@@ -93,16 +93,20 @@ class TreeGrowth:
 
     def offer(self, parent: int, logprobs: torch.Tensor) -> None:
         """Record the candidates after `parent` (-1 = root) from its draft log-probs [V]."""
-        parent_depth = self._depth[parent] if parent >= 0 else 0
         top = torch.topk(logprobs, min(self.params.branch, logprobs.shape[-1]))
+        self.offer_top(parent, top.values.tolist(), top.indices.tolist())
+
+    def offer_top(self, parent: int, values: list[float], tokens: list[int]) -> None:
+        """`offer` with the top-`branch` log-probs and their tokens already on the host."""
+        parent_depth = self._depth[parent] if parent >= 0 else 0
         if parent >= 0:
-            self.tree.next_tokens[parent] = int(top.indices[0])
+            self.tree.next_tokens[parent] = tokens[0]
         else:
-            self.tree.root_next_token = int(top.indices[0]) if top.indices.numel() else -1
+            self.tree.root_next_token = tokens[0] if tokens else -1
         if parent_depth >= self.params.depth:
             return
         base = self.tree.scores[parent] if parent >= 0 else 0.0
-        for lp, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        for lp, token in zip(values, tokens, strict=True):
             self._counter += 1
             heapq.heappush(self._heap, (-(base + lp), self._counter, parent, token))
 
@@ -171,9 +175,10 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
         job.root_scratch = runner.sessions[job.session_id].n_scratch
         if job.temperature is None:
             job.temperature = params.temperature
-    logits = runner.forward([ForwardRequest(j.session_id, [j.root_token], [j.root_parent]) for j in jobs])
-    for job, out in zip(jobs, logits, strict=True):
-        job.growth.offer(-1, torch.log_softmax(out[-1] / job.temperature, -1))
+    logits = runner.forward([ForwardRequest(j.session_id, [j.root_token], [j.root_parent]) for j in jobs], packed=True)
+    for job, (values, tokens) in zip(jobs, _candidates(logits, [j.temperature for j in jobs], params.branch),
+                                     strict=True):
+        job.growth.offer_top(-1, values, tokens)
     yield 0
     for step in range(1, params.depth + 1):
         work = [(job, job.growth.take()) for job in jobs]
@@ -186,9 +191,19 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
             parents = [job.scratch_index(tree.parents[i]) if tree.parents[i] >= 0 else job.root_scratch
                        for i in added]
             requests.append(ForwardRequest(job.session_id, [tree.tokens[i] for i in added], parents))
-        logits = runner.forward(requests)
-        for (job, added), out in zip(work, logits, strict=True):
-            logprobs = torch.log_softmax(out / job.temperature, -1)
-            for row, node in enumerate(added):
-                job.growth.offer(node, logprobs[row])
+        logits = runner.forward(requests, packed=True)
+        candidates = iter(_candidates(logits, [job.temperature for job, added in work for _ in added], params.branch))
+        for job, added in work:
+            for node in added:
+                job.growth.offer_top(node, *next(candidates))
         yield step
+
+
+def _candidates(logits: torch.Tensor, temperatures: list[float], branch: int) -> list[tuple[list[float], list[int]]]:
+    """Each row's top-`branch` draft log-probs (at its temperature) and tokens, brought to
+    the host in one transfer for the whole pass."""
+    logprobs = torch.log_softmax(logits / torch.tensor(temperatures, device=logits.device)[:, None], -1)
+    top = torch.topk(logprobs, min(branch, logits.shape[-1]))
+    k = top.values.shape[-1]
+    rows = torch.cat([top.values.double(), top.indices.double()], dim=1).tolist()  # exact: ids < 2**53
+    return [(row[:k], [int(t) for t in row[k:]]) for row in rows]
