@@ -6,6 +6,7 @@ side is reachable, and Ctrl-C still stops it at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -33,6 +34,7 @@ async def serve(settings: EdgeAgentSettings, life: Lifecycle) -> None:
             settings.nats_url, me.instance_id, initial_timeout_s=None, credentials=settings.credentials))
         drafter = Drafter(draft.model, TreeParams(), max_sessions=settings.max_sessions, max_len=settings.max_len,
                           max_ahead=settings.trees_ahead, attention=settings.attention)
+        await asyncio.to_thread(drafter.runner.warm_up)  # compile before taking sessions
         service = EdgeService(nc, me.instance_id, drafter, stop=life.stop, proactive=settings.drafts_ahead,
                               one_way_delay_s=settings.emulate_rtt_ms / 2000, send_ahead=settings.send_ahead)
         await service.subscribe()

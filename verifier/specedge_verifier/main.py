@@ -3,6 +3,7 @@ requests on its own subjects, register, drain on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -36,6 +37,7 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
             kv_tokens = kv_plan.kv_tokens
         verifier = Verifier(target.model, max_sessions=settings.max_sessions, max_len=settings.max_len,
                             attention=settings.attention, kv_tokens=kv_tokens)
+        await asyncio.to_thread(verifier.runner.warm_up)  # compile before taking traffic
         metrics = VerifierMetrics()
         metrics.serve(settings.metrics_port)
         await VerifierService(nc, me.instance_id, verifier, store, metrics).subscribe()

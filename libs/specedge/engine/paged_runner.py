@@ -48,6 +48,10 @@ def _flex():
     of blocks vary from pass to pass without recompiling)."""
     global _compiled_flex
     if _compiled_flex is None:
+        # one compiled variant per model shape and batch-size family; a process serving a
+        # target and a draft (or tests with several models) needs more than dynamo's default
+        # 8, past which it would fall back to eager FlexAttention (slow, and other numbers)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=True)
     return _compiled_flex
 
@@ -285,6 +289,23 @@ class PagedRunner:
             counts.expand(-1, 1, q_blocks).contiguous().to(self.device),
             indices.expand(-1, 1, q_blocks, -1).contiguous().to(self.device),
             BLOCK_SIZE=EXTENT, mask_mod=tree_mask, seq_lengths=(width, self.pool.n_slots), compute_q_blocks=False)
+
+    def warm_up(self) -> None:
+        """Compile the attention kernel for the shape families a service meets (one row and
+        several, one query per row and several) before it takes traffic, so no request
+        waits for a compilation."""
+        cap, self.max_sessions = self.max_sessions, None
+        names = [f"__warm_up_{i}" for i in range(3)]
+        try:
+            for name in names:
+                self.open(name)
+            self.forward([ForwardRequest(names[0], [1, 2, 3], [-1, 0, 1])])
+            for width in (1, 4):
+                self.forward([ForwardRequest(name, [1] * width, [-1] * width) for name in names])
+        finally:
+            self.max_sessions = cap
+            for name in names:
+                self.evict(name)
 
     # -- committing -------------------------------------------------------------------
 

@@ -122,6 +122,9 @@ class ModelRunner:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    def warm_up(self) -> None:
+        """Nothing to compile."""
+
     def reserve(self, session_id: str, n_tokens: int) -> None:
         """Nothing to do: a session's slot always holds `max_len` positions."""
 
