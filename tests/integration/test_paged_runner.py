@@ -263,3 +263,27 @@ def test_a_drafting_pass_makes_one_device_to_host_transfer():
         trees = drafter.draft_many(["d0", "d1", "d2"])
     assert all(len(t.tokens) == 16 for t in trees)
     assert len(calls) == drafter.stats.forward_passes - passes == 4  # the roots' pass and 3 levels
+
+
+def test_a_config_alone_gives_a_model_of_that_shape_with_random_weights(tmp_path):
+    """`--target config.json` (or a built-in shape such as qwen3-14b): random weights in the
+    asked dtype, straight on the device, no tokenizer; the engine runs it."""
+    import json
+
+    from specedge.engine.loading import load_causal_lm
+    from specedge.engine.shapes import QWEN3_SHAPES, shape_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "qwen3", "vocab_size": 512, "hidden_size": 64,
+                                "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "num_key_value_heads": 2, "head_dim": 16}))
+    loaded = load_causal_lm(str(path), dtype="bfloat16")
+    assert loaded.tokenizer is None and loaded.tokenizer_fingerprint.startswith("random:")
+    assert loaded.model.config.num_key_value_heads == 2 and next(loaded.model.parameters()).dtype == torch.bfloat16
+    runner = PagedRunner(loaded.model, kv_tokens=2 * EXTENT)
+    runner.open("r")
+    assert runner.forward([ForwardRequest("r", [1, 2, 3], [-1, 0, 1])])[0].shape == (3, 512)
+    big = shape_config("qwen3-14b")
+    assert (big.num_hidden_layers, big.hidden_size, big.num_attention_heads, big.num_key_value_heads,
+            big.intermediate_size, big.vocab_size) == (40, 5120, 40, 8, 17408, 151936)
+    assert set(QWEN3_SHAPES) >= {"qwen3-0.6b", "qwen3-14b"}

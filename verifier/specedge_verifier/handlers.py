@@ -236,8 +236,14 @@ class VerifierService:
             }) as span:
                 started, at = time.perf_counter(), time.monotonic()
                 # each pass also carries a chunk of any prompt being prefilled
-                results = await asyncio.to_thread(self.verifier.step, good, self.verifier.prefill_chunk) \
-                    if good else []
+                try:
+                    results = await asyncio.to_thread(self.verifier.step, good, self.verifier.prefill_chunk) \
+                        if good else []
+                except CacheFullError:  # the pool cannot hold these trees: refused, nothing changed
+                    for tree in good:
+                        self.reject("no_capacity", f"a tree for session {tree.session_id[:16]}")
+                        rejected.append(Rejection(session_id=tree.session_id, reason="no_capacity"))
+                    good, results = [], []
                 forward_ms = 1000 * (time.perf_counter() - started)
                 if span is not None:
                     span.set_attribute("specedge.accepted_len", sum(len(r.accepted) for r in results))

@@ -32,13 +32,15 @@ class ModelLoadError(RuntimeError):
 @dataclass(frozen=True)
 class LoadedModel:
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None for a built-in shape with random weights
     source: str
     device: torch.device
     dtype: torch.dtype
 
     @property
     def tokenizer_fingerprint(self) -> str:
+        if self.tokenizer is None:  # a built-in shape with random weights pairs with nothing
+            return f"random:{self.source}"
         return tokenizer_fingerprint(self.tokenizer)
 
     @property
@@ -76,7 +78,17 @@ def pick_dtype(dtype: str, device: torch.device, config_dtype: torch.dtype | Non
 
 
 def load_causal_lm(source: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load model and tokenizer; refuse model families the engine does not support."""
+    """Load model and tokenizer; refuse model families the engine does not support. A
+    built-in shape (`qwen3-14b`, …) or a config.json gives random weights and no tokenizer
+    (timing and memory runs: `specedge.engine.shapes`)."""
+    from specedge.engine.shapes import is_shape, random_model  # noqa: PLC0415
+
+    if is_shape(source):
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev, torch.bfloat16)
+        model = random_model(source, dt, dev)
+        log.info("built %s with random weights on %s as %s", source, dev, dt)
+        return LoadedModel(model, None, source, dev, dt)
     if source.startswith((".", "/")) and not pathlib.Path(source).exists():
         raise ModelLoadError(f"model path {source!r} does not exist")
     hf_logging.disable_progress_bar()  # one log line per model, not a progress bar
@@ -92,7 +104,8 @@ def load_causal_lm(source: str, device: str = "auto", dtype: str = "auto") -> Lo
             config_dtype = DTYPES.get(config_dtype)
         dt = pick_dtype(dtype, dev, config_dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt).to(dev).eval()
+        # straight to the device in its dtype (accelerate's device_map): no full copy in host memory
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, device_map=str(dev)).eval()
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
     log.info("loaded %s (%s, %.1fM params) on %s as %s", source, model_type,

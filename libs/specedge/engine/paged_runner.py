@@ -231,7 +231,8 @@ class PagedRunner:
             out_index += (start + rank[node] for node in range(first, first + n_new[b]))
             rows_needed = -(-n_new[b] // width)
             row_offset += range(0, rows_needed * width, width)
-            extents += [c.table.extents] * rows_needed
+            used = sorted(c.table.committed_per_extent.keys() | {slot // EXTENT for slot in c.scratch_slots})
+            extents += [used] * rows_needed  # extents reserved but still empty are not visited
         if len(row_offset) == 1:  # an empty second row: one compiled kernel serves every batch (none for 1)
             row_offset.append(0)
             extents.append([])

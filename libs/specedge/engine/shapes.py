@@ -30,7 +30,7 @@ QWEN3_SHAPES = {
 
 def is_shape(source: str) -> bool:
     """Whether `source` names a built-in shape or a bare config.json (no weights)."""
-    return source.lower() in QWEN3_SHAPES or source.endswith(".json")
+    return source.lower() in QWEN3_SHAPES or (source.endswith(".json") and pathlib.Path(source).is_file())
 
 
 def shape_config(source: str) -> PretrainedConfig:
