@@ -34,8 +34,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import PreTrainedModel
 
-from specedge.engine.kv_pool import EXTENT, CacheFullError, SessionTooLongError, SlotPool, SlotTable
-from specedge.engine.runner import ForwardRequest, SessionCache, decoder_forward
+from specedge.engine.kv_pool import EXTENT, CacheFullError, SlotPool, SlotTable
+from specedge.engine.runner import ForwardRequest, SessionCache, TreeRunner, decoder_forward
 
 ROW_WIDTH = 64  # queries per attention row; a longer request spans several rows
 _EVERYTHING = 1 << 30  # a committed slot's interval [-1, _EVERYTHING) holds every query
@@ -96,15 +96,8 @@ class PagedSession(SessionCache):
     table: SlotTable = None
     scratch_slots: list[int] = field(default_factory=list)
 
-    def _append(self, parent: int) -> None:
-        index = len(self.parents)
-        if not -1 <= parent < index:
-            raise ValueError(f"parent {parent} of scratch node {index} is not an earlier node")
-        self.parents.append(parent)
-        self.depths.append(0 if parent < 0 else self.depths[parent] + 1)
 
-
-class PagedRunner:
+class PagedRunner(TreeRunner):
     """Sessions over a pool of `kv_tokens` slots; a session may hold up to `max_len` tokens
     (committed and scratch) and `max_scratch` tree nodes; `max_sessions` caps how many are
     open (None: as many as the pool holds)."""
@@ -179,14 +172,7 @@ class PagedRunner:
     def _check(self, requests: list[ForwardRequest], caches: list[PagedSession]) -> None:
         extents_needed = 0
         for r, c in zip(requests, caches, strict=True):
-            if len(r.tokens) != len(r.parents) or not r.tokens:
-                raise ValueError("each request needs as many parents as tokens, and at least one")
-            if c.n_scratch + len(r.tokens) > self.max_scratch:
-                raise SessionTooLongError(f"scratch tree of {r.session_id!r} would exceed {self.max_scratch} nodes")
-            if c.prefix_len + c.n_scratch + len(r.tokens) > self.max_len:
-                raise SessionTooLongError(f"session {r.session_id!r} would exceed {self.max_len} positions")
-            if any(not -1 <= p < c.n_scratch + j for j, p in enumerate(r.parents)):
-                raise ValueError(f"request for {r.session_id!r}: every parent must be -1 or an earlier node")
+            self._check_request(r, c)
             extents_needed += max(0, -(-(len(r.tokens) - len(c.table.free)) // EXTENT))
         if len({r.session_id for r in requests}) != len(requests):
             raise ValueError("one request per session per pass")
@@ -316,40 +302,14 @@ class PagedRunner:
         new scratch, in the given order (parents first); every other node's slot is freed.
         A page-table update: no K/V moves."""
         c = self.sessions[session_id]
-        for i, node in enumerate(path):
-            expected = path[i - 1] if i else -1
-            if not 0 <= node < c.n_scratch or c.parents[node] != expected:
-                raise ValueError(f"commit path is not a chain from the prefix end at node {node}")
-        attach = path[-1] if path else -1
-        new_index = {old: new for new, old in enumerate(keep)}
-        for old in keep:
-            parent = c.parents[old] if 0 <= old < c.n_scratch else None
-            if parent != attach and not (parent in new_index and new_index[parent] < new_index[old]):
-                raise ValueError(f"kept node {old} does not hang below the committed path")
+        new_index = self._check_commit(c, path, keep)
         path_slots = [c.scratch_slots[i] for i in path]
         keep_slots = [c.scratch_slots[i] for i in keep]
         moved = set(path) | set(keep)
         dropped = [slot for i, slot in enumerate(c.scratch_slots) if i not in moved]
         self.pool.commit(session_id, path_slots)
         self.pool.release(session_id, dropped)
-        old_parents = c.parents
-        c.prefix_len += len(path)
-        c.parents, c.depths, c.scratch_slots = [], [], keep_slots
-        for old in keep:
-            parent = old_parents[old]
-            c._append(-1 if parent == attach else new_index[parent])
+        c.scratch_slots = keep_slots
+        self._rebuild_scratch(c, path, keep, new_index)
         # kept nodes get their intervals when the session is next in a pass
         self._set_intervals(path_slots + dropped, [-1] * len(path_slots), [_EVERYTHING] * len(path_slots))
-
-    def rollback_scratch(self, session_id: str) -> None:
-        """Drop every scratch node (nothing committed)."""
-        self.commit(session_id, [])
-
-    def prefill(self, session_id: str, tokens: list[int]) -> torch.Tensor | None:
-        """Commit `tokens` to the session's prefix in chunks; returns the last token's logits."""
-        last = None
-        for start in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[start : start + self.prefill_chunk]
-            last = self.forward([ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1)))])[0][-1]
-            self.commit(session_id, list(range(len(chunk))))
-        return last

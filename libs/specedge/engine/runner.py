@@ -61,6 +61,8 @@ class SessionCache:
             raise ValueError(f"parent {parent} of scratch node {index} is not an earlier node")
         self.parents.append(parent)
         self.depths.append(0 if parent < 0 else self.depths[parent] + 1)
+        if self.ancestors is None:  # the paged runner keeps no ancestor matrix
+            return
         if parent < 0:
             self.ancestors[index].zero_()
         else:
@@ -77,7 +79,73 @@ class ForwardRequest:
     parents: list[int]
 
 
-class ModelRunner:
+class TreeRunner:
+    """What every runner does the same way over its `sessions` (scratch trees): checking a
+    commit before it changes anything, dropping a scratch tree, prefilling in chunks."""
+
+    sessions: dict[str, SessionCache]
+    prefill_chunk: int
+
+    def forward(self, requests: list[ForwardRequest]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def commit(self, session_id: str, path: list[int], keep: list[int] = ()) -> None:
+        raise NotImplementedError
+
+    max_len: int
+    max_scratch: int
+
+    def _check_request(self, r: ForwardRequest, c: SessionCache) -> None:
+        """Refuse a request the session's limits or tree cannot take (before any change)."""
+        if len(r.tokens) != len(r.parents) or not r.tokens:
+            raise ValueError("each request needs as many parents as tokens, and at least one")
+        if c.n_scratch + len(r.tokens) > self.max_scratch:
+            raise SessionTooLongError(f"scratch tree of {r.session_id!r} would exceed {self.max_scratch} nodes")
+        if c.prefix_len + c.n_scratch + len(r.tokens) > self.max_len:
+            raise SessionTooLongError(f"session {r.session_id!r} would exceed {self.max_len} positions")
+        if any(not -1 <= p < c.n_scratch + j for j, p in enumerate(r.parents)):
+            raise ValueError(f"request for {r.session_id!r}: every parent must be -1 or an earlier node")
+
+    def _check_commit(self, c: SessionCache, path: list[int], keep: list[int]) -> dict[int, int]:
+        """Refuse a path that is not a chain from the prefix end, or kept nodes that do not
+        hang below it (parents first); returns each kept node's new scratch index."""
+        for i, node in enumerate(path):
+            expected = path[i - 1] if i else -1
+            if not 0 <= node < c.n_scratch or c.parents[node] != expected:
+                raise ValueError(f"commit path is not a chain from the prefix end at node {node}")
+        attach = path[-1] if path else -1
+        new_index = {old: new for new, old in enumerate(keep)}
+        for old in keep:
+            parent = c.parents[old] if 0 <= old < c.n_scratch else None
+            if parent != attach and not (parent in new_index and new_index[parent] < new_index[old]):
+                raise ValueError(f"kept node {old} does not hang below the committed path")
+        return new_index
+
+    def _rebuild_scratch(self, c: SessionCache, path: list[int], keep: list[int], new_index: dict[int, int]) -> None:
+        """After a commit: the prefix grows by the path, the kept nodes are the new scratch."""
+        attach = path[-1] if path else -1
+        old_parents = c.parents
+        c.prefix_len += len(path)
+        c.parents, c.depths = [], []
+        for old in keep:
+            parent = old_parents[old]
+            c._append(-1 if parent == attach else new_index[parent])
+
+    def rollback_scratch(self, session_id: str) -> None:
+        """Drop every scratch node (nothing committed)."""
+        self.commit(session_id, [])
+
+    def prefill(self, session_id: str, tokens: list[int]) -> torch.Tensor | None:
+        """Commit `tokens` to the session's prefix in chunks; returns the last token's logits."""
+        last = None
+        for start in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[start : start + self.prefill_chunk]
+            last = self.forward([ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1)))])[0][-1]
+            self.commit(session_id, list(range(len(chunk))))
+        return last
+
+
+class ModelRunner(TreeRunner):
     """KV caches for up to `max_sessions` sessions of up to `max_len` tokens each."""
 
     def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
@@ -149,14 +217,7 @@ class ModelRunner:
         """
         caches = [self.sessions[r.session_id] for r in requests]
         for r, c in zip(requests, caches, strict=True):
-            if len(r.tokens) != len(r.parents) or not r.tokens:
-                raise ValueError("each request needs as many parents as tokens, and at least one")
-            if c.n_scratch + len(r.tokens) > self.max_scratch:
-                raise SessionTooLongError(f"scratch tree of {r.session_id!r} would exceed {self.max_scratch} nodes")
-            if c.prefix_len + c.n_scratch + len(r.tokens) > self.max_len:
-                raise SessionTooLongError(f"session {r.session_id!r} would exceed {self.max_len} positions")
-            if any(not -1 <= p < c.n_scratch + j for j, p in enumerate(r.parents)):
-                raise ValueError(f"request for {r.session_id!r}: every parent must be -1 or an earlier node")
+            self._check_request(r, c)
         n_new = [len(r.tokens) for r in requests]
         batch, width = len(requests), max(n_new)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -220,10 +281,7 @@ class ModelRunner:
         in the given order (parents first). Everything else in scratch is dropped.
         """
         c = self.sessions[session_id]
-        for i, node in enumerate(path):
-            expected = path[i - 1] if i else -1
-            if c.parents[node] != expected:
-                raise ValueError(f"commit path is not a chain from the prefix end at node {node}")
+        new_index = self._check_commit(c, path, keep)
         moved = list(path) + list(keep)
         if moved:
             src = torch.tensor(moved, device=self.device) + c.prefix_len
@@ -231,32 +289,7 @@ class ModelRunner:
             for cache in (*self.k_cache, *self.v_cache):
                 cache[c.slot, :, dst] = cache[c.slot, :, src]  # advanced indexing reads a copy first
             self.kv_bytes_copied += len(moved) * self._kv_token_bytes
-        attach = path[-1] if path else -1
-        new_index = {old: new for new, old in enumerate(keep)}
-        old_parents = c.parents
-        c.prefix_len += len(path)
-        c.parents, c.depths = [], []
-        for old in keep:
-            parent = old_parents[old]
-            if parent == attach:
-                c._append(-1)
-            elif parent in new_index and new_index[parent] < new_index[old]:
-                c._append(new_index[parent])
-            else:
-                raise ValueError(f"kept node {old} does not hang below the committed path")
-
-    def rollback_scratch(self, session_id: str) -> None:
-        """Drop every scratch node (nothing committed)."""
-        self.commit(session_id, [])
-
-    def prefill(self, session_id: str, tokens: list[int]) -> torch.Tensor | None:
-        """Commit `tokens` to the session's prefix in chunks; returns the last token's logits."""
-        last = None
-        for start in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[start : start + self.prefill_chunk]
-            last = self.forward([ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1)))])[0][-1]
-            self.commit(session_id, list(range(len(chunk))))
-        return last
+        self._rebuild_scratch(c, path, keep, new_index)
 
 
 def decoder_forward(model: PreTrainedModel, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
