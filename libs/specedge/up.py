@@ -11,6 +11,7 @@ first, servers last. Nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -96,17 +97,23 @@ def create_api_key(redis_url: str, key: str | None) -> str:
     return asyncio.run(go())
 
 
-async def wait_until_registered(nats_url: str, roles: tuple[str, ...], timeout_s: float,
+async def wait_until_registered(nats_url: str, roles: dict[str, int], timeout_s: float,
                                 still_running) -> list:
-    """Poll discovery until every role has at least one live instance."""
+    """Poll discovery until every role has as many live instances as were started (GPU
+    services register once their model is loaded and their kernels compiled)."""
+
+    def missing(found: list) -> list[str]:
+        have = collections.Counter(a.role for a in found)
+        return [f"{role} ({have[role]}/{n})" for role, n in sorted(roles.items()) if have[role] < n]
+
     async with bus.connect(nats_url, name="specedge-up", initial_timeout_s=10) as nc:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and still_running():
             found = await registry.discover(nc, wait_s=0.3)
-            if {a.role for a in found} >= set(roles):
+            if not missing(found):
                 return found
-        missing = set(roles) - {a.role for a in await registry.discover(nc, wait_s=0.3)}
-        raise TimeoutError(f"not registered after {timeout_s:.0f}s: {', '.join(sorted(missing))}")
+        raise TimeoutError(f"not registered after {timeout_s:.0f}s: "
+                           f"{', '.join(missing(await registry.discover(nc, wait_s=0.3)))}")
 
 
 def run_up(settings: UpSettings) -> int:
@@ -145,8 +152,8 @@ def run_up(settings: UpSettings) -> int:
             return not stop.is_set() and all(s.alive() for s in services)
 
         try:
-            with_edges = settings.edges or settings.server_drafter
-            roles = ROLES if with_edges else tuple(r for r in ROLES if r != "edge-agent")
+            roles = {role: 1 for role in ROLES}
+            roles["edge-agent"] = settings.edges + int(settings.server_drafter)
             found = asyncio.run(wait_until_registered(nats_url, roles, settings.ready_timeout_s, all_running))
         except (TimeoutError, ConnectionError) as exc:
             if not stop.is_set():

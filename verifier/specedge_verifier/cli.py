@@ -33,9 +33,11 @@ def command(
         help="KV pool size: GiB above 1, else the fraction of device memory the verifier may use in all "
              "(default: room for --max-sessions sessions of --max-len).")] = None,
     plan: Annotated[bool, typer.Option(
-        "--plan", help="Print the memory plan as one JSON line and exit without allocating.")] = False,
+        "--plan", envvar="SPECEDGE_PLAN",
+        help="Print the memory plan as one JSON line and exit without allocating.")] = False,
     memory_gib: Annotated[float | None, typer.Option(
-        "--memory-gib", help="With --plan: the device memory to plan for (default: this device's).")] = None,
+        "--memory-gib", envvar="SPECEDGE_MEMORY_GIB",
+        help="With --plan: the device memory to plan for (default: this device's).")] = None,
     metrics_port: MetricsPort = 0,
     name: Name = None,
     log_level: LogLevelOpt = "info",
