@@ -10,8 +10,9 @@ tokens and a tree of `nodes` nodes (root included); device→host transfers per 
 (counted with a hook around every tensor method that copies to the host); K/V bytes
 copied per pass beyond the new nodes' own K/V (the runners count every copy they make);
 host CPU ms per pass; KV bytes held per session against the tokens in it; on CUDA, the
-ratio of the step to the floor of `HARDWARE.md` for the GPU it runs on. Cells that do not
-fit in memory are skipped with a note. The cells of one grid point run back to back, so
+ratio of the step to the floor of `HARDWARE.md` for the GPU it runs on. A batch lists its
+sessions in a seeded random order (the order drafts arrive in), not in cache order, as a
+verifier meets them. Cells that do not fit in memory are skipped with a note. The cells of one grid point run back to back, so
 the backends are compared under the same load.
 """
 
@@ -95,11 +96,13 @@ def measure(model, backend: str, batch: int, nodes: int, context: int, repeats: 
         verifier.open(f"s{b}", torch.randint(3, vocab, (context,), generator=gen).tolist(), SamplingParams())
     parents = binary_tree(nodes)
     runner = verifier.runner
+    # a batch lists its sessions in the order their drafts arrived, not in cache order
+    arrival = [f"s{b}" for b in torch.randperm(batch, generator=gen).tolist()]
     steps, transfers, copied, cpu = [], [], [], []
     for step in range(repeats + 1):
         trees = [DraftTreeMsg(session_id=sid, cycle=s.cycle, committed_len=len(s.committed),
                               tokens=torch.randint(3, vocab, (len(parents),), generator=gen).tolist(), parents=parents)
-                 for sid, s in verifier.sessions.items()]
+                 for sid, s in ((sid, verifier.sessions[sid]) for sid in arrival)]
         copied0, cpu0 = runner.kv_bytes_copied, time.process_time()
         sync()
         started = time.perf_counter()

@@ -11,14 +11,17 @@ same logits, but shaped for a GPU:
   into a free slot of its session; committing an accepted path appends the path's slots
   to the page table and marks them committed; rejected nodes' slots are free at once.
   No K/V is ever copied.
-- **Tree attention as intervals.** A pass's queries are a session's new tree nodes,
-  put in the tree's pre-order; the new nodes below any node are then consecutive query
-  rows, so each slot carries one interval of rows that see it (`slot_lo`, `slot_hi` on
-  the device: a committed token's spans every row, a free slot's none, a tree node's the
-  rows of its new descendants and itself). The kernel's mask is `slot_lo[kv] <= q <
-  slot_hi[kv]` — two lookups, no ancestor matrix. The block mask lists, per batch row,
-  exactly the extents its session owns, so attention reads only the session's own K/V,
-  in place.
+- **Tree attention as intervals.** A pass's queries are, per session, its new tree
+  nodes in the tree's pre-order; the new nodes below any node are then consecutive
+  queries, so each slot carries one interval of query ranks that see it (`slot_lo`,
+  `slot_hi` on the device: a committed token's spans every rank, a free slot's none, a
+  tree node's the ranks of its new descendants and itself). Tokens go through the model
+  packed; attention sees them as rows of up to `ROW_WIDTH` queries (a prompt chunk takes
+  several rows), and the mask is `slot_lo[kv] <= rank < slot_hi[kv]` with `rank = q +
+  row_offset[row]`. The block mask lists, per row, exactly the extents holding its
+  session's tokens — fully committed ones unmasked — so attention reads only the
+  session's own K/V, in place. (Inductor's CPU template miscompiles a 2-D query-side
+  lookup in the mask, such as `pre[row, q]`; hence ranks and a row offset.)
 - **No device→host synchronisation in a pass**: indices go host→device, the logits stay
   on the device for acceptance (`acceptance.accept_batch`).
 
@@ -217,11 +220,15 @@ class PagedRunner(TreeRunner):
             out_index += (start + rank[node] for node in range(first, first + n_new[b]))
             rows_needed = -(-n_new[b] // width)
             row_offset += range(0, rows_needed * width, width)
-            used = sorted(c.table.committed_per_extent.keys() | {slot // EXTENT for slot in c.scratch_slots})
-            extents += [used] * rows_needed  # extents reserved but still empty are not visited
+            # the extents holding its tokens (reserved, still empty ones are not visited);
+            # those whose every slot is committed need no mask
+            full = c.table.full_extents()
+            partial = sorted((c.table.committed_per_extent.keys() | {slot // EXTENT for slot in c.scratch_slots})
+                             - set(full))
+            extents += [(partial, full)] * rows_needed
         if len(row_offset) == 1:  # an empty second row: one compiled kernel serves every batch (none for 1)
             row_offset.append(0)
-            extents.append([])
+            extents.append(([], []))
         dev = self.device
         input_ids = torch.tensor(ids, device=dev)[None]
         positions = torch.tensor(pos, device=dev)[None]
@@ -257,25 +264,31 @@ class PagedRunner(TreeRunner):
         self.slot_lo[index] = torch.tensor(lo + [0] * free, dtype=torch.int32, device=self.device)
         self.slot_hi[index] = torch.tensor(hi + [0] * free, dtype=torch.int32, device=self.device)
 
-    def _block_mask(self, extents: list[list[int]], row_offset: torch.Tensor, width: int) -> BlockMask:
-        """Per query row, the extents its session owns, each through the tree mask: the
-        query in column q of a row whose first query has rank `row_offset` sees slot kv
-        when its rank falls in the slot's interval."""
-        indices = torch.zeros(len(extents), 1, 1, self.pool.n_extents, dtype=torch.int32)  # room for every block
-        for b, owned in enumerate(extents):
-            indices[b, 0, 0, : len(owned)] = torch.tensor(owned, dtype=torch.int32)
+    def _block_mask(self, extents: list[tuple[list[int], list[int]]], row_offset: torch.Tensor,
+                    width: int) -> BlockMask:
+        """Per query row, the extents its session owns: fully committed ones attended
+        without a mask, the others through the tree mask — the query in column q of a row
+        whose first query has rank `row_offset` sees slot kv when its rank falls in the
+        slot's interval."""
         q_blocks = -(-width // EXTENT)
-        counts = torch.tensor([len(owned) for owned in extents], dtype=torch.int32)[:, None, None]
+
+        def blocks(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            indices = torch.zeros(len(lists), 1, 1, self.pool.n_extents, dtype=torch.int32)  # room for every block
+            for b, owned in enumerate(lists):
+                indices[b, 0, 0, : len(owned)] = torch.tensor(owned, dtype=torch.int32)
+            counts = torch.tensor([len(owned) for owned in lists], dtype=torch.int32)[:, None, None]
+            return (counts.expand(-1, 1, q_blocks).contiguous().to(self.device),
+                    indices.expand(-1, 1, q_blocks, -1).contiguous().to(self.device))
+
         lo, hi = self.slot_lo, self.slot_hi
 
         def tree_mask(b, h, q, kv):
             rank = q + row_offset[b]
             return (lo[kv] <= rank) & (rank < hi[kv])
 
-        return BlockMask.from_kv_blocks(
-            counts.expand(-1, 1, q_blocks).contiguous().to(self.device),
-            indices.expand(-1, 1, q_blocks, -1).contiguous().to(self.device),
-            BLOCK_SIZE=EXTENT, mask_mod=tree_mask, seq_lengths=(width, self.pool.n_slots), compute_q_blocks=False)
+        return BlockMask.from_kv_blocks(*blocks([p for p, _ in extents]), *blocks([f for _, f in extents]),
+                                        BLOCK_SIZE=EXTENT, mask_mod=tree_mask,
+                                        seq_lengths=(width, self.pool.n_slots), compute_q_blocks=False)
 
     def warm_up(self) -> None:
         """Compile the attention kernel for the shape families a service meets (one row and
