@@ -12,8 +12,8 @@ copied per pass beyond the new nodes' own K/V (the runners count every copy they
 host CPU ms per pass; KV bytes held per session against the tokens in it; on CUDA, the
 ratio of the step to the floor of `HARDWARE.md` for the GPU it runs on. A batch lists its
 sessions in a seeded random order (the order drafts arrive in), not in cache order, as a
-verifier meets them. Cells that do not fit in memory are skipped with a note. The cells of one grid point run back to back, so
-the backends are compared under the same load.
+verifier meets them. Cells that do not fit in memory are skipped with a note. The cells
+of one grid point run back to back, so the backends are compared under the same load.
 """
 
 from __future__ import annotations
