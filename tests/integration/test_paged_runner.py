@@ -39,15 +39,23 @@ def trees(draw, max_nodes=12):
 def test_random_trees_and_co_batched_sessions_give_the_reference_logits(model, sessions, data):
     """Random prefixes, a first tree, a commit of a random path keeping a subtree, then a
     second tree below what was kept: every node's logits equal the reference backend's."""
-    ref = ModelRunner(model, max_sessions=len(sessions), max_len=400, max_scratch=64, prefill_chunk=64)
-    paged = PagedRunner(model, kv_tokens=len(sessions) * 8 * EXTENT, max_len=400, max_scratch=64, prefill_chunk=64)
+    ref = ModelRunner(model, max_sessions=len(sessions) + 1, max_len=400, max_scratch=128, prefill_chunk=64)
+    # prompts in chunks of 128: the paged runner attends them in rows of its own, beside trees
+    paged = PagedRunner(model, kv_tokens=(len(sessions) + 2) * 8 * EXTENT, max_len=400, max_scratch=128,
+                        prefill_chunk=128)
     gen = torch.Generator().manual_seed(len(sessions))
     for i, (length, _, _) in enumerate(sessions):
         prefix = torch.randint(0, 4096, (length,), generator=gen).tolist()
         for runner in (ref, paged):
             runner.open(f"s{i}")
             runner.prefill(f"s{i}", prefix)
+    # beside the trees, a prompt chunk longer than a row of queries (the paged runner's
+    # second kernel call)
+    chunk = torch.randint(0, 4096, (100,), generator=gen).tolist()
+    for runner in (ref, paged):
+        runner.open("chunk")
     first = [ForwardRequest(f"s{i}", t, p) for i, (_, (t, p), _) in enumerate(sessions)]
+    first.append(ForwardRequest("chunk", chunk, list(range(-1, 99))))
     for a, b in zip(ref.forward(first), paged.forward(first), strict=True):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
     second = []
@@ -237,7 +245,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_that_ride_along_with_verifications
         chunk_times.append(time.perf_counter() - began)
         alone.commit("x", list(range(len(chunk))))
     growth = p99(during) - p99(before)
-    assert growth <= max(chunk_times) * 1.5 + 0.01, (statistics.median(before), during, chunk_times)
+    # one chunk's time, and 20 ms for the noise of a shared 2-core machine
+    assert growth <= max(chunk_times) + 0.02, (statistics.median(before), during, chunk_times)
     probe = DraftTreeMsg(session_id="long", cycle=0, committed_len=4096, tokens=[7], parents=[-1])
     result = verifier.verify([probe])[0]
     expected = alone.forward([ForwardRequest("x", [prompt[-1], 7], [-1, 0])])[0].argmax(-1).tolist()

@@ -16,9 +16,9 @@ same logits, but shaped for a GPU:
   queries, so each slot carries one interval of query ranks that see it (`slot_lo`,
   `slot_hi` on the device: a committed token's spans every rank, a free slot's none, a
   tree node's the ranks of its new descendants and itself). Tokens go through the model
-  packed; attention sees them as rows of up to `ROW_WIDTH` queries (a prompt chunk takes
-  several rows), and the mask is `slot_lo[kv] <= rank < slot_hi[kv]` with `rank = q +
-  row_offset[row]`. The block mask lists, per row, exactly the extents holding its
+  packed; attention sees them as rows of queries — trees in rows as wide as the widest
+  tree, prompt chunks in rows of `ROW_WIDTH`, one kernel call each — and the mask is
+  `slot_lo[kv] <= rank < slot_hi[kv]` with `rank = q + row_offset[row]`. The block mask lists, per row, exactly the extents holding its
   session's tokens — fully committed ones unmasked — so attention reads only the
   session's own K/V, in place. (Inductor's CPU template miscompiles a 2-D query-side
   lookup in the mask, such as `pre[row, q]`; hence ranks and a row offset.)
@@ -98,6 +98,36 @@ class PagedSession(SessionCache):
     ancestors: torch.Tensor | None = None  # not kept: intervals replace the ancestor matrix
     table: SlotTable = None
     scratch_slots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _RowGroup:
+    """Requests attended as rows of `width` queries in one kernel call: which packed tokens
+    they are, where each lands in the [rows, width] grid, each row's first rank and extents."""
+
+    width: int
+    tokens: list[int] = field(default_factory=list)
+    grid: list[int] = field(default_factory=list)
+    row_offset: list[int] = field(default_factory=list)
+    extents: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+    def add(self, start: int, n: int, extents: tuple[list[int], list[int]]) -> None:
+        """A request's `n` tokens, packed from `start` in rank order."""
+        first_row, rows = len(self.row_offset), -(-n // self.width)
+        self.tokens += range(start, start + n)
+        self.grid += (first_row * self.width + j for j in range(n))  # rank j: row j // width, column j % width
+        self.row_offset += range(0, rows * self.width, self.width)
+        self.extents += [extents] * rows
+
+    def prepare(self, runner: PagedRunner, device: torch.device) -> tuple:
+        """(token index, grid index, rows, width, block mask) for the kernel call."""
+        if len(self.row_offset) == 1:  # an empty second row: Inductor's CPU template fails on some 1-row shapes
+            self.row_offset.append(0)
+            self.extents.append(([], []))
+        block_mask = runner._block_mask(self.extents, torch.tensor(self.row_offset, dtype=torch.int32, device=device),
+                                        self.width)
+        return (torch.tensor(self.tokens, device=device), torch.tensor(self.grid, device=device),
+                len(self.row_offset), self.width, block_mask)
 
 
 class PagedRunner(TreeRunner):
@@ -196,10 +226,11 @@ class PagedRunner(TreeRunner):
         self._check(requests, caches)
         n_new = [len(r.tokens) for r in requests]
         # Tokens go through the model packed, [1, total]; attention sees them as rows of
-        # `width` queries, a request taking as many rows as it needs (a prompt chunk rides
-        # along with small trees without padding them all to its length).
-        width = min(max(n_new), ROW_WIDTH)
-        ids, pos, grid, out_index, write_slots, row_offset, extents = [], [], [], [], [], [], []
+        # queries: trees in rows as wide as the widest tree, longer requests (prompt
+        # chunks) in rows of ROW_WIDTH — two kernel calls, so neither pads the other.
+        groups = {"trees": _RowGroup(max((n for n in n_new if n <= ROW_WIDTH), default=1)),
+                  "chunks": _RowGroup(ROW_WIDTH)}
+        ids, pos, out_index, write_slots = [], [], [], []
         tree_slots, tree_lo, tree_hi = [], [], []
         for b, (r, c) in enumerate(zip(requests, caches, strict=True)):
             first = c.n_scratch
@@ -212,42 +243,40 @@ class PagedRunner(TreeRunner):
             tree_slots += c.scratch_slots
             tree_lo += lo
             tree_hi += hi
-            start, first_row = len(ids), len(row_offset)
+            start = len(ids)
             ids += [r.tokens[node - first] for node in order]
             pos += [c.prefix_len + c.depths[node] for node in order]
-            grid += (first_row * width + j for j in range(n_new[b]))  # rank j: row j // width, column j % width
             write_slots += [c.scratch_slots[node] for node in order]
             out_index += (start + rank[node] for node in range(first, first + n_new[b]))
-            rows_needed = -(-n_new[b] // width)
-            row_offset += range(0, rows_needed * width, width)
             # the extents holding its tokens (reserved, still empty ones are not visited);
             # those whose every slot is committed need no mask
             full = c.table.full_extents()
             partial = sorted((c.table.committed_per_extent.keys() | {slot // EXTENT for slot in c.scratch_slots})
                              - set(full))
-            extents += [(partial, full)] * rows_needed
-        if len(row_offset) == 1:  # an empty second row: one compiled kernel serves every batch (none for 1)
-            row_offset.append(0)
-            extents.append(([], []))
+            groups["trees" if n_new[b] <= ROW_WIDTH else "chunks"].add(start, n_new[b], (partial, full))
         dev = self.device
         input_ids = torch.tensor(ids, device=dev)[None]
         positions = torch.tensor(pos, device=dev)[None]
-        grid_t = torch.tensor(grid, device=dev)
         slots_t = torch.tensor(write_slots, device=dev)
         self._set_intervals(tree_slots, tree_lo, tree_hi)
-        block_mask = self._block_mask(extents, torch.tensor(row_offset, dtype=torch.int32, device=dev), width)
-        rows = len(row_offset)
+        calls = [group.prepare(self, dev) for group in groups.values() if group.tokens]
         flex = _flex()
 
         def attend(index, attn, q, k, v):  # q, k, v: [1, heads, total, head_dim]
             # write the new nodes' K/V into their slots, then attend over the pool in place
             self.k_cache[index][0].index_copy_(1, slots_t, k[0])
             self.v_cache[index][0].index_copy_(1, slots_t, v[0])
-            heads = q.shape[1]
-            queries = q.new_zeros(rows * width, heads, self.head_dim).index_copy_(0, grid_t, q[0].transpose(0, 1))
-            out = flex(queries.view(rows, width, heads, -1).transpose(1, 2), self.k_cache[index],
-                       self.v_cache[index], block_mask=block_mask, scale=attn.scaling, enable_gqa=True)
-            return out.transpose(1, 2).reshape(rows * width, heads, -1)[grid_t].transpose(0, 1)[None]
+            heads, packed = q.shape[1], q[0].transpose(0, 1)  # [total, heads, head_dim]
+            out = packed if len(calls) == 1 else torch.empty_like(packed)
+            for tokens, grid, rows, width, block_mask in calls:
+                queries = packed.new_zeros(rows * width, heads, self.head_dim).index_copy_(0, grid, packed[tokens])
+                attended = flex(queries.view(rows, width, heads, -1).transpose(1, 2), self.k_cache[index],
+                                self.v_cache[index], block_mask=block_mask, scale=attn.scaling, enable_gqa=True)
+                result = attended.transpose(1, 2).reshape(rows * width, heads, -1)[grid]
+                if len(calls) == 1:
+                    return result.transpose(0, 1)[None]
+                out.index_copy_(0, tokens, result)
+            return out.transpose(0, 1)[None]
 
         hidden = decoder_forward(self.model, input_ids, positions, attend)[0]
         wanted = n_new if logits_of is None else n_new[:logits_of]
