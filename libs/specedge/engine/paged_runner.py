@@ -19,9 +19,10 @@ same logits, but shaped for a GPU:
   packed; attention sees them as rows of queries — trees in rows as wide as the widest
   tree, prompt chunks in rows of `ROW_WIDTH`, one kernel call each — and the mask is
   `slot_lo[kv] <= rank < slot_hi[kv]` with `rank = q + row_offset[row]`. The block mask
-  lists, per row, exactly the extents holding its session's tokens — fully committed ones unmasked — so attention reads only the
-  session's own K/V, in place. (Inductor's CPU template miscompiles a 2-D query-side
-  lookup in the mask, such as `pre[row, q]`; hence ranks and a row offset.)
+  lists, per row, exactly the extents holding its session's tokens — fully committed
+  ones unmasked — so attention reads only the session's own K/V, in place. (Inductor's
+  CPU template miscompiles a 2-D query-side lookup in the mask, such as `pre[row, q]`;
+  hence ranks and a row offset.)
 - **No device→host synchronisation in a pass**: indices go host→device, the logits stay
   on the device for acceptance (`acceptance.accept_batch`).
 
