@@ -4,6 +4,7 @@
     specedge bench-verify [--batch 1,8,32,64] [--nodes 8,33] [--context 512,2048,4096]
                           [--backends reference,flex] [--device cpu|cuda] [--target PATH|qwen3-14b]
                           [--json FILE] [--markdown FILE]
+    specedge bench-verify --prefill-arrival 4096   # a long prompt riding along with 8 verifying sessions
 
 Each row: median ms of a verify step of `batch` sessions, each with `context` committed
 tokens and a tree of `nodes` nodes (root included); device→host transfers per pass
@@ -132,6 +133,60 @@ def measure(model, backend: str, batch: int, nodes: int, context: int, repeats: 
             "floor_ratio": None if floor is None else round(median / floor, 3)}
 
 
+def measure_prefill_arrival(model, prompt_tokens: int, batch: int = 8, context: int = 300, nodes: int = 13,
+                            samples: int = 16) -> dict:
+    """A prompt of `prompt_tokens` arrives while `batch` sessions verify `nodes`-node trees:
+    their p99 step time before and while its chunks ride along, against the slowest of the
+    same chunks prefilled alone."""
+    from specedge.engine.paged_runner import PagedRunner  # noqa: PLC0415
+    from specedge.engine.runner import ForwardRequest  # noqa: PLC0415
+
+    verifier = Verifier(model, max_sessions=batch + 2, max_len=prompt_tokens + 400, max_tree_nodes=nodes)
+    gen = torch.Generator().manual_seed(5)
+    vocab = model.config.vocab_size
+    for b in range(batch):
+        verifier.open(f"s{b}", torch.randint(3, vocab, (context,), generator=gen).tolist(), SamplingParams())
+    parents = binary_tree(nodes)
+    chunk = verifier.prefill_chunk
+
+    def step() -> float:
+        trees = [DraftTreeMsg(session_id=sid, cycle=s.cycle, committed_len=len(s.committed), parents=parents,
+                              tokens=torch.randint(3, vocab, (len(parents),), generator=gen).tolist())
+                 for sid, s in verifier.sessions.items() if not s.to_prefill]
+        started = time.perf_counter()
+        verifier.step(trees, chunk)
+        return 1000 * (time.perf_counter() - started)
+
+    def p99(values: list[float]) -> float:
+        return sorted(values)[max(0, int(0.99 * len(values)) - 1)]
+
+    verifier.begin("warm-up", torch.randint(3, vocab, (3 * chunk,), generator=gen).tolist(), SamplingParams())
+    while verifier.prefilling("warm-up"):  # compiles the kernel for passes that carry a chunk
+        step()
+    verifier.close("warm-up")
+    before = [step() for _ in range(samples)]
+    prompt = torch.randint(3, vocab, (prompt_tokens,), generator=gen).tolist()
+    verifier.begin("long", prompt, SamplingParams())
+    during = []
+    while verifier.prefilling("long"):
+        during.append(step())
+    alone = PagedRunner(model, kv_tokens=prompt_tokens + 1024, max_scratch=chunk, prefill_chunk=chunk)
+    alone.open("x")
+    alone.forward([ForwardRequest("x", prompt[:chunk], list(range(-1, chunk - 1)))])  # warm up
+    alone.rollback_scratch("x")
+    chunk_ms = []
+    for start in range(0, prompt_tokens - 1, chunk):
+        piece = prompt[start : min(start + chunk, prompt_tokens - 1)]
+        started = time.perf_counter()
+        alone.forward([ForwardRequest("x", piece, list(range(-1, len(piece) - 1)))])
+        chunk_ms.append(1000 * (time.perf_counter() - started))
+        alone.commit("x", list(range(len(piece))))
+    return {"scenario": "prefill_arrival", "batch": batch, "nodes": nodes, "context": context,
+            "prompt_tokens": prompt_tokens, "passes_carrying_chunks": len(during),
+            "p99_step_ms_before": round(p99(before), 3), "p99_step_ms_during": round(p99(during), 3),
+            "p99_growth_ms": round(p99(during) - p99(before), 3), "chunk_alone_ms_max": round(max(chunk_ms), 3)}
+
+
 def markdown(rows: list[dict], title: str) -> str:
     cols = ["backend", "batch", "nodes", "context", "step_ms_median", "floor_ratio", "host_transfers_per_pass",
             "kv_bytes_copied_per_pass", "host_cpu_ms_per_pass", "kv_bytes_per_session", "tokens_per_session"]
@@ -163,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", dest="json_path", help="write the rows here as a JSON list")
     parser.add_argument("--markdown", help="write the table here too")
+    parser.add_argument("--prefill-arrival", type=int, metavar="TOKENS",
+                        help="instead: a prompt of TOKENS arriving while 8 sessions verify (flex backend)")
     args = parser.parse_args(argv)
 
     def ints(text: str) -> list[int]:
@@ -172,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(backends) - {"reference", "flex"}:
         parser.error(f"unknown backends {sorted(unknown)}; choose from reference, flex")
     model = load_target(args.target, args.device, args.dtype)
+    if args.prefill_arrival:
+        row = measure_prefill_arrival(model, args.prefill_arrival)
+        sys.stdout.write(json.dumps(row) + "\n")
+        if args.json_path:
+            with open(args.json_path, "w") as f:
+                json.dump(row, f, indent=1)
+        return 0
     param = next(model.parameters())
     title = (f"bench-verify: {args.target} on {torch.cuda.get_device_name() if param.is_cuda else 'cpu'} "
              f"({str(param.dtype).removeprefix('torch.')}), median of {args.repeats} verify steps")

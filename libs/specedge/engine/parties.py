@@ -102,10 +102,7 @@ class Verifier:
     @property
     def free_tokens(self) -> int:
         """Tokens the cache can still take for new sessions (what the verifier announces)."""
-        runner = self.runner
-        if hasattr(runner, "free_tokens"):
-            return runner.free_tokens
-        return runner.free_slots * (runner.max_len - runner.max_scratch)
+        return self.runner.free_tokens
 
     def problem(self, tree: DraftTreeMsg) -> str | None:
         """Why this tree cannot be verified now (a short reason), or None."""
@@ -137,11 +134,11 @@ class Verifier:
                            [-1, *(p + 1 for p in t.parents)])
             for t in trees
         ]
-        chunks = []
+        chunks, verified = [], {t.session_id for t in trees}
         for session_id, session in self.sessions.items():
             if prefill_budget <= 0:
                 break
-            if session.to_prefill and session_id not in {t.session_id for t in trees}:
+            if session.to_prefill and session_id not in verified:
                 chunk = session.to_prefill[: min(prefill_budget, self.prefill_chunk)]
                 chunks.append(ForwardRequest(session_id, chunk, list(range(-1, len(chunk) - 1))))
                 prefill_budget -= len(chunk)

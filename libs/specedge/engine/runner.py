@@ -190,6 +190,11 @@ class ModelRunner(TreeRunner):
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    @property
+    def free_tokens(self) -> int:
+        """Tokens new sessions can still take: the free slots' positions, less a tree each."""
+        return self.free_slots * (self.max_len - self.max_scratch)
+
     def warm_up(self) -> None:
         """Nothing to compile."""
 
