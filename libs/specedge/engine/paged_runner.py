@@ -38,6 +38,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import PreTrainedModel
 
+from specedge.engine.invariant import Kernels
 from specedge.engine.kv_pool import EXTENT, CacheFullError, SlotPool, SlotTable
 from specedge.engine.runner import ForwardRequest, SessionCache, TreeRunner, decoder_forward
 
@@ -158,9 +159,14 @@ class PagedRunner(TreeRunner):
         self.slot_lo = torch.zeros(self.pool.n_slots, dtype=torch.int32, device=self.device)
         self.slot_hi = torch.zeros(self.pool.n_slots, dtype=torch.int32, device=self.device)
         self.sessions: dict[str, PagedSession] = {}
+        self.kernels = self._kernels(model)
         self.kv_bytes_copied = 0  # as the reference counts it; nothing here copies K/V
         self.kv_token_bytes = 2 * layers * self.config.num_key_value_heads * self.head_dim * \
             self.k_cache[0].element_size()
+
+    @staticmethod
+    def _kernels(model: PreTrainedModel) -> Kernels:
+        return Kernels.standard(model)
 
     # -- sessions -------------------------------------------------------------------
 
@@ -226,13 +232,10 @@ class PagedRunner(TreeRunner):
         caches = [self.sessions[r.session_id] for r in requests]
         self._check(requests, caches)
         n_new = [len(r.tokens) for r in requests]
-        # Tokens go through the model packed, [1, total]; attention sees them as rows of
-        # queries: trees in rows as wide as the widest tree, longer requests (prompt
-        # chunks) in rows of ROW_WIDTH — two kernel calls, so neither pads the other.
-        groups = {"trees": _RowGroup(max((n for n in n_new if n <= ROW_WIDTH), default=1)),
-                  "chunks": _RowGroup(ROW_WIDTH)}
+        # tokens go through the model packed, [1, total], each request's in its tree's pre-order
         ids, pos, out_index, write_slots = [], [], [], []
         tree_slots, tree_lo, tree_hi = [], [], []
+        batch = []  # (session, its queries' nodes in pre-order, first packed index)
         for b, (r, c) in enumerate(zip(requests, caches, strict=True)):
             first = c.n_scratch
             for parent in r.parents:
@@ -249,25 +252,46 @@ class PagedRunner(TreeRunner):
             pos += [c.prefix_len + c.depths[node] for node in order]
             write_slots += [c.scratch_slots[node] for node in order]
             out_index += (start + rank[node] for node in range(first, first + n_new[b]))
-            # the extents holding its tokens (reserved, still empty ones are not visited);
-            # those whose every slot is committed need no mask
-            full = c.table.full_extents()
-            partial = sorted((c.table.committed_per_extent.keys() | {slot // EXTENT for slot in c.scratch_slots})
-                             - set(full))
-            groups["trees" if n_new[b] <= ROW_WIDTH else "chunks"].add(start, n_new[b], (partial, full))
+            batch.append((c, order, start))
         dev = self.device
         input_ids = torch.tensor(ids, device=dev)[None]
         positions = torch.tensor(pos, device=dev)[None]
         slots_t = torch.tensor(write_slots, device=dev)
         self._set_intervals(tree_slots, tree_lo, tree_hi)
-        calls = [group.prepare(self, dev) for group in groups.values() if group.tokens]
-        flex = _flex()
+        attend_packed = self._attention(batch)
 
         def attend(index, attn, q, k, v):  # q, k, v: [1, heads, total, head_dim]
             # write the new nodes' K/V into their slots, then attend over the pool in place
             self.k_cache[index][0].index_copy_(1, slots_t, k[0])
             self.v_cache[index][0].index_copy_(1, slots_t, v[0])
-            heads, packed = q.shape[1], q[0].transpose(0, 1)  # [total, heads, head_dim]
+            return attend_packed(index, attn, q[0])[None]
+
+        hidden = decoder_forward(self.model, input_ids, positions, attend, self.kernels)[0]
+        wanted = n_new if logits_of is None else n_new[:logits_of]
+        out_rows = torch.tensor(out_index[: sum(wanted)], dtype=torch.long, device=dev)
+        head = self.model.lm_head
+        logits = self.kernels.linear(hidden[out_rows], head.weight, head.bias).float()
+        return logits if packed else list(logits.split(wanted))
+
+    def _attention(self, batch: list[tuple[PagedSession, list[int], int]]):
+        """`attend(layer, attn, q) -> out` over the pass's packed queries ([heads, total,
+        head_dim]) for `batch` (session, its queries' nodes in pre-order, first packed
+        index): trees in rows as wide as the widest tree, longer requests (prompt chunks) in
+        rows of ROW_WIDTH — two kernel calls, so neither pads the other."""
+        widest = max((len(order) for _, order, _ in batch if len(order) <= ROW_WIDTH), default=1)
+        groups = {"trees": _RowGroup(widest), "chunks": _RowGroup(ROW_WIDTH)}
+        for c, order, start in batch:
+            # the extents holding its tokens (reserved, still empty ones are not visited);
+            # those whose every slot is committed need no mask
+            full = c.table.full_extents()
+            partial = sorted((c.table.committed_per_extent.keys() | {slot // EXTENT for slot in c.scratch_slots})
+                             - set(full))
+            groups["trees" if len(order) <= ROW_WIDTH else "chunks"].add(start, len(order), (partial, full))
+        calls = [group.prepare(self, self.device) for group in groups.values() if group.tokens]
+        flex = _flex()
+
+        def attend(index, attn, q):
+            heads, packed = q.shape[0], q.transpose(0, 1)  # [total, heads, head_dim]
             out = packed if len(calls) == 1 else torch.empty_like(packed)
             for tokens, grid, rows, width, block_mask in calls:
                 queries = packed.new_zeros(rows * width, heads, self.head_dim).index_copy_(0, grid, packed[tokens])
@@ -275,15 +299,11 @@ class PagedRunner(TreeRunner):
                                 self.v_cache[index], block_mask=block_mask, scale=attn.scaling, enable_gqa=True)
                 result = attended.transpose(1, 2).reshape(rows * width, heads, -1)[grid]
                 if len(calls) == 1:
-                    return result.transpose(0, 1)[None]
+                    return result.transpose(0, 1)
                 out.index_copy_(0, tokens, result)
-            return out.transpose(0, 1)[None]
+            return out.transpose(0, 1)
 
-        hidden = decoder_forward(self.model, input_ids, positions, attend)[0]
-        wanted = n_new if logits_of is None else n_new[:logits_of]
-        out_rows = torch.tensor(out_index[: sum(wanted)], dtype=torch.long, device=dev)
-        logits = self.model.lm_head(hidden[out_rows]).float()
-        return logits if packed else list(logits.split(wanted))
+        return attend
 
     def _set_intervals(self, slots: list[int], lo: list[int], hi: list[int]) -> None:
         """Give `slots` the intervals lo/hi; slots beyond those lists are freed."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from specedge.engine.invariant import Kernels
 from specedge.engine.kv_pool import CacheFullError, SessionTooLongError
 
 __all__ = ["CacheFullError", "ForwardRequest", "ModelRunner", "SessionCache", "SessionTooLongError",
@@ -297,28 +298,34 @@ class ModelRunner(TreeRunner):
         self._rebuild_scratch(c, path, keep, new_index)
 
 
-def decoder_forward(model: PreTrainedModel, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+def decoder_forward(model: PreTrainedModel, input_ids: torch.Tensor, positions: torch.Tensor, attend,
+                    kernels: Kernels | None = None) -> torch.Tensor:
     """The decoder stack of a Hugging Face Qwen3/Qwen2/Llama model with attention left to
     `attend(layer_index, attn_module, q, k, v) -> out` (all [batch, heads, width, head_dim],
-    q and k already rotated); returns the final-normed hidden states [batch, width, hidden]."""
+    q and k already rotated) and the projections, MLPs and rotary embedding to `kernels`
+    (default: the model's own modules); returns the final-normed hidden states
+    [batch, width, hidden]."""
+    kernels = kernels or Kernels.standard(model)
+    linear = kernels.linear
     inner = model.model
     hidden = inner.embed_tokens(input_ids)
-    cos, sin = inner.rotary_emb(hidden, positions)
+    cos, sin = kernels.rotary(hidden, positions)
     batch, width, _ = hidden.shape
     for index, layer in enumerate(inner.layers):
         attn = layer.self_attn
         residual = hidden
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch, width, -1, attn.head_dim)
-        k = attn.k_proj(x).view(batch, width, -1, attn.head_dim)
-        v = attn.v_proj(x).view(batch, width, -1, attn.head_dim)
+        q = linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, width, -1, attn.head_dim)
+        k = linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, width, -1, attn.head_dim)
+        v = linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, width, -1, attn.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = _apply_rope(q, k, cos, sin)
         out = attend(index, attn, q, k, v)
-        hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        o_proj = attn.o_proj
+        hidden = residual + linear(out.transpose(1, 2).reshape(batch, width, -1), o_proj.weight, o_proj.bias)
+        hidden = hidden + kernels.mlp(layer.mlp, layer.post_attention_layernorm(hidden))
     return inner.norm(hidden)
 
 
