@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from edge_agent.settings import EdgeAgentSettings
-from specedge.config import Credentials, Device, Dtype, LogLevelOpt, Name, NatsUrl, build
+from specedge.config import (
+    Attention,
+    Credentials,
+    Device,
+    Dtype,
+    Exact,
+    LogLevelOpt,
+    Name,
+    NatsUrl,
+    attention_backend,
+    build,
+)
 from specedge.models import BUNDLED_DRAFT, bundled
 from specedge.protocol import MAX_TREES_AHEAD
 
@@ -25,9 +36,8 @@ def command(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")] = 4,
     max_len: Annotated[int, typer.Option(
         "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
-    attention: Annotated[str, typer.Option(
-        "--attention", envvar="SPECEDGE_ATTENTION",
-        help="flex (paged KV pool, compiled FlexAttention) or reference (a dense slot per session, SDPA).")] = "flex",
+    attention: Attention = "exact",
+    exact: Exact = None,
     user: Annotated[str, typer.Option(
         "--user", envvar="SPECEDGE_USER",
         help="Draft only for this user's requests (the user an API key maps to). Default: the shared pool.")] = "",
@@ -61,7 +71,8 @@ def command(
         user, server_side = user or identity.user, server_side or identity.pool == "server"
     settings = build(EdgeAgentSettings, nats_url=nats_url, credentials=credentials,
                      draft=draft or bundled(BUNDLED_DRAFT),
-                     device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len, attention=attention,
+                     device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len,
+                     attention=attention_backend(attention, exact),
                      user=user,
                      server_side=server_side, proactive=proactive, send_ahead=send_ahead, trees_ahead=trees_ahead,
                      emulate_rtt_ms=emulate_rtt_ms, name=name, log_level=log_level)

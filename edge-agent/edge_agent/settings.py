@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from specedge.config import ServiceSettings
+from specedge.config import ATTENTION_PATTERN, ServiceSettings
 from specedge.protocol import MAX_TREES_AHEAD
 
 
@@ -14,7 +14,7 @@ class EdgeAgentSettings(ServiceSettings):
     dtype: str = "auto"
     max_sessions: int = Field(default=4, ge=1, le=1024)
     max_len: int = Field(default=4096, ge=16)  # most tokens (prompt + output) per session
-    attention: str = Field(default="flex", pattern="^(flex|reference)$")  # the runner's backend
+    attention: str = Field(default="exact", pattern=ATTENTION_PATTERN)  # the runner's backend
     user: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.@-]*$")  # owner; "" joins a pool
     server_side: bool = False  # a drafter the operator runs beside the verifiers (mode server-only)
     proactive: bool | None = None  # draft ahead while a tree is out (default: yes, unless server-side)

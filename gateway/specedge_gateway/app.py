@@ -149,12 +149,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 text.append(piece.text)
                 last = piece
             content = "".join(text)
+            head["system_fingerprint"] = stats.system_fingerprint
             choice = ({"index": 0, "message": {"role": "assistant", "content": content},
                        "finish_reason": last.finish_reason} if chat else
                       {"index": 0, "text": content, "finish_reason": last.finish_reason, "logprobs": None})
             return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                     "usage": usage(len(ids), last.completion_tokens), "specedge": stats.as_dict()}
         first = await anext(pieces)  # errors before the first token are still plain HTTP errors
+        head["system_fingerprint"] = stats.system_fingerprint
         return StreamingResponse(stream(first, pieces, head, chat, len(ids), spec.include_usage),
                                  media_type="text/event-stream")
 

@@ -27,6 +27,12 @@ class RequestStats:
     server_steps: int = 0  # verifications of an empty tree: one autoregressive token (no drafter, or a fallback)
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    engine: str = ""  # the verifier's, when the session opened: "exact-bfloat16", "flex-float32", …
+
+    @property
+    def system_fingerprint(self) -> str | None:
+        """OpenAI's field for the backend configuration: which engine (exact or not) and dtype."""
+        return f"specedge-{self.engine}" if self.engine else None
 
     def cycle(self, drafted: int, accepted: int) -> None:
         self.verifications += 1
@@ -41,6 +47,8 @@ class RequestStats:
         """The extension field: counts, and the ratios (None when nothing was drafted)."""
         return {
             "mode": self.mode,
+            "engine": self.engine or None,
+            "exact": self.engine.startswith("exact-") if self.engine else None,
             "verifications": self.verifications,
             "drafts": self.drafts,
             "server_steps": self.server_steps,

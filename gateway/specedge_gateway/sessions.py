@@ -81,6 +81,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             status = 429 if "room" in opened.error else 503
             raise OpenAIError(status, f"cannot start the generation: {opened.error}", "server_error",
                               code="unavailable")
+        if stats is not None:
+            stats.engine = opened.engine
         text = IncrementalText(codec, spec.stop)
         resync = _Resync(store, sid, request, span)
         quiet_since = time.monotonic()

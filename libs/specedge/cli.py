@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 import typer
 
 from specedge import keys_cli, nats_auth_cli
-from specedge.config import Credentials, Device, Dtype, LogLevelOpt, NatsUrl
+from specedge.config import Attention, Credentials, Device, Dtype, Exact, LogLevelOpt, NatsUrl, attention_backend
 
 app = typer.Typer(
     name="specedge",
@@ -46,6 +46,9 @@ def up(
         help="Start a server-side drafter (for mode server-only and when no edge is free)."),
     ready_timeout_s: float = typer.Option(
         120.0, "--ready-timeout", envvar="SPECEDGE_READY_TIMEOUT", help="Seconds to wait for all services."),
+    dtype: Dtype = "auto",
+    attention: Attention = "exact",
+    exact: Exact = None,
     log_level: LogLevelOpt = "info",
 ) -> None:
     """Run the whole system on this machine: nats-server, redis-server and the four services."""
@@ -53,7 +56,8 @@ def up(
 
     raise SystemExit(run_up(UpSettings(
         nats_url=nats_url, redis_url=redis_url, host=host, port=port, edges=edges, api_key=api_key,
-        server_drafter=server_drafter, ready_timeout_s=ready_timeout_s, log_level=log_level,
+        server_drafter=server_drafter, ready_timeout_s=ready_timeout_s, log_level=log_level, dtype=dtype,
+        attention=attention_backend(attention, exact),
     )))
 
 
@@ -156,6 +160,8 @@ def generate(
     rtt_ms: float = typer.Option(0.0, "--rtt-ms", min=0.0, help="specedge mode: simulated round trip."),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    attention: Attention = "exact",
+    exact: Exact = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and statistics."),
 ) -> None:
     """Generate text in one process, without services, in any of the three modes."""
@@ -166,7 +172,7 @@ def generate(
         settings = GenerateSettings(
             prompt=prompt, mode=mode, chat=chat, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, target=target, draft=draft, budget=budget, depth=depth, branch=branch,
-            beams=beams, rtt_ms=rtt_ms, device=device, dtype=dtype)
+            beams=beams, rtt_ms=rtt_ms, device=device, dtype=dtype, attention=attention_backend(attention, exact))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:

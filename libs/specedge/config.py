@@ -30,7 +30,33 @@ Name = Annotated[
 Device = Annotated[
     str, typer.Option("--device", envvar="SPECEDGE_DEVICE", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
 ]
-Dtype = Annotated[str, typer.Option("--dtype", envvar="SPECEDGE_DTYPE", help="auto, float32, float16 or bfloat16.")]
+Dtype = Annotated[str, typer.Option("--dtype", envvar="SPECEDGE_DTYPE",
+                                     help="auto (float32 on CPU, the checkpoint's on CUDA), float32, bfloat16 or "
+                                          "float16; a checkpoint stored in another dtype is cast at load.")]
+ATTENTION_CHOICES = ("exact", "flex", "reference")
+ATTENTION_PATTERN = "^(exact|flex|reference)$"
+Attention = Annotated[
+    str, typer.Option("--attention", envvar="SPECEDGE_ATTENTION",
+                      help="exact (batch-invariant: output bit for bit the autoregressive mode's), flex (paged "
+                           "KV pool, compiled FlexAttention; faster, exact to float rounding) or reference "
+                           "(a dense slot per session, SDPA).")
+]
+Exact = Annotated[
+    bool | None, typer.Option("--exact/--fast", envvar="SPECEDGE_EXACT", show_default=False,
+                              help="Shorthand: --exact is --attention exact (the default); --fast trades bit-exactness "
+                                   "for speed (--attention flex, or reference if named).")
+]
+
+
+def attention_backend(attention: str, exact: bool | None) -> str:
+    """The runner's attention backend from `--attention` and `--exact/--fast`."""
+    if attention not in ATTENTION_CHOICES:
+        raise typer.BadParameter(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
+    if exact is None:
+        return attention
+    if exact:
+        return "exact"
+    return "flex" if attention == "exact" else attention
 MetricsPort = Annotated[
     int, typer.Option("--metrics-port", envvar="SPECEDGE_METRICS_PORT",
                       help="Serve Prometheus /metrics on this port (0: off).")

@@ -193,6 +193,7 @@ class SessionOpened(Message, frozen=True, kw_only=True):
     verifier: str = ""
     edge: str | None = None
     error: str | None = None
+    engine: str = ""  # the verifier's attention backend and dtype, e.g. "exact-bfloat16" ("" if unknown)
 
 
 def cut_output(tokens: list[int], eos_ids: set[int] | list[int], max_tokens: int) -> tuple[list[int], str | None]:

@@ -44,6 +44,8 @@ class UpSettings(BaseModel):
     server_drafter: bool = True
     ready_timeout_s: float = 120.0
     log_level: str = "info"
+    dtype: str = "auto"  # the verifier's and the edges' models
+    attention: str = "exact"  # the verifier's and the edges' attention backend
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -65,10 +67,13 @@ def edge_accounts(edges: int, server_drafter: bool) -> dict[str, Identity]:
 
 
 def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges: int,
-                     server_drafter: bool = True, auth: AuthDir | None = None) -> dict[str, list[str]]:
+                     server_drafter: bool = True, auth: AuthDir | None = None, dtype: str = "auto",
+                     attention: str = "exact") -> dict[str, list[str]]:
     """The argv of each service, as an operator would type it; with `auth`, each logs in
-    with its own account there (`edge_accounts` for the edges)."""
+    with its own account there (`edge_accounts` for the edges). The verifier and the edges
+    run their models in `dtype` with the `attention` backend."""
     cli = [sys.executable, "-m", "specedge.cli"]
+    engine = ["--dtype", dtype, "--attention", attention]
 
     def login(identity: Identity) -> list[str]:
         return [] if auth is None else ["--credentials", str(auth.credentials_path(identity.nats_user))]
@@ -77,10 +82,12 @@ def service_commands(nats_url: str, redis_url: str, host: str, port: int, edges:
         role: [*cli, role, "--nats-url", nats_url, *login(service_identity(role)), "--redis-url", redis_url]
         for role in ("verifier", "scheduler")
     }
+    commands["verifier"] += engine
     for name, identity in edge_accounts(edges, server_drafter).items():
         side = ["--server-side"] if identity.pool == "server" else []
         key = f"edge-agent-{name.removeprefix('edge-')}" if identity.pool != "server" else name
-        commands[key] = [*cli, "edge-agent", "--nats-url", nats_url, *login(identity), "--name", name, *side]
+        commands[key] = [*cli, "edge-agent", "--nats-url", nats_url, *login(identity), "--name", name, *side,
+                         *engine]
     commands["gateway"] = [*cli, "gateway", "--nats-url", nats_url, *login(service_identity("gateway")),
                            "--redis-url", redis_url, "--host", host, "--port", str(port)]
     return commands
@@ -145,7 +152,7 @@ def run_up(settings: UpSettings) -> int:
         env = {**os.environ, "SPECEDGE_LOG_LEVEL": settings.log_level}
         service_url = nats_url if auth is None else bus.without_login(nats_url)
         commands = service_commands(service_url, redis_url, settings.host, port, settings.edges,
-                                    settings.server_drafter, auth)
+                                    settings.server_drafter, auth, settings.dtype, settings.attention)
         services = [launcher.spawn(role, argv, env=env) for role, argv in commands.items()]
 
         def all_running() -> bool:

@@ -88,6 +88,7 @@ class SchedulerService:
         self._started = self._heard = time.monotonic()  # _heard: the last heartbeat of anyone (us included)
         self._bus_quiet = False
         self._schedulers: dict[str, float] = {}  # other schedulers -> last heartbeat
+        self._engines: dict[str, str] = {}  # verifier -> its engine ("exact-bfloat16"), as announced
         self._last_scan = 0.0
         self._takeover: asyncio.Task | None = None
         self._claimed: dict[str, str] = {}  # session -> the dead scheduler: claimed, adoption not finished
@@ -156,6 +157,7 @@ class SchedulerService:
         if ann.role == "scheduler":
             self._schedulers[ann.instance_id] = now
         elif ann.role == "verifier":
+            self._engines[ann.instance_id] = ann.details.get("engine", "")[:64]
             free_tokens = ann.details.get("free_tokens")
             self.policy.verifier_seen(ann.instance_id, capacity, now, fingerprint,
                                       int(free_tokens) if free_tokens is not None else None)
@@ -257,7 +259,8 @@ class SchedulerService:
                 DraftAssign(session_id=sid, tokens=request.tokens, scheduler=self.instance_id,
                             **self._shape(sid))), context=spans.context)
         await msg.respond(protocol.encode(SessionOpened(session_id=sid, verifier=assignment.verifier,
-                                                        edge=assignment.edge)))
+                                                        edge=assignment.edge,
+                                                        engine=self._engines.get(assignment.verifier, ""))))
         self._wake.set()
         return None
 

@@ -7,7 +7,20 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import Credentials, Device, Dtype, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
+from specedge.config import (
+    Attention,
+    Credentials,
+    Device,
+    Dtype,
+    Exact,
+    LogLevelOpt,
+    MetricsPort,
+    Name,
+    NatsUrl,
+    RedisUrl,
+    attention_backend,
+    build,
+)
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_verifier.settings import VerifierSettings
 
@@ -25,9 +38,8 @@ def command(
         "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="KV cache slots (sessions held at once).")] = 8,
     max_len: Annotated[int, typer.Option(
         "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
-    attention: Annotated[str, typer.Option(
-        "--attention", envvar="SPECEDGE_ATTENTION",
-        help="flex (paged KV pool, compiled FlexAttention) or reference (a dense slot per session, SDPA).")] = "flex",
+    attention: Attention = "exact",
+    exact: Exact = None,
     kv_cache_memory: Annotated[float | None, typer.Option(
         "--kv-cache-memory", envvar="SPECEDGE_KV_CACHE_MEMORY",
         help="KV pool size: GiB above 1, else the fraction of device memory the verifier may use in all "
@@ -54,6 +66,6 @@ def command(
     settings = build(VerifierSettings, nats_url=nats_url, credentials=credentials,
                      redis_url=redis_url, metrics_port=metrics_port, name=name,
                      log_level=log_level, target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
-                     max_sessions=max_sessions, max_len=max_len, attention=attention,
+                     max_sessions=max_sessions, max_len=max_len, attention=attention_backend(attention, exact),
                      kv_cache_memory=kv_cache_memory)
     run(functools.partial(serve, settings), settings.log_level)

@@ -22,16 +22,18 @@ log = logging.getLogger("specedge_verifier")
 
 async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
     target = await load_for_service(settings.target, settings.device, settings.dtype)
+    details = target.registry_details()
+    # what a response's system_fingerprint reports: the attention backend (exact or not) and the dtype
     me = registry.announcement("verifier", settings.name, settings.heartbeat_s,
                                max_sessions=str(settings.max_sessions), max_len=str(settings.max_len),
-                               **target.registry_details())
+                               engine=f"{settings.attention}-{details['dtype']}", **details)
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(telemetry.tracing("verifier", me.instance_id, redis=True))  # flushed last
         nc = await stack.enter_async_context(bus.connect(
             settings.nats_url, me.instance_id, credentials=settings.credentials))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
         kv_tokens = None
-        if settings.kv_cache_memory is not None and settings.attention == "flex":
+        if settings.kv_cache_memory is not None and settings.attention != "reference":
             kv_plan = plan_for(target.model, settings.kv_cache_memory)
             log.info("KV cache plan: %s", kv_plan.json())
             kv_tokens = kv_plan.kv_tokens

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from specedge.config import RedisServiceSettings
+from specedge.config import ATTENTION_PATTERN, RedisServiceSettings
 
 
 class VerifierSettings(RedisServiceSettings):
     target: str
     device: str = "auto"
     dtype: str = "auto"
-    attention: str = Field(default="flex", pattern="^(flex|reference)$")  # the runner's backend
+    attention: str = Field(default="exact", pattern=ATTENTION_PATTERN)  # the runner's backend
     # the KV pool: GiB above 1, else the fraction of device memory for everything (None: max_sessions full ones)
     kv_cache_memory: float | None = Field(default=None, gt=0)
     max_sessions: int = Field(default=8, ge=1, le=4096)

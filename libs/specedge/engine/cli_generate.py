@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from specedge.engine.backends import DEFAULT_ATTENTION
 from specedge.engine.generate import generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
@@ -36,6 +37,7 @@ class GenerateSettings(BaseModel):
     rtt_ms: float = Field(0.0, ge=0)
     device: str = "auto"
     dtype: str = "auto"
+    attention: str = Field(DEFAULT_ATTENTION, pattern="^(exact|flex|reference)$")
 
 
 def run_generate(s: GenerateSettings, as_json: bool) -> str:
@@ -45,7 +47,8 @@ def run_generate(s: GenerateSettings, as_json: bool) -> str:
                                    tokenize=False) if s.chat else s.prompt
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     max_len = len(prompt) + s.max_tokens + s.depth + 2  # a last verification may overshoot
-    verifier = Verifier(target.model, max_sessions=1, max_len=max_len, max_tree_nodes=max(s.budget, 1))
+    verifier = Verifier(target.model, max_sessions=1, max_len=max_len, max_tree_nodes=max(s.budget, 1),
+                        attention=s.attention)
     drafter = None
     if s.mode != "autoregressive":
         draft = load_causal_lm(s.draft or bundled(BUNDLED_DRAFT), s.device, s.dtype)
@@ -53,7 +56,7 @@ def run_generate(s: GenerateSettings, as_json: bool) -> str:
             raise SystemExit("the draft model's tokenizer differs from the target's; they cannot be paired")
         tree = TreeParams(budget=s.budget, depth=s.depth, branch=s.branch, beams=s.beams,
                           temperature=tree_temperature(s.temperature))
-        drafter = Drafter(draft.model, tree, max_sessions=1, max_len=max_len)
+        drafter = Drafter(draft.model, tree, max_sessions=1, max_len=max_len, attention=s.attention)
     eos = target.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
@@ -64,6 +67,7 @@ def run_generate(s: GenerateSettings, as_json: bool) -> str:
         return text_out
     return json.dumps({
         "mode": s.mode,
+        "engine": f"{s.attention}-{str(target.dtype).removeprefix('torch.')}",
         "text": text_out,
         "token_ids": out.token_ids,
         "prompt_tokens": len(prompt),

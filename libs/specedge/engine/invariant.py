@@ -226,9 +226,10 @@ def attend_in_order(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         parts_w.insert(0, _blocks(w_full[:, plan.session, :, plan.row]).sum(-1))  # [Q, kv, group, NB]
         # one product per (session, block): [group*R, BLOCK] @ [BLOCK, head_dim]
         a = _blocks(w_full.reshape(kv_heads, n_sessions, group * width_rows, -1)).permute(0, 1, 3, 2, 4)
-        pv_full = matmul(a, v_full.unflatten(2, (-1, BLOCK))).view(kv_heads, n_sessions, -1, group, width_rows, head_dim)
-        parts_v.insert(0, pv_full[:, plan.session, :, :, plan.row])  # [Q, kv, NB, group, head_dim]
-        parts_v[0] = parts_v[0].permute(0, 1, 3, 2, 4)
+        pv_full = matmul(a, v_full.unflatten(2, (-1, BLOCK)))  # [kv, S, NB, group*R, head_dim]
+        pv_full = pv_full.view(kv_heads, n_sessions, -1, group, width_rows, head_dim)
+        # per query: [Q, kv, NB, group, head_dim] -> [Q, kv, group, NB, head_dim]
+        parts_v.insert(0, pv_full[:, plan.session, :, :, plan.row].permute(0, 1, 3, 2, 4))
     weights = torch.cat(parts_w, -1)  # [Q, kv, group, blocks]
     values = torch.cat(parts_v, -2)  # [Q, kv, group, blocks, head_dim]
     total_w, total_v = weights[..., 0], values[..., 0, :]
