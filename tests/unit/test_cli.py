@@ -35,14 +35,14 @@ def test_top_level_lists_every_role_and_up():
                        "--metrics-port", "--name", "--log-level"]),
         ("verifier", ["--nats-url", "--credentials",
                      "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
-                      "--attention", "--kv-cache-memory", "--plan", "--memory-gib", "--metrics-port",
+                      "--attention", "--exact", "--kv-cache-memory", "--plan", "--memory-gib", "--metrics-port",
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--credentials",
-                     "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--attention", "--user",
-                        "--server-side", "--proactive", "--send-ahead", "--trees-ahead", "--emulate-rtt-ms", "--name",
-                        "--log-level"]),
+                     "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--attention", "--exact",
+                        "--user", "--server-side", "--proactive", "--send-ahead", "--trees-ahead", "--emulate-rtt-ms",
+                        "--name", "--log-level"]),
         ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--api-key", "--server-drafter",
-                "--ready-timeout", "--log-level"]),
+                "--ready-timeout", "--dtype", "--attention", "--exact", "--log-level"]),
     ],
 )
 def test_each_flag_is_documented_with_its_env_var(role, flags):
@@ -53,7 +53,7 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         assert env in text, env
     options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter",
                                                                "--no-proactive", "--no-send-ahead",
-                                                               "--no-dashboard"}
+                                                               "--no-dashboard", "--fast"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 
 

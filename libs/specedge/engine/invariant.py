@@ -85,14 +85,17 @@ class RotaryTable:
         self.sin = self.cos
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        while self.cos.shape[0] < needed:
+        """The table's rows for `positions` (all below what `reserve` was given)."""
+        return self.cos[positions], self.sin[positions]
+
+    def reserve(self, n_positions: int) -> None:
+        """Extend the table to hold positions below `n_positions` (known on the host: no sync)."""
+        while self.cos.shape[0] < n_positions:
             start = self.cos.shape[0]
             chunk = torch.arange(start, start + ROTARY_CHUNK, device=self.device)[None]
             cos, sin = self.rotary(torch.empty(1, ROTARY_CHUNK, 1, device=self.device, dtype=self.dtype), chunk)
             self.cos = torch.cat([self.cos.reshape(-1, cos.shape[-1]), cos[0]])
             self.sin = torch.cat([self.sin.reshape(-1, sin.shape[-1]), sin[0]])
-        return self.cos[positions], self.sin[positions]
 
 
 @dataclass
@@ -102,6 +105,8 @@ class Kernels:
     linear: object  # (x, weight, bias) -> x @ weight.T + bias
     mlp: object  # (mlp module, x) -> output
     rotary: object  # (hidden, positions) -> (cos, sin)
+    reserve: object = lambda n_positions: None  # called before a pass with its highest position + 1
+
 
     @staticmethod
     def standard(model: torch.nn.Module) -> Kernels:
@@ -116,7 +121,8 @@ class Kernels:
         if act != "silu":
             raise ValueError(f"the exact engine supports SiLU MLPs, not {act!r}")
         table = RotaryTable(model)
-        return Kernels(linear=linear, mlp=mlp, rotary=lambda hidden, positions: table(positions))
+        return Kernels(linear=linear, mlp=mlp, rotary=lambda hidden, positions: table(positions),
+                       reserve=table.reserve)
 
 
 @dataclass

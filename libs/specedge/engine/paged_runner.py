@@ -266,6 +266,7 @@ class PagedRunner(TreeRunner):
             self.v_cache[index][0].index_copy_(1, slots_t, v[0])
             return attend_packed(index, attn, q[0])[None]
 
+        self.kernels.reserve(max(pos) + 1)
         hidden = decoder_forward(self.model, input_ids, positions, attend, self.kernels)[0]
         wanted = n_new if logits_of is None else n_new[:logits_of]
         out_rows = torch.tensor(out_index[: sum(wanted)], dtype=torch.long, device=dev)
