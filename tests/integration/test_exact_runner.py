@@ -51,7 +51,7 @@ def trees(draw, max_nodes=64, max_depth=8):
     return draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n)), parents
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(prompt_len=st.integers(1, 300), tree=trees(),
        others=st.lists(st.tuples(st.integers(1, 300), st.booleans(), trees(max_nodes=24)), max_size=15),

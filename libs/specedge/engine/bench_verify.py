@@ -2,7 +2,7 @@
 (forward, acceptance, commit) per attention backend, side by side, over a grid.
 
     specedge bench-verify [--batch 1,8,32,64] [--nodes 8,33] [--context 512,2048,4096]
-                          [--backends reference,flex] [--device cpu|cuda] [--target PATH|qwen3-14b]
+                          [--backends exact,flex,reference] [--device cpu|cuda] [--target PATH|qwen3-14b]
                           [--json FILE] [--markdown FILE]
     specedge bench-verify --prefill-arrival 4096   # a long prompt riding along with 8 verifying sessions
 
@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from specedge.engine.backends import ATTENTION_BACKENDS
 from specedge.engine.kv_pool import EXTENT
 from specedge.engine.parties import Verifier
 from specedge.engine.sampling import SamplingParams
@@ -134,14 +135,14 @@ def measure(model, backend: str, batch: int, nodes: int, context: int, repeats: 
 
 
 def measure_prefill_arrival(model, prompt_tokens: int, batch: int = 8, context: int = 300, nodes: int = 13,
-                            samples: int = 16) -> dict:
+                            samples: int = 16, attention: str = "exact") -> dict:
     """A prompt of `prompt_tokens` arrives while `batch` sessions verify `nodes`-node trees:
     their p99 step time before and while its chunks ride along, against the slowest of the
     same chunks prefilled alone."""
-    from specedge.engine.paged_runner import PagedRunner  # noqa: PLC0415
     from specedge.engine.runner import ForwardRequest  # noqa: PLC0415
 
-    verifier = Verifier(model, max_sessions=batch + 2, max_len=prompt_tokens + 400, max_tree_nodes=nodes)
+    verifier = Verifier(model, max_sessions=batch + 2, max_len=prompt_tokens + 400, max_tree_nodes=nodes,
+                        attention=attention)
     gen = torch.Generator().manual_seed(5)
     vocab = model.config.vocab_size
     for b in range(batch):
@@ -170,7 +171,7 @@ def measure_prefill_arrival(model, prompt_tokens: int, batch: int = 8, context: 
     during = []
     while verifier.prefilling("long"):
         during.append(step())
-    alone = PagedRunner(model, kv_tokens=prompt_tokens + 1024, max_scratch=chunk, prefill_chunk=chunk)
+    alone = type(verifier.runner)(model, kv_tokens=prompt_tokens + 1024, max_scratch=chunk, prefill_chunk=chunk)
     alone.open("x")
     alone.forward([ForwardRequest("x", prompt[:chunk], list(range(-1, chunk - 1)))])  # warm up
     alone.rollback_scratch("x")
@@ -212,25 +213,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1,8,32,64")
     parser.add_argument("--nodes", default="8,33")
     parser.add_argument("--context", default="512,2048,4096")
-    parser.add_argument("--backends", default="reference,flex")
+    parser.add_argument("--backends", default="exact,flex,reference")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", dest="json_path", help="write the rows here as a JSON list")
     parser.add_argument("--markdown", help="write the table here too")
     parser.add_argument("--prefill-arrival", type=int, metavar="TOKENS",
-                        help="instead: a prompt of TOKENS arriving while 8 sessions verify (flex backend)")
+                        help="instead: a prompt of TOKENS arriving while 8 sessions verify (the first of --backends)")
     args = parser.parse_args(argv)
 
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
 
     backends = [b for b in args.backends.split(",") if b]
-    if unknown := set(backends) - {"reference", "flex"}:
-        parser.error(f"unknown backends {sorted(unknown)}; choose from reference, flex")
+    if unknown := set(backends) - set(ATTENTION_BACKENDS):
+        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(ATTENTION_BACKENDS)}")
     model = load_target(args.target, args.device, args.dtype)
     if args.prefill_arrival:
-        row = measure_prefill_arrival(model, args.prefill_arrival)
+        if backends[0] == "reference":
+            parser.error("--prefill-arrival measures a paged backend: exact or flex")
+        row = measure_prefill_arrival(model, args.prefill_arrival, attention=backends[0])
         sys.stdout.write(json.dumps(row) + "\n")
         if args.json_path:
             with open(args.json_path, "w") as f:

@@ -129,50 +129,64 @@ class Kernels:
 class QueryPlan:
     """Where a group of queries' keys are, in position order (device tensors).
 
-    The group has S sessions with up to R queries each. A session's *full blocks* — the
-    BLOCK-aligned runs of committed positions below its last partial block — are shared by
-    all its queries; everything from there to a query's own position (the rest of the
-    committed tokens, then its tree ancestors and itself) is that query's *tail*.
+    The group has S sessions with up to R queries each. A session's *shared* positions are
+    read by all its queries, each up to its own length: for a chain (a prompt chunk, one
+    token) the committed tokens and the chain; for a branching tree the committed tokens
+    of the full blocks. What a tree's query reads past those — the last partial block of
+    committed tokens, then its ancestors and itself — is that query's *tail*.
     """
 
     query: torch.Tensor  # [Q] packed index of each query (queries grouped by session)
     session: torch.Tensor  # [Q] the query's session row
     row: torch.Tensor  # [Q] the query's row within its session
     session_query: torch.Tensor  # [S, R] packed index (0 for padding)
-    full_slots: torch.Tensor  # [S, NB * BLOCK] slot of each full-block position (0 for padding)
-    full_valid: torch.Tensor  # [S, NB * BLOCK] bool
-    tail_slots: torch.Tensor  # [Q, NT * BLOCK] slot of each tail position (0 for padding)
+    shared_slots: torch.Tensor  # [S, NS * BLOCK] slot of each shared position (0 for padding)
+    shared_valid: torch.Tensor  # [S, R, NS * BLOCK] bool: the query reads that position
+    tail_slots: torch.Tensor  # [Q, NT * BLOCK] slot of each tail position (0 for padding); NT may be 0
     tail_valid: torch.Tensor  # [Q, NT * BLOCK] bool
+
+
+def _round_up(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
 
 
 def plan_queries(sessions: list[tuple[list[int], list[int], list[list[int]]]], device: torch.device) -> QueryPlan:
     """`sessions`: per session, its committed slots (position order), the packed indices of
     its queries and, per query, the slots of its ancestors from the tree's root down to
     itself. Returns the group's `QueryPlan`."""
-    n_full = [len(committed) // BLOCK * BLOCK for committed, _, _ in sessions]
-    width_full = max(n_full)
+    shared, visible, tails = [], [], []
+    for committed, _, chains in sessions:
+        longest = max(chains, key=len)
+        if all(chain == longest[: len(chain)] for chain in chains):  # one path: everything is shared
+            shared.append(committed + longest)
+            visible.append([len(committed) + len(chain) for chain in chains])
+            tails += [[] for _ in chains]
+        else:
+            full = len(committed) // BLOCK * BLOCK
+            shared.append(committed[:full])
+            visible.append([full] * len(chains))
+            tails += [committed[full:] + chain for chain in chains]
+    width_shared = _round_up(max(map(len, shared)))
+    width_tail = _round_up(max(map(len, tails)))
     width_rows = max(len(queries) for _, queries, _ in sessions)
-    tails = [committed[n:] + chain for (committed, _, chains), n in zip(sessions, n_full, strict=True)
-             for chain in chains]
-    width_tail = -(-max(len(t) for t in tails) // BLOCK) * BLOCK
-    query, session, row, session_query, full_slots = [], [], [], [], []
-    for s, ((committed, queries, _), n) in enumerate(zip(sessions, n_full, strict=True)):
+    query, session, row, session_query, lengths = [], [], [], [], []
+    for s, (_, queries, _) in enumerate(sessions):
         query += queries
         session += [s] * len(queries)
         row += range(len(queries))
         session_query.append(queries + [0] * (width_rows - len(queries)))
-        full_slots.append(committed[:n] + [0] * (width_full - n))
+        lengths.append(visible[s] + [0] * (width_rows - len(queries)))
 
     def tensor(values, dtype=torch.long):
         return torch.tensor(values, dtype=dtype, device=device)
 
-    full_valid = torch.arange(width_full)[None, :] < torch.tensor(n_full)[:, None]
-    tail_len = torch.tensor([len(t) for t in tails])
-    tail_valid = torch.arange(width_tail)[None, :] < tail_len[:, None]
+    shared_valid = torch.arange(width_shared)[None, None, :] < torch.tensor(lengths)[:, :, None]
+    tail_valid = torch.arange(width_tail)[None, :] < torch.tensor([len(t) for t in tails])[:, None]
     return QueryPlan(query=tensor(query), session=tensor(session), row=tensor(row),
-                     session_query=tensor(session_query), full_slots=tensor(full_slots),
-                     full_valid=full_valid.to(device),
-                     tail_slots=tensor([t + [0] * (width_tail - len(t)) for t in tails]),
+                     session_query=tensor(session_query),
+                     shared_slots=tensor([x + [0] * (width_shared - len(x)) for x in shared]).view(len(shared), -1),
+                     shared_valid=shared_valid.to(device),
+                     tail_slots=tensor([t + [0] * (width_tail - len(t)) for t in tails]).view(len(tails), -1),
                      tail_valid=tail_valid.to(device))
 
 
@@ -190,57 +204,57 @@ def attend_in_order(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     Scores are q·k products (`matmul`, scaled after); the softmax subtracts the query's
     maximum score; each BLOCK of positions gives a partial sum of weights and of weighted
     values (`matmul` over exactly BLOCK keys), and the partial sums are added block after
-    block in position order. Positions a query does not see weigh exactly 0, so neither
-    padding nor blocks it does not reach change any bit of its result."""
+    block in position order: the shared blocks, then the tail's. Positions a query does not
+    read weigh exactly 0, so neither padding nor blocks it does not reach change any bit
+    of its result."""
     heads, _, head_dim = q.shape
     kv_heads = k_pool.shape[0]
     group = heads // kv_heads
     n_sessions, width_rows = plan.session_query.shape
     n_queries = plan.query.shape[0]
     q = q.float()
+    has_shared, has_tail = plan.shared_slots.shape[1] > 0, plan.tail_slots.shape[1] > 0
+    parts_w, parts_v = [], []  # per query: block sums of weights [Q, kv, group, n], of values [.., n, head_dim]
+    top = torch.full((kv_heads, n_queries, group), float("-inf"), device=q.device)
 
-    # full blocks: shared by a session's queries, rows = (head in group, query)
-    rows = q[:, plan.session_query].view(kv_heads, group, n_sessions, width_rows, head_dim)
-    rows = rows.permute(0, 2, 1, 3, 4).reshape(kv_heads, n_sessions, group * width_rows, head_dim)
-    k_full = k_pool[:, plan.full_slots].float()  # [kv_heads, S, NB*BLOCK, head_dim]
-    v_full = v_pool[:, plan.full_slots].float()
-    s_full = matmul(rows, k_full.transpose(-1, -2)) * scale if k_full.shape[2] else None
+    if has_shared:  # one product per session for all its queries: rows = (head in group, query)
+        rows = q[:, plan.session_query].view(kv_heads, group, n_sessions, width_rows, head_dim)
+        rows = rows.permute(0, 2, 1, 3, 4).reshape(kv_heads, n_sessions, group * width_rows, head_dim)
+        k_shared = k_pool[:, plan.shared_slots].float()  # [kv, S, NS*BLOCK, head_dim]
+        v_shared = v_pool[:, plan.shared_slots].float()
+        s_shared = (matmul(rows, k_shared.transpose(-1, -2)) * scale).view(kv_heads, n_sessions, group, width_rows, -1)
+        s_shared = s_shared.masked_fill(~plan.shared_valid[None, :, None], float("-inf"))
+        top = torch.maximum(top, s_shared.amax(-1)[:, plan.session, :, plan.row].permute(1, 0, 2))
+    if has_tail:  # one product per query: rows = its heads in the group
+        tail_q = q[:, plan.query].view(kv_heads, group, n_queries, head_dim).transpose(1, 2)  # [kv, Q, group, hd]
+        k_tail = k_pool[:, plan.tail_slots].float()  # [kv, Q, NT*BLOCK, head_dim]
+        v_tail = v_pool[:, plan.tail_slots].float()
+        s_tail = matmul(tail_q, k_tail.transpose(-1, -2)) * scale  # [kv, Q, group, NT*BLOCK]
+        s_tail = s_tail.masked_fill(~plan.tail_valid[None, :, None, :], float("-inf"))
+        top = torch.maximum(top, s_tail.amax(-1))
 
-    # tails: one query's heads of a group per product
-    tail_q = q[:, plan.query].view(kv_heads, group, n_queries, head_dim).transpose(1, 2)  # [kv, Q, group, hd]
-    k_tail = k_pool[:, plan.tail_slots].float()  # [kv_heads, Q, NT*BLOCK, head_dim]
-    v_tail = v_pool[:, plan.tail_slots].float()
-    s_tail = matmul(tail_q, k_tail.transpose(-1, -2)) * scale  # [kv, Q, group, NT*BLOCK]
-    s_tail = s_tail.masked_fill(~plan.tail_valid[None, :, None, :], float("-inf"))
-
-    top = s_tail.amax(-1)  # [kv, Q, group]
-    if s_full is not None:
-        s_full = s_full.view(kv_heads, n_sessions, group, width_rows, -1)
-        s_full = s_full.masked_fill(~plan.full_valid[None, :, None, None, :], float("-inf"))
-        per_query = s_full[:, plan.session, :, plan.row]  # [Q, kv, group, NB*BLOCK] (advanced dims first)
-        top = torch.maximum(top, per_query.amax(-1).permute(1, 0, 2))
-    # weights and their block sums, in position order: full blocks, then the tail's
-    w_tail = torch.exp(s_tail - top[..., None])
-    parts_w = [_blocks(w_tail).sum(-1).permute(1, 0, 2, 3)]  # [Q, kv, group, NT]
-    pv_tail = matmul(_blocks(w_tail).permute(0, 1, 3, 2, 4), v_tail.unflatten(2, (-1, BLOCK)))
-    # pv_tail: [kv, Q, NT, group, head_dim]
-    parts_v = [pv_tail.permute(1, 0, 3, 2, 4)]  # [Q, kv, group, NT, head_dim]
-    if s_full is not None:
+    if has_shared:
         top_rows = torch.full((kv_heads, n_sessions, group, width_rows), float("inf"), device=q.device)  # padding: 0
         top_rows[:, plan.session, :, plan.row] = top.permute(1, 0, 2)
-        w_full = torch.exp(s_full - top_rows[..., None])  # [kv, S, group, R, NB*BLOCK]
-        parts_w.insert(0, _blocks(w_full[:, plan.session, :, plan.row]).sum(-1))  # [Q, kv, group, NB]
+        w_shared = torch.exp(s_shared - top_rows[..., None])  # [kv, S, group, R, NS*BLOCK]
+        parts_w.append(_blocks(w_shared).sum(-1)[:, plan.session, :, plan.row])  # [Q, kv, group, NS]
         # one product per (session, block): [group*R, BLOCK] @ [BLOCK, head_dim]
-        a = _blocks(w_full.reshape(kv_heads, n_sessions, group * width_rows, -1)).permute(0, 1, 3, 2, 4)
-        pv_full = matmul(a, v_full.unflatten(2, (-1, BLOCK)))  # [kv, S, NB, group*R, head_dim]
-        pv_full = pv_full.view(kv_heads, n_sessions, -1, group, width_rows, head_dim)
-        # per query: [Q, kv, NB, group, head_dim] -> [Q, kv, group, NB, head_dim]
-        parts_v.insert(0, pv_full[:, plan.session, :, :, plan.row].permute(0, 1, 3, 2, 4))
-    weights = torch.cat(parts_w, -1)  # [Q, kv, group, blocks]
-    values = torch.cat(parts_v, -2)  # [Q, kv, group, blocks, head_dim]
-    total_w, total_v = weights[..., 0], values[..., 0, :]
-    for block in range(1, weights.shape[-1]):  # one block after another, in position order
-        total_w = total_w + weights[..., block]
-        total_v = total_v + values[..., block, :]
+        a = _blocks(w_shared.reshape(kv_heads, n_sessions, group * width_rows, -1)).permute(0, 1, 3, 2, 4)
+        pv = matmul(a, v_shared.unflatten(2, (-1, BLOCK)))  # [kv, S, NS, group*R, head_dim]
+        pv = pv.view(kv_heads, n_sessions, -1, group, width_rows, head_dim)
+        parts_v.append(pv[:, plan.session, :, :, plan.row].permute(0, 1, 3, 2, 4))  # [Q, kv, group, NS, hd]
+    if has_tail:
+        w_tail = torch.exp(s_tail - top[..., None])
+        parts_w.append(_blocks(w_tail).sum(-1).permute(1, 0, 2, 3))  # [Q, kv, group, NT]
+        pv = matmul(_blocks(w_tail).permute(0, 1, 3, 2, 4), v_tail.unflatten(2, (-1, BLOCK)))  # [kv, Q, NT, g, hd]
+        parts_v.append(pv.permute(1, 0, 3, 2, 4))  # [Q, kv, group, NT, head_dim]
+    total_w = total_v = None
+    for weights, values in zip(parts_w, parts_v, strict=True):  # block after block, in position order
+        for block in range(weights.shape[-1]):
+            if total_w is None:
+                total_w, total_v = weights[..., block], values[..., block, :]
+            else:
+                total_w = total_w + weights[..., block]
+                total_v = total_v + values[..., block, :]
     out = total_v / total_w[..., None]  # [Q, kv, group, head_dim]
     return out.reshape(n_queries, heads, head_dim).transpose(0, 1)
