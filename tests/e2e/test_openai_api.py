@@ -57,6 +57,9 @@ def speculation(reply, mode: str) -> dict:
     # every verification commits its accepted tokens and a bonus; the last one may be cut short
     assert stats["verifications"] <= tokens <= stats["verifications"] + stats["accepted_tokens"]
     assert stats["tokens_per_verification"] == round(1 + stats["accepted_tokens"] / stats["verifications"], 4)
+    # which engine served it: `specedge up`'s default, exact, in float32 on this CPU
+    assert reply.system_fingerprint == "specedge-exact-float32"
+    assert stats["engine"] == "exact-float32" and stats["exact"] is True
     return stats
 
 
@@ -73,6 +76,7 @@ def test_non_streaming_and_streaming_chat_equal_the_target_alone(gateway, refere
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected
+    assert {c.system_fingerprint for c in chunks} == {"specedge-exact-float32"}
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # streamed, not one burst
 

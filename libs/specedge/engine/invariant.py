@@ -126,68 +126,84 @@ class Kernels:
 
 
 @dataclass
+class KeyRuns:
+    """Runs of keys in position order, each read by a few queries, each query from the run's
+    first position up to its own length (device tensors). U runs of up to R queries."""
+
+    query: torch.Tensor  # [U, R] packed index of each run's queries (0 for padding)
+    slots: torch.Tensor  # [U, L] slot of each position (0 for padding); L a multiple of BLOCK
+    valid: torch.Tensor  # [U, R, L] bool: the query reads that position
+    member: torch.Tensor  # [M] which of the plan's queries this part covers (each once)
+    run: torch.Tensor  # [M] the run it reads
+    row: torch.Tensor  # [M] its row in the run
+
+
+@dataclass
 class QueryPlan:
-    """Where a group of queries' keys are, in position order (device tensors).
+    """Where a pass's queries find their keys: `parts` in position order, each a set of
+    `KeyRuns`. The first part starts at position 0 for every query: per session, its
+    committed tokens and, for a chain of queries (a prompt chunk, one token), the chain
+    itself; for a branching tree, only the committed tokens of the full blocks. The second
+    part (trees only) continues from there: the rest of the committed tokens, then the
+    tree's path — one run per root-to-leaf path of the new nodes, shared by the queries on it."""
 
-    The group has S sessions with up to R queries each. A session's *shared* positions are
-    read by all its queries, each up to its own length: for a chain (a prompt chunk, one
-    token) the committed tokens and the chain; for a branching tree the committed tokens
-    of the full blocks. What a tree's query reads past those — the last partial block of
-    committed tokens, then its ancestors and itself — is that query's *tail*.
-    """
-
-    query: torch.Tensor  # [Q] packed index of each query (queries grouped by session)
-    session: torch.Tensor  # [Q] the query's session row
-    row: torch.Tensor  # [Q] the query's row within its session
-    session_query: torch.Tensor  # [S, R] packed index (0 for padding)
-    shared_slots: torch.Tensor  # [S, NS * BLOCK] slot of each shared position (0 for padding)
-    shared_valid: torch.Tensor  # [S, R, NS * BLOCK] bool: the query reads that position
-    tail_slots: torch.Tensor  # [Q, NT * BLOCK] slot of each tail position (0 for padding); NT may be 0
-    tail_valid: torch.Tensor  # [Q, NT * BLOCK] bool
+    query: torch.Tensor  # [Q] packed index of each query
+    parts: list[KeyRuns]
 
 
 def _round_up(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
+def _key_runs(runs: list[tuple[list[int], list[int], list[int]]], device) -> KeyRuns | None:
+    """`runs`: (slots, members — indices into the plan's queries —, each member's length)."""
+    width = _round_up(max((len(slots) for slots, _, _ in runs), default=0))
+    if not width:
+        return None
+    rows = max(len(members) for _, members, _ in runs)
+    query = [members + [0] * (rows - len(members)) for _, members, _ in runs]  # plan_queries maps them to packed
+    lengths = [lens + [0] * (rows - len(lens)) for _, _, lens in runs]
+    member = [m for _, members, _ in runs for m in members]
+    run = [u for u, (_, members, _) in enumerate(runs) for _ in members]
+    row = [r for _, members, _ in runs for r in range(len(members))]
+
+    def tensor(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    valid = torch.arange(width)[None, None, :] < torch.tensor(lengths)[:, :, None]
+    return KeyRuns(query=tensor(query), slots=tensor([x + [0] * (width - len(x)) for x, _, _ in runs]),
+                   valid=valid.to(device), member=tensor(member), run=tensor(run), row=tensor(row))
+
+
 def plan_queries(sessions: list[tuple[list[int], list[int], list[list[int]]]], device: torch.device) -> QueryPlan:
     """`sessions`: per session, its committed slots (position order), the packed indices of
-    its queries and, per query, the slots of its ancestors from the tree's root down to
-    itself. Returns the group's `QueryPlan`."""
-    shared, visible, tails = [], [], []
-    for committed, _, chains in sessions:
+    its queries (in the tree's pre-order) and, per query, the slots of its ancestors from the
+    tree's root down to itself. Returns the `QueryPlan`."""
+    queries = [index for _, indices, _ in sessions for index in indices]
+    shared, tails = [], []
+    first = 0
+    for committed, indices, chains in sessions:
+        members = list(range(first, first + len(indices)))
+        first += len(indices)
         longest = max(chains, key=len)
-        if all(chain == longest[: len(chain)] for chain in chains):  # one path: everything is shared
-            shared.append(committed + longest)
-            visible.append([len(committed) + len(chain) for chain in chains])
-            tails += [[] for _ in chains]
-        else:
-            full = len(committed) // BLOCK * BLOCK
-            shared.append(committed[:full])
-            visible.append([full] * len(chains))
-            tails += [committed[full:] + chain for chain in chains]
-    width_shared = _round_up(max(map(len, shared)))
-    width_tail = _round_up(max(map(len, tails)))
-    width_rows = max(len(queries) for _, queries, _ in sessions)
-    query, session, row, session_query, lengths = [], [], [], [], []
-    for s, (_, queries, _) in enumerate(sessions):
-        query += queries
-        session += [s] * len(queries)
-        row += range(len(queries))
-        session_query.append(queries + [0] * (width_rows - len(queries)))
-        lengths.append(visible[s] + [0] * (width_rows - len(queries)))
-
-    def tensor(values, dtype=torch.long):
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    shared_valid = torch.arange(width_shared)[None, None, :] < torch.tensor(lengths)[:, :, None]
-    tail_valid = torch.arange(width_tail)[None, :] < torch.tensor([len(t) for t in tails])[:, None]
-    return QueryPlan(query=tensor(query), session=tensor(session), row=tensor(row),
-                     session_query=tensor(session_query),
-                     shared_slots=tensor([x + [0] * (width_shared - len(x)) for x in shared]).view(len(shared), -1),
-                     shared_valid=shared_valid.to(device),
-                     tail_slots=tensor([t + [0] * (width_tail - len(t)) for t in tails]).view(len(tails), -1),
-                     tail_valid=tail_valid.to(device))
+        if all(chain == longest[: len(chain)] for chain in chains):  # one path: all in the first part
+            shared.append((committed + longest, members, [len(committed) + len(chain) for chain in chains]))
+            continue
+        full = len(committed) // BLOCK * BLOCK
+        shared.append((committed[:full], members, [full] * len(members)))
+        rest = committed[full:]
+        for member, chain in zip(members, chains, strict=True):  # pre-order: a path goes on while a child follows
+            if tails and tails[-1][3] == chain[:-1]:
+                slots, run_members, lengths, _ = tails.pop()
+                tails.append((rest + chain, run_members + [member], lengths + [len(rest) + len(chain)], chain))
+            else:
+                tails.append((rest + chain, [member], [len(rest) + len(chain)], chain))
+    parts = [_key_runs(shared, device), _key_runs([t[:3] for t in tails], device)]
+    plan = QueryPlan(query=torch.tensor(queries, dtype=torch.long, device=device),
+                     parts=[part for part in parts if part is not None])
+    for part in plan.parts:  # runs list their queries' packed indices
+        part.query = plan.query[part.query]
+    return plan
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
@@ -201,60 +217,52 @@ def attend_in_order(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
 
     `q`: [heads, total, head_dim] (the pass's packed queries, rotated); `k_pool`, `v_pool`:
     [kv_heads, slots, head_dim]. Returns [heads, Q, head_dim] for `plan.query`, in float32.
-    Scores are q·k products (`matmul`, scaled after); the softmax subtracts the query's
-    maximum score; each BLOCK of positions gives a partial sum of weights and of weighted
-    values (`matmul` over exactly BLOCK keys), and the partial sums are added block after
-    block in position order: the shared blocks, then the tail's. Positions a query does not
-    read weigh exactly 0, so neither padding nor blocks it does not reach change any bit
-    of its result."""
+    Scores are q·k products (`matmul`, one per run for all its queries, scaled after); the
+    softmax subtracts the query's maximum score; each BLOCK of positions gives a partial
+    sum of weights and of weighted values (`matmul` over exactly BLOCK keys), and the
+    partial sums are added block after block in position order. Positions a query does not
+    read weigh exactly 0, so neither padding nor blocks it does not reach change any bit of
+    its result."""
     heads, _, head_dim = q.shape
     kv_heads = k_pool.shape[0]
     group = heads // kv_heads
-    n_sessions, width_rows = plan.session_query.shape
     n_queries = plan.query.shape[0]
     q = q.float()
-    has_shared, has_tail = plan.shared_slots.shape[1] > 0, plan.tail_slots.shape[1] > 0
-    parts_w, parts_v = [], []  # per query: block sums of weights [Q, kv, group, n], of values [.., n, head_dim]
-    top = torch.full((kv_heads, n_queries, group), float("-inf"), device=q.device)
+    top = torch.full((n_queries, kv_heads, group), float("-inf"), device=q.device)
+    scores = []
+    for part in plan.parts:  # rows of a run's product: (head in group, query)
+        runs, width_rows = part.query.shape
+        rows = q[:, part.query].view(kv_heads, group, runs, width_rows, head_dim)
+        rows = rows.permute(0, 2, 1, 3, 4).reshape(kv_heads, runs, group * width_rows, head_dim)
+        keys = k_pool[:, part.slots].float()  # [kv, U, L, head_dim]
+        s = (matmul(rows, keys.transpose(-1, -2)) * scale).view(kv_heads, runs, group, width_rows, -1)
+        s = s.masked_fill(~part.valid[None, :, None], float("-inf"))
+        top[part.member] = torch.maximum(top[part.member], s.amax(-1)[:, part.run, :, part.row])
+        scores.append(s)
 
-    if has_shared:  # one product per session for all its queries: rows = (head in group, query)
-        rows = q[:, plan.session_query].view(kv_heads, group, n_sessions, width_rows, head_dim)
-        rows = rows.permute(0, 2, 1, 3, 4).reshape(kv_heads, n_sessions, group * width_rows, head_dim)
-        k_shared = k_pool[:, plan.shared_slots].float()  # [kv, S, NS*BLOCK, head_dim]
-        v_shared = v_pool[:, plan.shared_slots].float()
-        s_shared = (matmul(rows, k_shared.transpose(-1, -2)) * scale).view(kv_heads, n_sessions, group, width_rows, -1)
-        s_shared = s_shared.masked_fill(~plan.shared_valid[None, :, None], float("-inf"))
-        top = torch.maximum(top, s_shared.amax(-1)[:, plan.session, :, plan.row].permute(1, 0, 2))
-    if has_tail:  # one product per query: rows = its heads in the group
-        tail_q = q[:, plan.query].view(kv_heads, group, n_queries, head_dim).transpose(1, 2)  # [kv, Q, group, hd]
-        k_tail = k_pool[:, plan.tail_slots].float()  # [kv, Q, NT*BLOCK, head_dim]
-        v_tail = v_pool[:, plan.tail_slots].float()
-        s_tail = matmul(tail_q, k_tail.transpose(-1, -2)) * scale  # [kv, Q, group, NT*BLOCK]
-        s_tail = s_tail.masked_fill(~plan.tail_valid[None, :, None, :], float("-inf"))
-        top = torch.maximum(top, s_tail.amax(-1))
-
-    if has_shared:
-        top_rows = torch.full((kv_heads, n_sessions, group, width_rows), float("inf"), device=q.device)  # padding: 0
-        top_rows[:, plan.session, :, plan.row] = top.permute(1, 0, 2)
-        w_shared = torch.exp(s_shared - top_rows[..., None])  # [kv, S, group, R, NS*BLOCK]
-        parts_w.append(_blocks(w_shared).sum(-1)[:, plan.session, :, plan.row])  # [Q, kv, group, NS]
-        # one product per (session, block): [group*R, BLOCK] @ [BLOCK, head_dim]
-        a = _blocks(w_shared.reshape(kv_heads, n_sessions, group * width_rows, -1)).permute(0, 1, 3, 2, 4)
-        pv = matmul(a, v_shared.unflatten(2, (-1, BLOCK)))  # [kv, S, NS, group*R, head_dim]
-        pv = pv.view(kv_heads, n_sessions, -1, group, width_rows, head_dim)
-        parts_v.append(pv[:, plan.session, :, :, plan.row].permute(0, 1, 3, 2, 4))  # [Q, kv, group, NS, hd]
-    if has_tail:
-        w_tail = torch.exp(s_tail - top[..., None])
-        parts_w.append(_blocks(w_tail).sum(-1).permute(1, 0, 2, 3))  # [Q, kv, group, NT]
-        pv = matmul(_blocks(w_tail).permute(0, 1, 3, 2, 4), v_tail.unflatten(2, (-1, BLOCK)))  # [kv, Q, NT, g, hd]
-        parts_v.append(pv.permute(1, 0, 3, 2, 4))  # [Q, kv, group, NT, head_dim]
     total_w = total_v = None
-    for weights, values in zip(parts_w, parts_v, strict=True):  # block after block, in position order
-        for block in range(weights.shape[-1]):
+    for part, s in zip(plan.parts, scores, strict=True):
+        runs, width_rows = part.query.shape
+        top_rows = torch.full((kv_heads, runs, group, width_rows), float("inf"), device=q.device)  # padding: 0
+        top_rows[:, part.run, :, part.row] = top[part.member]
+        w = torch.exp(s - top_rows[..., None])  # [kv, U, group, R, L]
+        values = v_pool[:, part.slots].float()
+        # one product per (run, block): [group*R, BLOCK] @ [BLOCK, head_dim]
+        a = _blocks(w.reshape(kv_heads, runs, group * width_rows, -1)).permute(0, 1, 3, 2, 4)
+        pv = matmul(a, values.unflatten(2, (-1, BLOCK))).view(kv_heads, runs, -1, group, width_rows, head_dim)
+        block_w = _blocks(w).sum(-1)[:, part.run, :, part.row]  # [M, kv, group, NB]
+        block_v = pv[:, part.run, :, :, part.row].permute(0, 1, 3, 2, 4)  # [M, kv, group, NB, head_dim]
+        if part.member.shape[0] != n_queries:  # queries this part does not cover add exact zeros
+            block_w = block_w.new_zeros(n_queries, *block_w.shape[1:]).index_copy_(0, part.member, block_w)
+            block_v = block_v.new_zeros(n_queries, *block_v.shape[1:]).index_copy_(0, part.member, block_v)
+        else:
+            order = torch.argsort(part.member)
+            block_w, block_v = block_w[order], block_v[order]
+        for block in range(block_w.shape[-1]):  # one block after another, in position order
             if total_w is None:
-                total_w, total_v = weights[..., block], values[..., block, :]
+                total_w, total_v = block_w[..., block], block_v[..., block, :]
             else:
-                total_w = total_w + weights[..., block]
-                total_v = total_v + values[..., block, :]
+                total_w = total_w + block_w[..., block]
+                total_v = total_v + block_v[..., block, :]
     out = total_v / total_w[..., None]  # [Q, kv, group, head_dim]
     return out.reshape(n_queries, heads, head_dim).transpose(0, 1)
