@@ -15,7 +15,8 @@ def run(*args: str, env) -> subprocess.CompletedProcess:
     return subprocess.run([*SPECEDGE, "generate", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]])
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3",
+                                            "--dtype", "bfloat16"]])
 def test_three_modes_give_the_same_tokens(sampling, cli_env):
     results = {}
     for mode in ("autoregressive", "server-only", "specedge"):
@@ -25,6 +26,7 @@ def test_three_modes_give_the_same_tokens(sampling, cli_env):
         results[mode] = json.loads(done.stdout)
     ids = {mode: r["token_ids"] for mode, r in results.items()}
     assert ids["autoregressive"] == ids["server-only"] == ids["specedge"]
+    assert {r["engine"] for r in results.values()} == {"exact-bfloat16" if "--dtype" in sampling else "exact-float32"}
     assert results["autoregressive"]["tokens_per_verify"] == 1.0
     for mode in ("server-only", "specedge"):
         r = results[mode]

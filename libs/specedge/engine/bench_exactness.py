@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 import torch
 
+from specedge.engine.bench_verify import write_outputs
 from specedge.engine.generate import generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
@@ -57,7 +57,7 @@ def measure(dtype: str, backend: str, prompts: list[str], max_tokens: int, devic
     target = load_causal_lm(bundled(BUNDLED_TARGET), device, dtype)
     draft = load_causal_lm(bundled(BUNDLED_DRAFT), device, dtype)
     eos = set(target.model.generation_config.eos_token_id)
-    verifier = Verifier(target.model, max_sessions=1, max_len=2048, attention=backend)
+    verifier = Verifier(target.model, max_sessions=1, max_len=4096, attention=backend)
     drafter = Drafter(draft.model, TreeParams(budget=32, depth=4, branch=16, beams=32), attention=backend)
     row = {"dtype": dtype, "backend": backend, "prompts": len(prompts), "specedge_equals_autoregressive": 0,
            "autoregressive_equals_generate": 0, "specedge_equals_generate": 0, "divergences": []}
@@ -108,14 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = spread_prompts(args.prompts, args.num_prompts)
     rows = [measure(dtype, backend, prompts, args.max_tokens, args.device)
             for dtype in args.dtypes.split(",") for backend in args.backends.split(",")]
-    table = markdown(rows)
-    sys.stdout.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+    write_outputs(rows, markdown(rows), args.json, args.markdown)
     return 0
 
 

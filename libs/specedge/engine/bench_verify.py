@@ -261,15 +261,19 @@ def main(argv: list[str] | None = None) -> int:
                             torch.cuda.empty_cache()
                     rows.append(row)
                     sys.stderr.write(json.dumps(row) + "\n")  # progress, row by row
-    table = markdown(rows, title)
-    sys.stdout.write(table)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+    write_outputs(rows, markdown(rows, title), args.json_path, args.markdown)
     return 0
+
+
+def write_outputs(rows: list[dict], table: str, json_path: str | None, markdown_path: str | None) -> None:
+    """A benchmark's table to stdout; its rows as JSON and the table as markdown where asked."""
+    sys.stdout.write(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(table)
 
 
 if __name__ == "__main__":
