@@ -135,6 +135,16 @@ async def test_bad_messages_are_refused_with_reasons_and_the_service_lives_on(ve
     reply = await request(nc, subjects.verifier_verify(instance), VerifyBatchRequest(batch_id="c", trees=[good]),
                           VerifyBatchReply)
     assert len(reply.results) == 1 and reply.rejected == []
+    # a malformed tree for a session the verifier first re-prefills from Redis is refused on
+    # its own: the batch's other tree is verified, and nobody waits out a timeout
+    for sid in ("m", "n"):
+        await record_session(redis_url, sid, [5, 6, 7])
+    mixed = VerifyBatchRequest(batch_id="e", trees=[
+        DraftTreeMsg(session_id="m", cycle=0, committed_len=3, tokens=[99999], parents=[-1]),
+        DraftTreeMsg(session_id="n", cycle=0, committed_len=3, tokens=[8], parents=[-1])])
+    reply = await request(nc, subjects.verifier_verify(instance), mixed, VerifyBatchReply)
+    assert [(r.session_id, r.reason) for r in reply.rejected] == [("m", "token_out_of_vocab")]
+    assert [r.session_id for r in reply.results] == ["n"]
     await asyncio.sleep(0.1)
     text = log_path.read_text()
     assert "Traceback" not in text and "rejected a tree" in text

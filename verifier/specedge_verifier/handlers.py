@@ -224,8 +224,8 @@ class VerifierService:
                         (last.cycle, last.committed_len) == (tree.cycle, tree.committed_len):
                     replays.append(last)  # the scheduler lost our reply: the same result again
                     continue
-                if reason == "unknown_session":
-                    reason = await self._resume(tree, batch)
+                if reason == "unknown_session":  # re-prefilled from Redis, then the tree itself is checked
+                    reason = await self._resume(tree, batch) or self.verifier.problem(tree)
                 if reason is None:
                     good.append(tree)
                 else:
