@@ -137,7 +137,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                               f"{settings.max_concurrent_per_key}); retry when one finishes", "rate_limit_error",
                               code="rate_limit_exceeded")
         release = functools.partial(limit.release, user) if user else None
-        stats = RequestStats(mode=spec.mode)
+        stats = RequestStats(mode=spec.mode, seed=spec.seed)
         pieces = generate(request.app.state.nc, codec, spec, ids, max_new, user, metrics=metrics, on_close=release,
                           live=live, stats=stats, store=request.app.state.store)
         name = "chatcmpl" if chat else "cmpl"

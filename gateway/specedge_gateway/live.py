@@ -28,6 +28,7 @@ class RequestStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     engine: str = ""  # the verifier's, when the session opened: "exact-bfloat16", "flex-float32", …
+    seed: int | None = None  # the sampling seed (drawn fresh when the request gave none): reproduces the reply
 
     @property
     def system_fingerprint(self) -> str | None:
@@ -47,6 +48,7 @@ class RequestStats:
         """The extension field: counts, and the ratios (None when nothing was drafted)."""
         return {
             "mode": self.mode,
+            "seed": self.seed,
             "engine": self.engine or None,
             "exact": self.engine.startswith("exact-") if self.engine else None,
             "verifications": self.verifications,

@@ -11,6 +11,7 @@ SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (w
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -109,7 +110,7 @@ class _SamplingFields(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's range: a 64-bit integer
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -192,7 +193,7 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        seed=0 if request.seed is None else request.seed,
+        seed=secrets.randbits(63) if request.seed is None else request.seed,  # fresh per request, returned
         stop=list(request.stop or []),
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),

@@ -104,6 +104,7 @@ class VerifyResult(Message, frozen=True, kw_only=True):
     next_depth: int = 0
 
 
+GREEDY_BELOW = 1e-5  # a sampling temperature below this decodes greedily (dividing by it would overflow)
 GREEDY_TREE_TEMPERATURE = 0.5  # scores draft trees for greedy targets (measured: docs/benchmarks.md)
 
 
@@ -118,7 +119,7 @@ def tree_temperature(sampling_temperature: float) -> float:
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """How the target draws tokens; temperature 0 is greedy."""
+    """How the target draws tokens; a temperature below `GREEDY_BELOW` (0, say) is greedy."""
 
     temperature: float = 0.0
     top_p: float = 1.0

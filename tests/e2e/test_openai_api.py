@@ -60,6 +60,7 @@ def speculation(reply, mode: str) -> dict:
     # which engine served it: `specedge up`'s default, exact, in float32 on this CPU
     assert reply.system_fingerprint == "specedge-exact-float32"
     assert stats["engine"] == "exact-float32" and stats["exact"] is True
+    assert isinstance(stats["seed"], int)  # drawn fresh when the request gave none: reproduces the reply
     return stats
 
 

@@ -18,7 +18,7 @@ def test_request_stats_count_drafts_server_steps_and_ratios():
     assert stats.as_dict() == {
         "mode": "specedge", "verifications": 4, "drafts": 3, "server_steps": 1, "draft_tokens": 80,
         "accepted_tokens": 5, "acceptance_rate": 0.0625, "mean_accepted_length": round(5 / 3, 4),
-        "tokens_per_verification": 2.25, "engine": None, "exact": None}
+        "tokens_per_verification": 2.25, "engine": None, "exact": None, "seed": None}
     assert RequestStats(mode="autoregressive").as_dict()["acceptance_rate"] is None
 
 

@@ -29,7 +29,11 @@ def make_app() -> FastAPI:
 def test_chat_request_converts_with_openai_defaults():
     spec = to_generation(ChatCompletionRequest(**CHAT))
     assert spec.messages == [{"role": "user", "content": "hi"}] and spec.prompt is None
-    assert (spec.temperature, spec.top_p, spec.seed, spec.stop, spec.mode) == (1.0, 1.0, 0, [], "specedge")
+    assert (spec.temperature, spec.top_p, spec.stop, spec.mode) == (1.0, 1.0, [], "specedge")
+    # no seed: a fresh one per request (returned in the reply), not one seed for everyone
+    seeds = {spec.seed, *(to_generation(ChatCompletionRequest(**CHAT)).seed for _ in range(5))}
+    assert len(seeds) == 6 and all(0 <= seed < 2**63 for seed in seeds)
+    assert to_generation(ChatCompletionRequest(**CHAT, seed=-7)).seed == -7
     assert spec.max_tokens is None and not spec.stream and not spec.include_usage
 
 
@@ -88,3 +92,17 @@ def test_malformed_json_is_a_400_too():
     response = TestClient(app).post("/v1/completions", content=b"{not json",
                                     headers={"content-type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**70])
+def test_a_seed_beyond_64_bits_is_a_400(seed):
+    app = make_app()
+
+    @app.post("/chat")
+    def chat(body: ChatCompletionRequest) -> dict:
+        return {"seed": body.seed}
+
+    client = TestClient(app)
+    reply = client.post("/chat", json={**CHAT, "seed": seed})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "seed"
+    assert client.post("/chat", json={**CHAT, "seed": 2**63 - 1}).json() == {"seed": 2**63 - 1}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from specedge.engine.sampling import SamplingParams, filtered_probs, sample, uniform
+from specedge.protocol import GREEDY_BELOW
 
 
 def test_uniform_is_a_function_of_seed_and_position():
@@ -43,3 +44,13 @@ def test_same_position_same_token_across_batches():
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 1e-8, 9e-6])
+def test_a_temperature_near_zero_is_greedy_not_nan(temperature):
+    """Dividing by 1e-310 overflows to inf and NaN; below GREEDY_BELOW the draw is the argmax."""
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0], [1.0, 1.0, 0.0, 4.0]])
+    params = SamplingParams(temperature=temperature, seed=11)
+    assert params.greedy
+    assert sample(logits, params, [0, 1]).tolist() == [1, 3]
+    assert not SamplingParams(temperature=GREEDY_BELOW, seed=11).greedy

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from specedge.protocol import GREEDY_BELOW
+
 _MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 disable those filters."""
+    """A temperature below `protocol.GREEDY_BELOW` means greedy (argmax); top_k 0 and top_p 1
+    disable those filters."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -40,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _splitmix64(x: int) -> int:
