@@ -16,6 +16,7 @@ A non-streaming reply carries the request's speculation in an extension field
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -40,6 +41,8 @@ from specedge.state import ApiKeys, ConcurrencyLimit, SessionStore, connect_redi
 from specedge_gateway.dashboard import add_dashboard
 from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import (
+    MAX_CHARS_PER_TOKEN,
+    BodyLimit,
     ChatCompletionRequest,
     CompletionRequest,
     GenerationSpec,
@@ -85,6 +88,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(OpenAIError, openai_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mib * 2**20))
     if telemetry.exporters():  # the lifespan installs the provider the middleware's tracer then uses
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor  # noqa: PLC0415 - only when tracing
 
@@ -116,6 +120,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if spec.model != served_model:
             raise OpenAIError(404, f"model {spec.model!r} does not exist; this server serves {served_model!r}",
                               "not_found_error", "model", "model_not_found")
+        chars = sum(len(m["content"]) for m in spec.messages) if spec.messages is not None else len(spec.prompt)
+        if chars > settings.max_context * MAX_CHARS_PER_TOKEN:  # cannot fit: refused before any work on it
+            raise OpenAIError(400, f"the prompt has {chars} characters; the context holds {settings.max_context} "
+                              "tokens", param="messages" if spec.messages is not None else "prompt",
+                              code="context_length_exceeded")
         prompt = codec.chat_prompt(spec.messages) if spec.messages is not None else spec.prompt
         ids = codec.encode(prompt)
         room = settings.max_context - len(ids)
@@ -130,7 +139,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return ids, wanted
 
     async def respond(request: Request, spec: GenerationSpec, chat: bool, user: str):
-        ids, max_new = prepare(spec)
+        ids, max_new = await asyncio.to_thread(prepare, spec)  # templating and tokenizing: off the event loop
         limit = request.app.state.limit
         if user and not await limit.acquire(user):
             raise OpenAIError(429, f"too many concurrent requests for this API key (at most "

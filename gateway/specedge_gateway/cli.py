@@ -22,6 +22,9 @@ def command(
         help="The target model's folder, for its tokenizer and chat template (default: the bundled target).")] = None,
     max_context: Annotated[int, typer.Option(
         "--max-context", envvar="SPECEDGE_MAX_CONTEXT", help="Most prompt + output tokens per request.")] = 4096,
+    max_body_mib: Annotated[float, typer.Option(
+        "--max-body-mib", envvar="SPECEDGE_MAX_BODY_MIB", min=0.01,
+        help="Largest request body in MiB; a larger one gets 413 before it is read or its key checked.")] = 4.0,
     require_api_key: Annotated[bool, typer.Option(
         "--require-api-key/--no-api-key", envvar="SPECEDGE_REQUIRE_API_KEY",
         help="Require `Authorization: Bearer KEY` (keys from `specedge keys create`).")] = True,
@@ -39,7 +42,7 @@ def command(
 
     main(build(GatewaySettings, nats_url=nats_url, credentials=credentials,
                redis_url=redis_url, host=host, port=port,
-               tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context,
+               tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context, max_body_mib=max_body_mib,
                require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,
                name=name,
                log_level=log_level))

@@ -24,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from specedge.protocol import Mode
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256  # each stop sequence is matched against the text as it streams
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than max_context × this cannot fit: refused before tokenizing
 
 
 class OpenAIError(Exception):
@@ -134,6 +136,8 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return stops
 
     @model_validator(mode="after")
@@ -199,6 +203,38 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         mode=request.specedge.mode,
     )
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 in OpenAI's envelope — by
+    its Content-Length before anything is read, or as soon as a chunked body passes the
+    limit — so no handler, not even the API key check, parses an oversized body."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than {self.max_bytes / 2**20:g} MiB"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await error_response(413, self._too_large(), code="request_too_large")(scope, receive, send)
+            return
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # the route's body reading turns this into the 413 reply
+                raise StarletteHTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ class GatewaySettings(RedisServiceSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     tokenizer: str  # the target model's folder: its tokenizer and chat template
     max_context: int = Field(default=4096, ge=16)  # prompt + output tokens per request
+    max_body_mib: float = Field(default=4.0, gt=0)  # a larger request body gets 413 before it is read
     default_max_tokens: int = Field(default=256, ge=1)
     require_api_key: bool = True  # False: anyone may call (a private, single-user setup)
     max_concurrent_per_key: int = Field(default=16, ge=1)  # requests of one user at once (429 beyond)

@@ -112,7 +112,10 @@ def test_eight_concurrent_streaming_clients(gateway, reference):
 
 @pytest.mark.parametrize(
     ("change", "status"),
-    [({"n": 2}, 400), ({"temperature": 9}, 400), ({"model": "gpt-9"}, 404), ({"messages": []}, 400)],
+    [({"n": 2}, 400), ({"temperature": 9}, 400), ({"model": "gpt-9"}, 404), ({"messages": []}, 400),
+     ({"seed": 2**64}, 400), ({"stop": ["x" * 1000]}, 400),
+     ({"messages": [{"role": "user", "content": "x" * 300_000}]}, 400),  # cannot fit: refused untokenized
+     ({"messages": [{"role": "user", "content": "x" * 5_000_000}]}, 413)],  # over --max-body-mib (4)
 )
 def test_invalid_requests_get_openai_errors(gateway, change, status):
     client = gateway.client()

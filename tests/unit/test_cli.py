@@ -27,7 +27,8 @@ def test_top_level_lists_every_role_and_up():
     ("role", "flags"),
     [
         ("gateway", ["--nats-url", "--credentials", "--redis-url", "--host", "--port", "--tokenizer",
-                     "--max-context", "--require-api-key", "--max-concurrent-per-key", "--dashboard", "--name",
+                     "--max-context", "--max-body-mib", "--require-api-key", "--max-concurrent-per-key", "--dashboard",
+                     "--name",
                      "--log-level"]),
         ("scheduler", ["--nats-url", "--credentials", "--redis-url", "--max-batch", "--edge-timeout",
                        "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",

@@ -8,6 +8,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from specedge_gateway.openai_api import (
+    MAX_STOP_CHARS,
+    BodyLimit,
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
@@ -106,3 +108,42 @@ def test_a_seed_beyond_64_bits_is_a_400(seed):
     reply = client.post("/chat", json={**CHAT, "seed": seed})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "seed"
     assert client.post("/chat", json={**CHAT, "seed": 2**63 - 1}).json() == {"seed": 2**63 - 1}
+
+
+def test_an_oversized_body_is_a_413_before_anything_reads_it():
+    """By its Content-Length, and as a chunked body without one; the handler never runs."""
+    from starlette.exceptions import HTTPException
+
+    from specedge_gateway.openai_api import http_error_handler
+
+    app = make_app()
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_middleware(BodyLimit, max_bytes=1000)
+    calls = []
+
+    @app.post("/chat")
+    def chat(body: ChatCompletionRequest) -> dict:
+        calls.append(body)
+        return {}
+
+    client = TestClient(app)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+    reply = client.post("/chat", json=big)
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+
+    def chunks():
+        import json
+
+        data = json.dumps(big).encode()
+        yield from (data[i:i + 100] for i in range(0, len(data), 100))
+
+    reply = client.post("/chat", content=chunks(), headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and reply.json()["error"]["type"] == "invalid_request_error"
+    assert calls == []
+    assert client.post("/chat", json=CHAT).status_code == 200 and len(calls) == 1
+
+
+def test_stop_sequences_are_bounded_in_length():
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(**CHAT, stop=["x" * (MAX_STOP_CHARS + 1)])
+    assert ChatCompletionRequest(**CHAT, stop=["x" * MAX_STOP_CHARS]).stop == ["x" * MAX_STOP_CHARS]
