@@ -106,7 +106,7 @@ def permissions(identity: Identity) -> dict | None:
             subjects.stats("edge-agent", edge),
             subjects.REGISTRY_DISCOVER,
         ]},
-        "allow_responses": True,  # answer stats and discovery requests it received, nothing else
+        "allow_responses": True,  # answer stats requests it received, nothing else (discovery: announce)
     }
 
 

@@ -67,8 +67,9 @@ async def presence(nc: Client, me: ServiceAnnouncement,
     encoded = encode(me)
 
     async def on_discover(msg: Msg) -> None:
-        if msg.reply:
-            await msg.respond(payload())
+        # answered on our own announcement subject — the one our credentials may publish —
+        # not to the asker's inbox, where anyone could claim any role
+        await bus.publish(nc, announce_subject(me), payload())
 
     sub = await bus.subscribe(nc, subjects.REGISTRY_DISCOVER, cb=on_discover)
     await nc.flush()  # the subscription is live on the server before we say we are registered
@@ -98,23 +99,26 @@ async def presence(nc: Client, me: ServiceAnnouncement,
 
 
 async def discover(nc: Client, wait_s: float = 0.5) -> list[ServiceAnnouncement]:
-    """Ask every live service to identify itself; collect answers for `wait_s` seconds."""
-    inbox = nc.new_inbox()
+    """Ask every live service to announce itself now; collect for `wait_s` seconds the
+    announcements heard on their own subjects. An announcement on a subject that is not
+    its own (another role's, another instance's) is ignored: NATS permissions bind the
+    subject to the publisher's account, so an edge cannot pass for a verifier."""
     found: dict[str, ServiceAnnouncement] = {}
 
-    async def on_reply(msg: Msg) -> None:
-        if not msg.data:  # the server's "no responders" status, not an answer
-            return
+    async def on_announcement(msg: Msg) -> None:
         try:
             ann = decode(msg.data, ServiceAnnouncement)
-        except ProtocolError as exc:
-            log.warning("ignoring a malformed discovery reply (%s)", exc.reason)
+            if msg.subject != announce_subject(ann):
+                raise ProtocolError("identity_mismatch", "announced on another service's subject")
+        except ValueError as exc:  # ProtocolError included
+            log.warning("ignoring an announcement on %s (%s)", msg.subject, getattr(exc, "reason", exc))
             return
         found[ann.instance_id] = ann
 
-    sub = await bus.subscribe(nc, inbox, cb=on_reply)
+    sub = await bus.subscribe(nc, subjects.REGISTRY_ANNOUNCE_ALL, cb=on_announcement)
     try:
-        await bus.publish(nc, subjects.REGISTRY_DISCOVER, b"", reply=inbox)
+        await nc.flush()  # listening before anyone is asked
+        await bus.publish(nc, subjects.REGISTRY_DISCOVER, b"")
         await nc.flush()
         await asyncio.sleep(wait_s)
     finally:

@@ -135,14 +135,12 @@ class SchedulerService:
             self.reject("bad_announcement", "an announcement")
 
     async def refresh(self) -> None:
-        """Ask the bus who is there now (at start, and when no verifier is known).
-
-        Edges' discovery replies are not believed (a reply's subject binds nobody); edges
-        are learnt from their announcements, within one heartbeat."""
+        """Ask the bus who is there now (at start, and when no verifier is known): every
+        service announces itself on its own subject, which its credentials bind to its role
+        and id (`registry.discover` believes nothing else)."""
         for ann in await registry.discover(self.nc, wait_s=0.3):
-            if ann.role != "edge-agent":
-                with contextlib.suppress(ValueError):
-                    await self._seen(ann)
+            with contextlib.suppress(ValueError):
+                await self._seen(ann)
 
     async def _seen(self, ann: ServiceAnnouncement) -> None:
         capacity = int(ann.details.get("max_sessions", "0"))

@@ -4,7 +4,7 @@ import asyncio
 
 import nats
 
-from specedge import registry, subjects
+from specedge import protocol, registry, subjects
 from specedge.protocol import ServiceLeave, decode
 
 
@@ -26,13 +26,18 @@ async def test_presence_is_discoverable_and_leaves(nats_url):
     await watcher.close()
 
 
-async def test_garbage_discovery_replies_are_ignored(nats_url):
+async def test_garbage_and_forged_discovery_answers_are_ignored(nats_url):
+    """Garbage; a verifier's announcement sent to the asker's inbox (where anyone could claim
+    any role); a verifier's announcement on an edge's subject: none of them is believed."""
     rogue = await nats.connect(nats_url)
+    forged = registry.announcement("verifier", "evil", heartbeat_s=5, max_sessions="4096")
 
-    async def answer_with_garbage(msg):
+    async def answer_with_garbage_and_lies(msg):
         await msg.respond(b"\xc1not msgpack")
+        await msg.respond(protocol.encode(forged))
+        await rogue.publish(subjects.registry_announce("edge-agent", "evil-edge"), protocol.encode(forged))
 
-    await rogue.subscribe(subjects.REGISTRY_DISCOVER, cb=answer_with_garbage)
+    await rogue.subscribe(subjects.REGISTRY_DISCOVER, cb=answer_with_garbage_and_lies)
     nc = await nats.connect(nats_url)
     me = registry.announcement("verifier", heartbeat_s=5)
     async with registry.presence(nc, me):
