@@ -89,7 +89,9 @@ def bench(
     from specedge.bench import QUICK, BenchSettings, run_bench  # noqa: PLC0415
 
     defaults = QUICK if quick else {}
-    values = {"categories": tuple(categories.split(",")) if categories else defaults.get("categories"),
+    # --quick picks Spec-Bench categories; a --prompts file's own are used as they are unless named
+    values = {"categories": tuple(categories.split(",")) if categories
+              else None if prompts else defaults.get("categories"),
               "num_prompts": num_prompts or defaults.get("num_prompts"),
               "max_tokens": max_tokens or defaults.get("max_tokens"),
               "batch_sizes": tuple(int(b) for b in batch_sizes.split(",")) if batch_sizes

@@ -65,7 +65,7 @@ def test_compose_matches_the_compose_specification_schema():
 
 def test_services_read_the_env_file_and_export_traces_to_the_bundled_backend():
     services = COMPOSE["services"]
-    for role in ("gateway", "scheduler", "verifier", "edge-agent", "server-drafter"):
+    for role in ("gateway", "scheduler", "verifier", "server-drafter"):
         assert {"path": ".env", "required": False} in services[role]["env_file"], role
         assert "jaeger:4318" in services[role]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"], role
     assert (REPO / ".env.example").exists()
@@ -157,7 +157,7 @@ def test_grafana_provisions_the_compose_prometheus_and_the_dashboard():
     assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])  # pinned
     sources = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())["datasources"]
     (prometheus,) = sources
-    port = COMPOSE["services"]["prometheus"]["ports"][0].split(":")[1]
+    port = COMPOSE["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]  # the container's port
     assert prometheus["type"] == "prometheus" and prometheus["url"] == f"http://prometheus:{port}"
     assert mount_target("grafana", "./services/grafana/provisioning") == "/etc/grafana/provisioning"
     (provider,) = yaml.safe_load((GRAFANA / "provisioning/dashboards/specedge.yml").read_text())["providers"]
@@ -188,3 +188,30 @@ def test_the_dashboard_queries_only_metrics_the_services_export():
                  "edge_round_trip_seconds_bucket", "edge_drafting_seconds_bucket", "rejected_messages_total",
                  "server_side_fallbacks_total"):
         assert "specedge:" + name in used, name
+
+
+def test_no_default_secrets_and_nothing_private_is_published():
+    """Secrets must be set (`${VAR:?…}`: compose refuses to start without them); Redis wants a
+    password; the observability UIs listen on 127.0.0.1 unless asked; edges reach only NATS."""
+    text = (REPO / "docker-compose.yml").read_text()
+    for secret in ("SPECEDGE_API_KEY", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert f"${{{secret}:?" in text and f"${{{secret}:-" not in text, secret
+    env_example = (REPO / ".env.example").read_text()
+    for secret in ("SPECEDGE_API_KEY", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert re.search(rf"^{secret}=$", env_example, re.M), secret  # empty: the operator picks one
+    services = COMPOSE["services"]
+    redis_conf = (REPO / "services/redis/redis.conf").read_text()
+    assert "protected-mode yes" in redis_conf and "--requirepass" in " ".join(services["redis"]["command"])
+    assert services["redis"].get("ports") is None
+    for role in ("gateway", "scheduler", "verifier", "server-drafter"):
+        assert ":${REDIS_PASSWORD:?" in services[role]["environment"]["SPECEDGE_REDIS_URL"], role
+    for name in ("jaeger", "prometheus", "grafana"):
+        for port in services[name]["ports"]:
+            assert port.startswith("${OBSERVABILITY_BIND:-127.0.0.1}:"), (name, port)
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"nats", "gateway", "jaeger", "prometheus", "grafana"}
+    edge = services["edge-agent"]
+    assert edge["networks"] == ["edge"] and edge["env_file"] == []
+    assert not any("REDIS" in key or "OTEL" in key for key in edge["environment"])
+    on_edge_network = {name for name, service in services.items() if "edge" in service.get("networks", [])}
+    assert on_edge_network == {"nats", "edge-agent"}
