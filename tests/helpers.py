@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import nats
 
-from specedge import registry
-from specedge.protocol import ServiceAnnouncement
+from specedge import protocol, registry, subjects
+from specedge.protocol import ServiceAnnouncement, ServiceStats
 from tests.conftest import SPECEDGE
 
 
@@ -64,7 +64,36 @@ def wait_until_serving(nats_url: str, procs: dict[str, subprocess.Popen], gatewa
         wait_for(lambda r=role, p=proc: registered(nats_url, r, p.pid), timeout_s, role)
     if gateway is not None:
         wait_for(lambda: httpx.get(f"{gateway}/health").status_code == 200, 30, "a healthy gateway")
-        time.sleep(2.5)
+        edges = sum(1 for role in procs if role.startswith("edge"))
+
+        async def known() -> None:
+            nc = await nats.connect(nats_url)
+            try:
+                await schedulers_know(nc, edges=edges)
+            finally:
+                await nc.close()
+
+        asyncio.run(known())
+
+
+async def schedulers_know(nc, edges: int, verifiers: int = 1, timeout_s: float = 30) -> None:
+    """Poll every registered scheduler's stats until each knows at least `edges` edges and
+    `verifiers` verifiers (from their heartbeats) — instead of sleeping for a heartbeat."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        schedulers = [a for a in await registry.discover(nc, wait_s=0.2) if a.role == "scheduler"]
+        counts = []
+        for ann in schedulers:
+            with contextlib.suppress(Exception):
+                reply = await nc.request(subjects.stats("scheduler", ann.instance_id), b"", timeout=5)
+                counts.append(protocol.decode(reply.data, ServiceStats).counters)
+        if schedulers and len(counts) == len(schedulers) and \
+                all(c.get("edges", 0) >= edges and c.get("verifiers", 0) >= verifiers for c in counts):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for schedulers to know {edges} edges and "
+                                 f"{verifiers} verifiers: {counts}")
+        await asyncio.sleep(0.1)
 
 
 async def record_session(redis_url: str, session_id: str, tokens: list[int], **kwargs) -> None:

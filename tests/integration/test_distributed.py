@@ -19,7 +19,7 @@ from specedge import state, subjects
 from specedge.launcher import free_port
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
 from specedge.protocol import SessionOpen
-from tests.helpers import committed_tokens, registered, start_cli, wait_for
+from tests.helpers import committed_tokens, registered, schedulers_know, start_cli, wait_for
 from tests.sessions import collect, open_session, prompt_and_reference
 
 VERIFIER = ["verifier", "--max-len", "1024", "--max-sessions", "8"]
@@ -91,7 +91,11 @@ def scheduler_of(redis_url: str, session_ids: list[str]) -> list[str]:
 
 async def test_users_get_their_own_edge_and_every_mode_is_exact(cluster):
     ids = cluster["ids"]
-    await asyncio.sleep(2.5)  # every scheduler has heard every edge's heartbeat
+    nc = await nats.connect(cluster["nats_url"])
+    try:  # every scheduler has heard every edge's heartbeat
+        await schedulers_know(nc, edges=sum(1 for role in ids if "edge" in role or "drafter" in role))
+    finally:
+        await nc.close()
     cases = [("alice", "specedge", "alice-edge"), ("bob", "specedge", "shared-edge"),
              ("bob", "server-only", "server-drafter"), ("alice", "autoregressive", None)]
     prompts = [prompt_and_reference(f"Write a function that parses record {i}.", 24) for i in range(len(cases))]

@@ -21,7 +21,7 @@ from specedge.engine.parties import Verifier
 from specedge.engine.sampling import SamplingParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids, tokenizer_fingerprint
 from specedge.protocol import SamplingSpec, SessionOpen
-from tests.helpers import registered, start_cli, wait_for
+from tests.helpers import registered, schedulers_know, start_cli, wait_for
 from tests.integration.test_equivalence import sample_prompts
 from tests.integration.test_hostile_edge import hostile_edge
 from tests.sessions import collect, open_session
@@ -71,7 +71,7 @@ async def test_every_mode_at_every_load_equals_the_autoregressive_output(referen
         nc = await nats.connect(nats_url)
         fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(bundled(BUNDLED_DRAFT)))
         evil = await hostile_edge(nc, fingerprint, stop, {})
-        await asyncio.sleep(1.5)  # the scheduler hears the hostile edge's heartbeat
+        await schedulers_know(nc, edges=3)  # the good edge, the server-side drafter and the hostile one
 
         async def run(case, mode: str) -> tuple[str, str, list[int], list[int], str | None]:
             name, ids, spec, expected, eos = case

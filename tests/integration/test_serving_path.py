@@ -11,7 +11,7 @@ import pytest
 
 from specedge import protocol, subjects
 from specedge.protocol import ServiceStats, SessionOpen
-from tests.helpers import registered, start_cli, wait_for
+from tests.helpers import registered, schedulers_know, start_cli, wait_for
 from tests.sessions import collect, open_session, prompt_and_reference
 
 
@@ -41,7 +41,7 @@ async def test_a_session_streams_exactly_the_target_output(stack, nats_url):
     nc = await nats.connect(nats_url)
     sid = uuid.uuid4().hex
     sub = await nc.subscribe(subjects.session_tokens(sid))
-    await asyncio.sleep(2.5)  # one heartbeat, so the scheduler knows the edge
+    await schedulers_know(nc, edges=1)
     opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=48, eos_ids=eos))
     assert opened.error is None and opened.edge is not None
     tokens, events = await collect(sub)
@@ -61,7 +61,7 @@ async def test_killing_the_edge_mid_generation_loses_and_repeats_nothing(stack, 
     nc = await nats.connect(nats_url)
     sid = uuid.uuid4().hex
     sub = await nc.subscribe(subjects.session_tokens(sid))
-    await asyncio.sleep(2.5)
+    await schedulers_know(nc, edges=1)
     opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=160, eos_ids=eos))
     assert opened.edge is not None
     killed, arrivals = [], []
@@ -82,7 +82,7 @@ async def test_two_verifiers_share_sessions_and_every_output_is_exact(stack, nat
         questions = [f"Write a function that checks item {i}." for i in range(4)]
         cases = [prompt_and_reference(q, 24) for q in questions]
         nc = await nats.connect(nats_url)
-        await asyncio.sleep(2.5)
+        await schedulers_know(nc, edges=1, verifiers=2)
         sids = [uuid.uuid4().hex for _ in cases]
         subs = [await nc.subscribe(subjects.session_tokens(sid)) for sid in sids]
         opened = [await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=24, eos_ids=eos))
@@ -111,7 +111,7 @@ async def test_every_strategy_serves_exactly(strategy, nats_url, redis_url, cli_
             await asyncio.to_thread(wait_for, lambda r=role, p=proc: registered(nats_url, r, p.pid), 60, role)
         cases = [prompt_and_reference(f"Write a function that cleans text {i}.", 40) for i in range(3)]
         nc = await nats.connect(nats_url)
-        await asyncio.sleep(2.5)
+        await schedulers_know(nc, edges=1)
         sids = [uuid.uuid4().hex for _ in cases]
         subs = [await nc.subscribe(subjects.session_tokens(sid)) for sid in sids]
         for sid, (ids, _, eos) in zip(sids, cases, strict=True):

@@ -54,3 +54,27 @@ def test_a_temperature_near_zero_is_greedy_not_nan(temperature):
     assert params.greedy
     assert sample(logits, params, [0, 1]).tolist() == [1, 3]
     assert not SamplingParams(temperature=GREEDY_BELOW, seed=11).greedy
+
+
+def test_a_draw_is_the_inverse_cdf_at_the_counter_based_uniform():
+    """Against a plain-Python inverse CDF (math.exp, a running sum), not the module itself:
+    the token drawn at (seed, position) is the first whose cumulative probability exceeds
+    `uniform(seed, position)`, and over many positions the draws follow the distribution."""
+    import math
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.5, 0.0]], dtype=torch.float64)
+    temperature = 0.8
+    weights = [math.exp(x / temperature) for x in logits[0].tolist()]
+    probs = [w / sum(weights) for w in weights]
+    counts = [0] * len(probs)
+    for position in range(4000):
+        u, running, expected = uniform(42, position), 0.0, len(probs) - 1
+        for token, p in enumerate(probs):
+            running += p
+            if running > u:
+                expected = token
+                break
+        drawn = sample(logits, SamplingParams(temperature=temperature, seed=42), [position]).item()
+        assert drawn == expected, position
+        counts[drawn] += 1
+    assert all(abs(c / 4000 - p) < 0.03 for c, p in zip(counts, probs, strict=True))
