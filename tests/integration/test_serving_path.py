@@ -70,7 +70,9 @@ async def test_killing_the_edge_mid_generation_loses_and_repeats_nothing(stack, 
     assert tokens == reference
     assert "continue with server steps" in (tmp_path / "scheduler.log").read_text()
     after = [t for t in arrivals if t > killed[0]]
-    assert after and after[0] - killed[0] < 2.0  # it goes on, server-side, within 2 s
+    # it goes on, server-side, within the draft deadline (4× the edge's recent peak turnaround,
+    # at least 1 s, at most --draft-timeout 5 s) and a step; a loaded machine reaches the cap
+    assert after and after[0] - killed[0] < 6.0
     await nc.close()
 
 

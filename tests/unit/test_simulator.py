@@ -52,7 +52,7 @@ def test_this_machine_preset_shrinks_trees_when_verification_is_compute_bound():
 def test_a_thousand_edges_simulate_in_seconds():
     started = time.perf_counter()
     run = sim.simulate_specedge(PAPER, "pipeline", batch_size=500, edges=1000, sim_s=10)
-    assert time.perf_counter() - started < 30
+    assert time.perf_counter() - started < 120  # seconds here; the bound leaves room for a loaded machine
     assert run.edges == 1000 and run.server_throughput_tok_s > 0 and run.server_utilization > 0.5
 
 
