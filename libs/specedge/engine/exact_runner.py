@@ -12,8 +12,9 @@ is how a pass computes:
   (or re-prefilled after an eviction, or by another verifier) gets the logits that the
   `autoregressive` mode computes for it one token per pass.
 
-The price is speed: attention gathers each query's last keys and pads small products
-(docs/benchmarks.md, "The cost of exactness"); `--attention flex` trades exactness for it.
+The price is speed: attention gathers each run of keys in position order and pads small
+products (docs/benchmarks.md, "Exactness"); `--attention flex` (`--fast`) trades exactness
+for it.
 """
 
 from __future__ import annotations
