@@ -114,3 +114,36 @@ def test_draft_is_irrelevant_to_the_output_distribution():
         path, bonus = accept([0, child_token, 2], [-1, 0, 1], tree_logits, params, root_position=41)
         first = [child_token] if path else [bonus]
         assert first == [alone]
+
+
+def test_a_tree_commits_what_decoding_one_token_at_a_time_commits():
+    """Every node gets the logits of its own prefix (a toy target: logits a function of the
+    tokens so far), so a rule that read another node's row, or drew at another position,
+    would commit something else than plain decoding does."""
+    from specedge.engine.sampling import sample
+
+    def toy_logits(prefix: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(V, generator=torch.Generator().manual_seed(hash(prefix) % 2**31)) * 2
+
+    rng = random.Random(5)
+    for params in (GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=8)):
+        for trial in range(200):
+            context, root_position = (rng.randrange(V), rng.randrange(V)), 50 + trial
+            sequential = []  # plain decoding, one token per step
+            for k in range(8):
+                row = toy_logits(context + tuple(sequential))[None]
+                sequential.append(int(sample(row, params, [root_position + 1 + k])[0]))
+            tokens, parents, prefixes = [context[-1]], [-1], [context]
+            for i in range(1, rng.randrange(2, 16)):
+                parent = rng.randrange(i)
+                depth = len(prefixes[parent]) - len(context)
+                # often the token plain decoding takes there, so that paths get accepted
+                on_track = prefixes[parent][len(context):] == tuple(sequential[:depth]) and depth < 8
+                token = sequential[depth] if on_track and rng.random() < 0.7 else rng.randrange(V)
+                tokens.append(token)
+                parents.append(parent)
+                prefixes.append(prefixes[parent] + (token,))
+            logits = torch.stack([toy_logits(p) for p in prefixes])
+            path, bonus = accept(tokens, parents, logits, params, root_position)
+            committed = [tokens[i] for i in path] + [bonus]
+            assert committed == sequential[: len(committed)], (trial, params)
