@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
 
 import uvicorn
 
-from specedge.service import setup_logging
+from specedge import bus
+from specedge.service import StartupError, setup_logging
 from specedge_gateway.app import create_app
 from specedge_gateway.settings import GatewaySettings
+
+log = logging.getLogger("specedge_gateway")
+BYTES_PER_TOKEN = 5  # a token id in MessagePack, at most
+MESSAGE_OVERHEAD = 4096  # a session message's other fields
+
+
+async def preflight(settings: GatewaySettings) -> None:
+    """Before serving: the bus is reachable, and a prompt of --max-context tokens fits in one
+    of its messages (the session opening carries the whole prompt)."""
+    try:
+        async with bus.connect(settings.nats_url, "gateway-preflight", credentials=settings.credentials) as nc:
+            max_payload = nc.max_payload
+    except ConnectionError as exc:
+        raise StartupError(str(exc)) from None
+    if (needed := settings.max_context * BYTES_PER_TOKEN + MESSAGE_OVERHEAD) > max_payload:
+        raise StartupError(f"--max-context {settings.max_context} needs bus messages of up to {needed} bytes; the "
+                           f"NATS server allows {max_payload} (max_payload): lower --max-context or raise it")
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -17,6 +37,11 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 def main(settings: GatewaySettings) -> None:
     setup_logging(settings.log_level)
+    try:
+        asyncio.run(preflight(settings))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the
     # handler that was installed before it: make that a clean exit, not death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):

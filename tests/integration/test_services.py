@@ -96,6 +96,15 @@ def test_unreachable_nats_is_a_clear_startup_error(redis_url, cli_env, tmp_path)
     assert "cannot reach NATS" in log_path.read_text()
 
 
+def test_a_max_context_too_large_for_the_bus_is_a_clear_startup_error(nats_url, redis_url, cli_env, tmp_path):
+    """A prompt of --max-context tokens could not travel in one NATS message (1 MiB here)."""
+    log_path = tmp_path / "gateway.log"
+    proc = start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--port", str(free_port()),
+                      "--max-context", "1000000"], cli_env, log_path)
+    assert proc.wait(timeout=90) == 2
+    assert "max_payload" in log_path.read_text()
+
+
 def test_gateway_health_is_503_until_a_verifier_registers(nats_url, redis_url, cli_env, tmp_path):
     port = free_port()
     gw = start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--port", str(port), "--no-api-key"],
