@@ -68,6 +68,9 @@ class ExactRunner(PagedRunner):
 
         return attend
 
+    def _set_intervals(self, slots: list[int], lo: list[int], hi: list[int]) -> None:
+        """Nothing to label: attention reads keys by position, not through the flex mask."""
+
     def warm_up(self) -> None:
         """Nothing to compile."""
 

@@ -133,7 +133,7 @@ class KeyRuns:
     query: torch.Tensor  # [U, R] packed index of each run's queries (0 for padding)
     slots: torch.Tensor  # [U, L] slot of each position (0 for padding); L a multiple of BLOCK
     valid: torch.Tensor  # [U, R, L] bool: the query reads that position
-    member: torch.Tensor  # [M] which of the plan's queries this part covers (each once)
+    member: torch.Tensor  # [M] which of the plan's queries this part covers (each once; all of them: in order)
     run: torch.Tensor  # [M] the run it reads
     row: torch.Tensor  # [M] its row in the run
 
@@ -255,9 +255,6 @@ def attend_in_order(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         if part.member.shape[0] != n_queries:  # queries this part does not cover add exact zeros
             block_w = block_w.new_zeros(n_queries, *block_w.shape[1:]).index_copy_(0, part.member, block_w)
             block_v = block_v.new_zeros(n_queries, *block_v.shape[1:]).index_copy_(0, part.member, block_v)
-        else:
-            order = torch.argsort(part.member)
-            block_w, block_v = block_w[order], block_v[order]
         for block in range(block_w.shape[-1]):  # one block after another, in position order
             if total_w is None:
                 total_w, total_v = block_w[..., block], block_v[..., block, :]
