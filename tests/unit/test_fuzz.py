@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis): every protocol decoder refuses garbage with a
 `ProtocolError` and nothing else; the tree check admits only well-formed trees; and the
 acceptance rule, on arbitrary — even hostile — trees, commits exactly what target-only
-greedy decoding would."""
+decoding would, greedy or seeded, with every node carrying its own prefix's logits."""
 
 import msgspec
 import pytest
@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specedge import protocol
-from specedge.engine.acceptance import accept
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.acceptance import accept, accept_batch
+from specedge.engine.sampling import SamplingParams, sample
 from specedge.protocol import DraftTreeMsg, ProtocolError
 
 MESSAGES = [cls for cls in vars(protocol).values()
@@ -80,31 +80,51 @@ def trees(draw, vocab=8):
     return tokens, parents
 
 
+def toy_logits(prefix: tuple[int, ...], vocab: int = 8) -> torch.Tensor:
+    """A toy target: the logits after `prefix` are a fixed function of the prefix, so every
+    tree node has its own row and a rule reading another node's row commits something else."""
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(hash(prefix) % 2**31)) * 2
+
+
+def decode_one_at_a_time(context: tuple[int, ...], params: SamplingParams, root_position: int, n: int) -> list[int]:
+    """Target-only decoding: one token per step, drawn at its own absolute position."""
+    out: list[int] = []
+    for k in range(n):
+        out.append(int(sample(toy_logits(context + tuple(out))[None], params, [root_position + 1 + k])[0]))
+    return out
+
+
+params_strategy = st.one_of(
+    st.just(SamplingParams()),
+    st.builds(SamplingParams, temperature=st.floats(0.1, 2.0), top_p=st.floats(0.05, 1.0),
+              top_k=st.integers(0, 8), seed=st.integers(0, 2**63 - 1)))
+
+
 @FAST
-@given(tree=trees(), seed=st.integers(0, 2**31 - 1))
-def test_greedy_acceptance_commits_what_target_only_decoding_would(tree, seed):
+@given(tree=trees(), context=st.tuples(st.integers(0, 7), st.integers(0, 7)), params=params_strategy,
+       root_position=st.integers(0, 10_000), on_track=st.lists(st.booleans(), min_size=21, max_size=21))
+def test_acceptance_on_any_tree_commits_what_target_only_decoding_would(tree, context, params, root_position,
+                                                                        on_track):
+    """Greedy and seeded sampling, on arbitrary (even hostile: repeated siblings, chains,
+    stars) trees whose every node carries its own prefix's logits: the committed tokens are
+    the first tokens of one-at-a-time decoding, and the batched rule agrees with the plain one."""
     tokens, parents = tree
-    logits = torch.randn(len(tokens), 8, generator=torch.Generator().manual_seed(seed))
-    path, bonus = accept(tokens, parents, logits, SamplingParams(), root_position=10)
+    expected = decode_one_at_a_time(context, params, root_position, 22)
+    tokens = [context[-1], *tokens[1:]]
+    prefixes = [context]
+    for i in range(1, len(tokens)):  # some nodes follow target-only decoding, so paths get accepted
+        depth = len(prefixes[parents[i]]) - len(context)
+        if on_track[i - 1] and prefixes[parents[i]][len(context):] == tuple(expected[:depth]):
+            tokens[i] = expected[depth]
+        prefixes.append(prefixes[parents[i]] + (tokens[i],))
+    logits = torch.stack([toy_logits(p) for p in prefixes])
+    path, bonus = accept(tokens, parents, logits, params, root_position)
+    committed = [tokens[i] for i in path] + [bonus]
+    assert committed == expected[: len(committed)]
     node = 0
-    for child in path:  # each accepted node is a child of the previous one and the target's own choice
-        assert parents[child] == node and tokens[child] == int(logits[node].argmax())
+    for child in path:  # each accepted node is a child of the one before
+        assert parents[child] == node
         node = child
-    assert bonus == int(logits[node].argmax())
-    # and the walk stopped because no child of the last node holds the target's choice
+    # the walk stopped because no child of the last node carries the target's next token
     assert all(not (parents[i] == node and tokens[i] == bonus) for i in range(1, len(tokens)))
-
-
-@FAST
-@given(tree=trees(), seed=st.integers(0, 2**31 - 1), temperature=st.floats(0.1, 2.0), top_p=st.floats(0.05, 1.0))
-def test_sampled_acceptance_follows_the_same_draws_on_any_tree(tree, seed, temperature, top_p):
-    """Seeded sampling: the committed tokens depend on the target's draws, not on the tree —
-    an empty tree (plain decoding) commits the first of them."""
-    tokens, parents = tree
-    logits = torch.randn(len(tokens), 8, generator=torch.Generator().manual_seed(seed))
-    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    path, bonus = accept(tokens, parents, logits, params, root_position=3)
-    _, alone = accept(tokens[:1], parents[:1], logits[:1], params, root_position=3)
-    first = tokens[path[0]] if path else bonus
-    assert first == alone  # the token after the root is the target's draw either way
-    assert 0 <= bonus < 8
+    assert accept_batch([(tokens, parents)], logits, [params], [root_position]) == [(path, bonus)]
