@@ -8,7 +8,8 @@ import signal
 
 import uvicorn
 
-from specedge import bus
+from specedge import bus, registry
+from specedge.protocol import ServiceAnnouncement
 from specedge.service import StartupError, setup_logging
 from specedge_gateway.app import create_app
 from specedge_gateway.settings import GatewaySettings
@@ -19,16 +20,31 @@ MESSAGE_OVERHEAD = 4096  # a session message's other fields
 
 
 async def preflight(settings: GatewaySettings) -> None:
-    """Before serving: the bus is reachable, and a prompt of --max-context tokens fits in one
-    of its messages (the session opening carries the whole prompt)."""
+    """Before serving: the bus is reachable, a prompt of --max-context tokens fits in one of
+    its messages (the session opening carries the whole prompt), and — when verifiers are
+    already up — at least one of them holds sessions that long. Verifiers that start later
+    answer a longer prompt with `prompt_too_long` (400), evicting nobody."""
     try:
         async with bus.connect(settings.nats_url, "gateway-preflight", credentials=settings.credentials) as nc:
             max_payload = nc.max_payload
+            verifiers = [a for a in await registry.discover(nc, wait_s=0.3) if a.role == "verifier"]
     except ConnectionError as exc:
         raise StartupError(str(exc)) from None
     if (needed := settings.max_context * BYTES_PER_TOKEN + MESSAGE_OVERHEAD) > max_payload:
         raise StartupError(f"--max-context {settings.max_context} needs bus messages of up to {needed} bytes; the "
                            f"NATS server allows {max_payload} (max_payload): lower --max-context or raise it")
+    if problem := context_problem(settings.max_context, verifiers):
+        raise StartupError(problem)
+
+
+def context_problem(max_context: int, verifiers: list[ServiceAnnouncement]) -> str | None:
+    """Why no registered verifier can hold a --max-context session, or None (also when none is up yet)."""
+    lengths = {a.instance_id: int(a.details["max_len"]) for a in verifiers if a.details.get("max_len", "").isdigit()}
+    if not lengths or max(lengths.values()) >= max_context:
+        return None
+    longest = max(lengths.values())
+    return (f"--max-context {max_context} is more than any verifier holds per session ({len(lengths)} up, the "
+            f"longest --max-len is {longest}): lower --max-context or start the verifiers with a larger --max-len")
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -77,6 +77,9 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             raise OpenAIError(503, "no scheduler is available; try again shortly", "server_error",
                               code="unavailable") from None
         opened = protocol.decode(reply.data, SessionOpened)
+        if opened.error == "prompt_too_long":
+            raise OpenAIError(400, "the prompt is longer than the verifiers hold per session (their --max-len)",
+                              param="messages", code="context_length_exceeded")
         if opened.error:
             status = 429 if "room" in opened.error else 503
             raise OpenAIError(status, f"cannot start the generation: {opened.error}", "server_error",

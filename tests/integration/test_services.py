@@ -8,7 +8,7 @@ import httpx
 import nats
 import pytest
 
-from specedge import subjects
+from specedge import registry, subjects
 from specedge.launcher import free_port
 from specedge.protocol import ServiceLeave, decode
 from tests.helpers import discover, registered, start_cli, wait_for
@@ -106,6 +106,8 @@ def test_a_max_context_too_large_for_the_bus_is_a_clear_startup_error(nats_url, 
 
 
 def test_gateway_health_is_503_until_a_verifier_registers(nats_url, redis_url, cli_env, tmp_path):
+    """Also: a verifier that starts after the gateway with a shorter --max-len than its
+    --max-context answers a longer prompt with a clear 400, not a 429 after evicting others."""
     port = free_port()
     gw = start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--port", str(port), "--no-api-key"],
                    cli_env, tmp_path / "gw.log")
@@ -114,15 +116,26 @@ def test_gateway_health_is_503_until_a_verifier_registers(nats_url, redis_url, c
         assert not [a for a in discover(nats_url) if a.role == "verifier"]
         r = httpx.get(f"http://127.0.0.1:{port}/health")
         assert r.status_code == 503
-        ver = start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url], cli_env,
+        ver = start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url, "--max-len", "64"], cli_env,
                         tmp_path / "v.log")
+        sched = start_cli(["scheduler", "--nats-url", nats_url, "--redis-url", redis_url], cli_env,
+                          tmp_path / "s.log")
         try:
             wait_for(lambda: registered(nats_url, "verifier", ver.pid), 60, "verifier")
             r = httpx.get(f"http://127.0.0.1:{port}/health")
             assert r.status_code == 200 and r.json()["verifiers"] == 1
             models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
             assert [m["id"] for m in models["data"]] == ["specedge-tiny-target"]
+            wait_for(lambda: registered(nats_url, "scheduler", sched.pid), 60, "scheduler")
+            body = {"model": "specedge-tiny-target", "prompt": " the" * 100, "max_tokens": 4, "temperature": 0}
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            assert "--max-len" in r.json()["error"]["message"]
+            body["prompt"] = " the" * 20
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
         finally:
+            assert stop(sched, tmp_path / "s.log") == 0
             assert stop(ver, tmp_path / "v.log") == 0
     finally:
         assert stop(gw, tmp_path / "gw.log") == 0
@@ -135,3 +148,20 @@ def test_edge_agent_waits_for_nats_forever_and_still_stops_at_once(cli_env, tmp_
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
     assert "stopped during startup" in log_path.read_text()
+
+
+async def test_a_max_context_longer_than_every_verifier_holds_is_a_clear_startup_error(
+        nats_url, redis_url, cli_env, tmp_path):
+    """Verifiers already up announce their --max-len; a gateway whose --max-context none of
+    them can hold refuses to start (one that starts before them cannot check: a longer
+    prompt is then a 400 `context_length_exceeded`, evicting nobody)."""
+    log_path = tmp_path / "gateway.log"
+    nc = await nats.connect(nats_url)
+    short = registry.announcement("verifier", "short", max_len="512", max_sessions="4")
+    async with registry.presence(nc, short):
+        proc = start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--port", str(free_port()),
+                          "--max-context", "4096"], cli_env, log_path)
+        assert await asyncio.to_thread(proc.wait, 90) == 2
+    await nc.close()
+    text = log_path.read_text()
+    assert "--max-context 4096 is more than any verifier holds" in text and "Traceback" not in text

@@ -149,3 +149,22 @@ async def test_bad_messages_are_refused_with_reasons_and_the_service_lives_on(ve
     text = log_path.read_text()
     assert "Traceback" not in text and "rejected a tree" in text
     await nc.close()
+
+
+async def test_a_prompt_too_long_for_any_session_evicts_nobody(verifier, nats_url, redis_url):
+    """With every slot held by idle sessions, a prompt longer than --max-len is refused as
+    `prompt_too_long` (the gateway's 400), not `no_capacity` after evicting them all."""
+    instance, _ = verifier
+    nc = await nats.connect(nats_url)
+    for sid in ("a", "b", "c", "d"):  # the fixture's --max-sessions 4
+        await record_session(redis_url, sid, [5, 6, 7])
+        opened = await request(nc, subjects.verifier_prefill(instance),
+                               PrefillRequest(session_id=sid, tokens=[5, 6, 7]), PrefillReply)
+        assert opened.error is None
+    long = await request(nc, subjects.verifier_prefill(instance),
+                         PrefillRequest(session_id="long", tokens=[5] * 600), PrefillReply)  # --max-len 512
+    assert long.error == "prompt_too_long"
+    reply = await nc.request(subjects.stats("verifier", instance), b"", timeout=10)
+    counters = protocol.decode(reply.data, protocol.ServiceStats).counters
+    assert (counters["evictions"], counters["sessions"]) == (0, 4)
+    await nc.close()

@@ -150,7 +150,7 @@ class VerifierService:
                 await asyncio.to_thread(admit, session_id, tokens, params, cycle)
             except SessionTooLongError:  # longer than any session may be: evicting others cannot help
                 self.verifier.close(session_id)
-                return "no_capacity"
+                return "prompt_too_long"
             except CacheFullError:
                 self.verifier.close(session_id)
                 if not idle:
