@@ -122,7 +122,7 @@ class EdgeService:
         async with self._lock:
             self.drafter.close(assign.session_id)
             try:
-                await asyncio.to_thread(self.drafter.open, assign.session_id, assign.tokens, params)
+                await asyncio.to_thread(self.drafter.open, assign.session_id, assign.tokens, params, assign.cycle)
             except (CacheFullError, ValueError) as exc:
                 self.drafter.close(assign.session_id)
                 self.reject("cannot_open", f"session {assign.session_id[:16]} ({exc})")

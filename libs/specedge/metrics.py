@@ -78,6 +78,9 @@ class SchedulerMetrics(_Metrics):
                                          "result, by outcome: used (the guess was right) or missed.", ("outcome",))
         self.fallbacks = self.counter("server_side_fallbacks", "Sessions moved to server steps, by cause.",
                                       ("cause",))
+        self.edges_cut_off = self.counter("edges_cut_off", "Edges cut off for refused messages (suspended).")
+        self.drafter_moves = self.counter("drafter_moves", "Sessions moved from one drafter to another, by cause.",
+                                          ("cause",))
 
 
 class VerifierMetrics(_Metrics):

@@ -175,6 +175,7 @@ class DraftAssign(Message, frozen=True, kw_only=True):
     branch: int = 16
     beams: int = 32
     temperature: float = 1.0  # candidates scored at this temperature (`tree_temperature`)
+    cycle: int = 0  # the session's next cycle (0 for a new session; more when it moves to this edge)
 
 
 class SessionOpen(Message, frozen=True, kw_only=True):

@@ -57,6 +57,10 @@ def tokens_key(session_id: str) -> str:
     return f"{PREFIX}:session:{session_id}:tokens"
 
 
+def edge_suspension_key(edge_id: str) -> str:
+    return f"{PREFIX}:edge_suspended:{edge_id}"
+
+
 def api_key_key(key_hash: str) -> str:
     return f"{PREFIX}:apikey:{key_hash}"
 
@@ -200,6 +204,14 @@ class SessionStore:
 
     async def end(self, session_id: str) -> None:
         await self.client.delete(session_key(session_id), tokens_key(session_id))
+
+    async def suspend_edge(self, edge_id: str, seconds: float) -> None:
+        """Record that an edge is cut off, for every scheduler, for `seconds`."""
+        await self.client.set(edge_suspension_key(edge_id), 1, px=max(1, int(seconds * 1000)))
+
+    async def edge_suspension(self, edge_id: str) -> float:
+        """Seconds left of an edge's suspension (0: none)."""
+        return max(0.0, await self.client.pttl(edge_suspension_key(edge_id)) / 1000)
 
 
 # -- API keys ------------------------------------------------------------------------------

@@ -43,6 +43,13 @@ def registry_leave(role: str, instance_id: str) -> str:
     return f"{PREFIX}.registry.leave.{_token(role)}.{_token(instance_id)}"
 
 
+def announcer(subject: str) -> tuple[str, str]:
+    """(role, instance id) that an announcement subject names ("", "" if it names none)."""
+    parts = subject.split(".")
+    start = len(PREFIX.split(".")) + 2
+    return (parts[start], parts[start + 1]) if len(parts) > start + 1 else ("", "")
+
+
 REGISTRY_ANNOUNCE_ALL = f"{PREFIX}.registry.announce.>"
 REGISTRY_LEAVE_ALL = f"{PREFIX}.registry.leave.>"
 REGISTRY_DISCOVER = f"{PREFIX}.registry.discover"

@@ -88,6 +88,17 @@ class SessionState:
     # trees sent ahead of this cycle's result, by cycle (a chain: each guesses the one before)
     ahead: dict[int, DraftTreeMsg] = field(default_factory=dict)
     last_committed: tuple[int, ...] = ()  # what the last verified cycle committed (accepted + bonus)
+    left: set[str] = field(default_factory=set)  # edges it was taken from: never given back to them
+
+
+@dataclass(frozen=True)
+class Move:
+    """A session changes drafter at a cycle boundary (`SchedulingPolicy.rehome`)."""
+
+    session_id: str
+    from_edge: str | None  # None: it took server steps
+    to_edge: str | None  # None: it takes server steps
+    cause: str  # "useless_drafter" (its edge's trees are not accepted) or "drafter_free" (one has room now)
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,8 @@ class SchedulingPolicy:
     """Least-loaded assignment and FIFO batching; silent edges and verifiers time out."""
 
     MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
+    JUDGE_AFTER = 8  # an edge's trees verified before its acceptance decides anything
+    USELESS_BELOW = 0.25  # accepted tokens per tree below which an edge's trees do not pay for their nodes
     DEADLINE_MARGIN = 4.0  # an edge with measured turnarounds has this × its recent peak to draft,
     MIN_DRAFT_DEADLINE_S = 1.0  # but at least this, and at most `draft_timeout_s`
 
@@ -195,6 +208,7 @@ class SchedulingPolicy:
         for session_id in edge.sessions:
             self.sessions[session_id].edge = None
             self.sessions[session_id].ahead.clear()
+            self.sessions[session_id].left.add(instance_id)
             self._edgeless.add(session_id)
         return sorted(edge.sessions)
 
@@ -214,6 +228,7 @@ class SchedulingPolicy:
                 edge = self.edges.get(state.edge)
                 if edge is not None:
                     edge.sessions.discard(state.session_id)
+                state.left.add(state.edge)
                 state.edge, state.waiting_since = None, None
                 state.ahead.clear()
                 self._edgeless.add(state.session_id)
@@ -316,17 +331,67 @@ class SchedulingPolicy:
                 sizes[state.group] += 1
         return sizes.index(min(sizes))
 
-    def _drafter_for(self, mode: Mode, user: str, fingerprint: str) -> Worker | None:
+    def _drafter_for(self, mode: Mode, user: str, fingerprint: str,
+                     exclude: set[str] | frozenset[str] = frozenset()) -> Worker | None:
         pools = {"specedge": [("user", user), ("shared", ""), ("server", "")],
                  "server-only": [("server", "")], "autoregressive": []}[mode]
         for pool, owner in pools:
             if pool == "user" and not user:
                 continue
             edges = [w for w in self.edges.values() if w.pool == pool and w.user == owner and w.free > 0
-                     and w.fingerprint == fingerprint]
+                     and w.fingerprint == fingerprint and w.instance_id not in exclude
+                     and self.helps(w.instance_id)]
             if edges:
                 return max(edges, key=lambda w: (w.free, w.instance_id))
         return None
+
+    def helps(self, edge: str) -> bool:
+        """Whether an edge's trees pay for themselves: unjudged (fewer than `JUDGE_AFTER`
+        trees verified), or at least `USELESS_BELOW` accepted tokens per tree. A drafter that
+        does not help — hostile, or a draft model that does not fit the target — gets no new
+        sessions, and its sessions move away (`rehome`)."""
+        timing = self.timings.get(edge)
+        return timing is None or timing.verifications < self.JUDGE_AFTER or \
+            timing.accepted_per_tree >= self.USELESS_BELOW
+
+    def rehome(self, session_id: str) -> Move | None:
+        """At a cycle boundary (its result just came, no tree out or sent ahead): take the
+        session from an edge that does not help, and give a session without an edge one that
+        has room (never one it left). The session is in flight until `draft_due` once it has
+        a new edge. None: it stays as it is."""
+        state = self.sessions.get(session_id)
+        if state is None or state.in_flight or state.ahead:
+            return None
+        old, cause = state.edge, "drafter_free"
+        if old is not None:
+            if self.helps(old):
+                return None
+            if (edge := self.edges.get(old)) is not None:
+                edge.sessions.discard(session_id)
+            state.left.add(old)
+            state.edge, state.waiting_since, cause = None, None, "useless_drafter"
+            self._edgeless.add(session_id)
+        elif session_id not in self._edgeless:
+            return None
+        verifier = self.verifiers.get(state.verifier)
+        new = self._drafter_for(state.mode, state.user, verifier.fingerprint if verifier else "", state.left)
+        if new is None:
+            return Move(session_id, old, None, cause) if old is not None else None
+        new.sessions.add(session_id)
+        state.edge, state.in_flight, state.waiting_since = new.instance_id, True, None
+        self._edgeless.discard(session_id)
+        return Move(session_id, old, new.instance_id, cause)
+
+    def unhome(self, session_id: str) -> None:
+        """A move to a new edge could not be carried out: server steps, as before."""
+        state = self.sessions.get(session_id)
+        if state is None or state.edge is None:
+            return
+        if (edge := self.edges.get(state.edge)) is not None:
+            edge.sessions.discard(session_id)
+        state.left.add(state.edge)
+        state.edge, state.in_flight, state.waiting_since = None, False, None
+        self._edgeless.add(session_id)
 
     def draft_due(self, session_id: str, now: float) -> None:
         """The session is prefilled and its edge (if any) told to draft: trees may come,
@@ -589,9 +654,23 @@ class SchedulingPolicy:
             self._choose_groups(verifier)
 
     def shape_for(self, session_id: str) -> tuple[int, int]:
-        """(budget, depth) for the session's next tree. Fixed unless the strategy is
-        `pipeline`: then the deepest tree that arrives in time, and no more nodes than
-        keep the batch's node cost within `node_cost_share` of a verifier pass."""
+        """(budget, depth) for the session's next tree (`_shape_for`), no larger than its
+        edge's acceptance pays for: an edge judged to accept fewer than one token per tree
+        gets trees shrunk in proportion (never below `min_budget`)."""
+        budget, depth = self._shape_for(session_id)
+        state = self.sessions.get(session_id)
+        timing = self.timings.get(state.edge) if state is not None and state.edge is not None else None
+        if timing is not None and timing.verifications >= self.JUDGE_AFTER and timing.accepted_per_tree < 1 \
+                and budget > self.min_budget:
+            budget = max(self.min_budget, int(budget * timing.accepted_per_tree))
+            depth = min(depth, budget)
+            state.budget, state.depth = budget, depth
+        return budget, depth
+
+    def _shape_for(self, session_id: str) -> tuple[int, int]:
+        """(budget, depth) fixed unless the strategy is `pipeline`: then the deepest tree
+        that arrives in time, and no more nodes than keep the batch's node cost within
+        `node_cost_share` of a verifier pass."""
         state = self.sessions.get(session_id)
         drafter = self.edges.get(state.edge) if state is not None and state.edge is not None else None
         if drafter is not None and drafter.pool == "server":

@@ -29,6 +29,7 @@ import uuid
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -55,7 +56,8 @@ from specedge.protocol import (
     cut_output,
 )
 from specedge.state import SessionStore
-from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
+from specedge_scheduler.guard import EdgeGuard, Verdict
+from specedge_scheduler.policy import Move, NoCapacityError, SchedulingPolicy
 from specedge_scheduler.tracing import SessionSpans, batch_span
 
 log = logging.getLogger("specedge_scheduler")
@@ -81,8 +83,11 @@ class SchedulerService:
 
     def __init__(self, nc: Client, instance_id: str, store: SessionStore, policy: SchedulingPolicy,
                  draft_shape: dict[str, int], request_timeout_s: float = 30.0,
-                 metrics: SchedulerMetrics | None = None, heartbeat_s: float = 2.0) -> None:
+                 metrics: SchedulerMetrics | None = None, heartbeat_s: float = 2.0,
+                 guard: EdgeGuard | None = None) -> None:
         self.nc, self.instance_id, self.store = nc, instance_id, store
+        self.guard = guard or EdgeGuard()
+        self._draft_subs: dict[str, Subscription] = {}  # per edge: its drafts to us (none while it is cut off)
         self.policy, self.draft_shape = policy, draft_shape
         self.request_timeout_s, self.heartbeat_s = request_timeout_s, heartbeat_s
         self._started = self._heard = time.monotonic()  # _heard: the last heartbeat of anyone (us included)
@@ -106,7 +111,6 @@ class SchedulerService:
         await bus.subscribe(nc, subjects.REGISTRY_LEAVE_ALL, cb=self.on_leave)
         await bus.subscribe(nc, subjects.SESSIONS_OPEN, queue="schedulers", cb=self.on_open)
         await bus.subscribe(nc, subjects.SESSIONS_CLOSE, cb=self.on_close)
-        await bus.subscribe(nc, subjects.drafts_for(self.instance_id), cb=self.on_draft)
         await bus.subscribe(nc, subjects.stats("scheduler", self.instance_id), cb=self.on_stats)
         await self.nc.flush()
 
@@ -124,7 +128,13 @@ class SchedulerService:
 
     async def on_announce(self, msg: Msg) -> None:
         """Believe an announcement only on its own subject: NATS permissions bind that subject
-        (an edge's id, pool and user) to the announcer's credentials."""
+        (an edge's id, pool and user) to the announcer's credentials. An edge's are rate
+        limited before they are decoded, and a cut-off edge's dropped."""
+        role, instance = subjects.announcer(msg.subject)
+        if role == "edge-agent" and (verdict := self.guard.announcement(instance, time.monotonic())) != Verdict.ADMIT:
+            if verdict != Verdict.SUSPENDED:
+                self._offence(instance, verdict, "an announcement")
+            return
         try:
             ann = protocol.decode(msg.data, ServiceAnnouncement)
             if msg.subject != registry.announce_subject(ann):
@@ -160,6 +170,8 @@ class SchedulerService:
             self.policy.verifier_seen(ann.instance_id, capacity, now, fingerprint,
                                       int(free_tokens) if free_tokens is not None else None)
         elif ann.role == "edge-agent":
+            if not await self._listening_to(ann.instance_id, now):
+                return  # cut off
             new = ann.instance_id not in self.policy.edges
             user, pool = ann.details.get("user", ""), ann.details.get("pool", "shared")
             if not self.policy.edge_seen(ann.instance_id, capacity, now, fingerprint, user, pool) and new:
@@ -177,6 +189,7 @@ class SchedulerService:
             self.reject("bad_leave", "a leave message")
             return
         if leave.role == "edge-agent":
+            await self._stop_listening(leave.instance_id)
             await self._fall_back(leave.instance_id, self.policy.edge_gone(leave.instance_id))
         elif leave.role == "verifier":
             await self._verifier_gone(leave.instance_id, self.policy.verifier_gone(leave.instance_id))
@@ -184,10 +197,69 @@ class SchedulerService:
             self._schedulers.pop(leave.instance_id, None)
             self._last_scan = 0.0  # its sessions are ours to take over now
 
-    async def _fall_back(self, edge: str, sessions: list[str]) -> None:
-        self.metrics.fallbacks.labels("edge_lost").inc(len(sessions))
+    # -- what one edge may cost (`guard`) ------------------------------------------------
+
+    async def _listening_to(self, edge: str, now: float) -> bool:
+        """Subscribe to a newly seen edge's drafts to us; False if it is cut off (here, or by
+        another scheduler: the suspension is in Redis)."""
+        if self.guard.suspended(edge, now):
+            return False
+        if edge in self._draft_subs:
+            return True
+        try:
+            left = await self.store.edge_suspension(edge)
+        except Exception as exc:  # Redis unreachable: our own record decides
+            log.warning("cannot read edge %s's suspension from Redis: %r", edge, exc)
+            left = 0.0
+        if left > 0:
+            self.guard.suspend(edge, now + left)
+            return False
+        if edge not in self._draft_subs:  # (another announcement may have subscribed meanwhile)
+            self._draft_subs[edge] = await bus.subscribe(self.nc, subjects.drafts(edge, self.instance_id),
+                                                         cb=self.on_draft)
+        return True
+
+    async def _stop_listening(self, edge: str) -> None:
+        """Unsubscribe from an edge's drafts: the NATS server drops them from then on."""
+        self.guard.forget(edge)
+        if (sub := self._draft_subs.pop(edge, None)) is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _offence(self, edge: str, reason: str, what: str) -> None:
+        """Count a refused message from an edge; the one that crosses the limit cuts it off."""
+        self.reject(reason, what)
+        if self.guard.offence(edge, time.monotonic()):
+            self._spawn(self._cut_off(edge))  # (not in the drafts subscription's own task: it is unsubscribed)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cut_off(self, edge: str) -> None:
+        """Suspend an edge for `suspend_s`: no more of its drafts reach us, its sessions go to
+        other drafters (server steps until one has room), other schedulers learn it from Redis."""
+        lim = self.guard.limits
+        log.warning("edge %s cut off for %.0fs: %d refused messages within %.0fs", edge, lim.suspend_s,
+                    lim.offence_limit, lim.window_s)
+        self.metrics.edges_cut_off.inc()
+        await self._stop_listening(edge)
+        sessions = self.policy.edge_gone(edge)
+        await self._fall_back(edge, sessions, cause="edge_cut_off")
+        with contextlib.suppress(Exception):
+            await bus.publish(self.nc, subjects.edge_refused(edge), protocol.encode(EdgeRefused(
+                reason="cut_off", message=f"too many refused messages; suspended for {lim.suspend_s:.0f}s")))
+        try:
+            await self.store.suspend_edge(edge, lim.suspend_s)
+        except Exception as exc:
+            log.warning("cannot record edge %s's suspension in Redis: %r", edge, exc)
+
+    async def _fall_back(self, edge: str, sessions: list[str], cause: str = "edge_lost") -> None:
+        self.metrics.fallbacks.labels(cause).inc(len(sessions))
         if sessions:
-            log.warning("edge %s is gone; %d session(s) continue with server steps", edge, len(sessions))
+            log.warning("edge %s is gone (%s); %d session(s) continue with server steps until another drafter "
+                        "has room", edge, cause, len(sessions))
         for sid in sessions:  # an edge that was only stalled frees them when it comes back
             await bus.publish(self.nc, subjects.edge_close(edge), protocol.encode(CloseSession(session_id=sid)))
         self._wake.set()
@@ -304,16 +376,27 @@ class SchedulerService:
                 "temperature": output.tree_temperature if output is not None else 1.0}
 
     async def on_draft(self, msg: Msg) -> None:
-        edge = msg.subject.split(".")[-2]
-        if (tree := self.reject.decode(msg.data, DraftTreeMsg, f"a draft from {edge}")) is None:
+        """A draft from one edge (its own subscription): size and rate checked before it is
+        decoded; anything refused is an offence (`guard`)."""
+        edge, now = msg.subject.split(".")[-2], time.monotonic()
+        worker = self.policy.edges.get(edge)
+        verdict = self.guard.draft(edge, len(msg.data), len(worker.sessions) if worker is not None else 0, now)
+        if verdict != Verdict.ADMIT:
+            if verdict != Verdict.SUSPENDED:
+                self._offence(edge, verdict, f"a draft from {edge}")
             return
-        state, now = self.policy.sessions.get(tree.session_id), time.monotonic()
+        try:
+            tree = protocol.decode(msg.data, DraftTreeMsg)
+        except ProtocolError as exc:
+            self._offence(edge, exc.reason, f"a draft from {edge}")
+            return
+        state = self.policy.sessions.get(tree.session_id)
         waiting_since = state.waiting_since if state is not None else None
         if (reason := self.policy.draft_arrived(tree, edge, now, tree.draft_ms / 1000)) is not None:
             if reason == "ahead_unused":  # sent ahead on a guess that did not come true: no offence
                 self.metrics.drafts_ahead.labels("missed").inc()
             else:
-                self.reject(reason, f"a draft from {edge}")
+                self._offence(edge, reason, f"a draft from {edge}")
             return
         if state is not None and state.ahead.get(tree.cycle) is tree:
             return  # held until this cycle's result says whether its guess came true
@@ -363,6 +446,7 @@ class SchedulerService:
         self._bus_quiet = quiet
         if not quiet:
             for edge, sessions in self.policy.expire_edges(now).items():
+                await self._stop_listening(edge)
                 await self._fall_back(edge, sessions)
             for verifier, lost in self.policy.expire_verifiers(now).items():
                 await self._verifier_gone(verifier, lost)
@@ -479,19 +563,53 @@ class SchedulerService:
             self._wake.set()
         if held:
             self.metrics.drafts_ahead.labels("used" if ahead is not None else "missed").inc()
+        move = self.policy.rehome(sid) if reason is None and not held else None
         with output.spans.delivering(result, len(keep), reason) as delivery:
             await self._emit(sid, output, keep, reason, drafted, len(result.accepted), context=delivery)
             if reason is None:
                 output.spans.begin_cycle(result.cycle + 1)
                 if ahead is not None:
                     output.spans.draft_arrived(ahead.cycle)
-                if state.edge is not None:
+                if move is not None:
+                    await self._move(move, output)
+                elif state.edge is not None:
                     budget, depth = self.policy.shape_for(sid)
                     result = msgspec.structs.replace(result, next_budget=budget, next_depth=depth)
                     await bus.publish(self.nc, subjects.edge_result(state.edge), protocol.encode(result),
                                       context=output.spans.context)
         if reason is not None:
             await self._end(sid)
+
+    async def _move(self, move: Move, output: _Output) -> None:
+        """Carry out a drafter change decided by the policy at a cycle boundary: the old edge
+        closes the session, the new one (if any) gets every committed token and the cycle."""
+        sid = move.session_id
+        self.metrics.drafter_moves.labels(move.cause).inc()
+        log.info("session %s moves from %s to %s (%s)", sid[:16], move.from_edge or "server steps",
+                 move.to_edge or "server steps", move.cause)
+        if move.from_edge is not None:
+            await bus.publish(self.nc, subjects.edge_close(move.from_edge),
+                              protocol.encode(CloseSession(session_id=sid)))
+        if move.to_edge is None:
+            self._wake.set()
+            return
+        state = self.policy.sessions.get(sid)
+        try:
+            record = await self.store.load(sid)
+        except Exception as exc:
+            log.warning("cannot read session %s from Redis to move it: %r", sid[:16], exc)
+            record = None
+        if state is None or record is None or len(record.tokens) != state.committed_len:
+            self.policy.unhome(sid)  # server steps, as before the move
+            self._wake.set()
+            return
+        with contextlib.suppress(Exception):  # who drafts it now, should another scheduler take it over
+            await self.store.assign(sid, edge=move.to_edge)
+        await bus.publish(self.nc, subjects.edge_assign(move.to_edge), protocol.encode(
+            DraftAssign(session_id=sid, tokens=record.tokens, scheduler=self.instance_id, cycle=state.cycle,
+                        **self._shape(sid))), context=output.spans.context)
+        self.policy.draft_due(sid, time.monotonic())
+        self._wake.set()
 
     async def _emit(self, sid: str, output: _Output, keep: list[int], reason: str | None, drafted: int = 0,
                     accepted: int = 0, context: otel_context.Context | None = None) -> None:
@@ -584,6 +702,6 @@ class SchedulerService:
         spans.begin_cycle(record.cycle)
         if assignment.edge is not None:
             await bus.publish(self.nc, subjects.edge_assign(assignment.edge), protocol.encode(
-                DraftAssign(session_id=sid, tokens=record.tokens, scheduler=self.instance_id,
+                DraftAssign(session_id=sid, tokens=record.tokens, scheduler=self.instance_id, cycle=record.cycle,
                             **self._shape(sid))), context=spans.context)
         self._wake.set()

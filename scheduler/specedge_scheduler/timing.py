@@ -55,6 +55,8 @@ class EdgeTiming:
     rest_s: float | None = None  # turnaround minus drafting: round trip and queueing
     levels_tried: float = 0.0  # decayed counts of tree levels offered and accepted,
     levels_accepted: float = 0.0  # for the per-level acceptance estimate
+    verifications: int = 0  # trees of this edge verified
+    accepted_per_tree: float = 0.0  # accepted drafted tokens per verified tree (weighted to the recent)
 
     def add(self, turnaround_s: float, draft_s: float, depth: int) -> None:
         def ewma(old: float | None, new: float) -> float:
@@ -69,6 +71,9 @@ class EdgeTiming:
     def verified(self, depth: int, new_tokens: int) -> None:
         """A tree of `depth` levels gave `new_tokens` (accepted path + bonus)."""
         accepted = min(new_tokens - 1, depth)
+        self.verifications += 1
+        weight = max(self.alpha, 1 / self.verifications)  # the plain mean until 1/alpha trees, then an EWMA
+        self.accepted_per_tree += weight * (new_tokens - 1 - self.accepted_per_tree)
         self.levels_tried = 0.98 * self.levels_tried + min(accepted + 1, depth)
         self.levels_accepted = 0.98 * self.levels_accepted + accepted
 

@@ -32,7 +32,7 @@ def test_one_streaming_request_is_one_trace_with_a_span_per_cycle(nats_url, redi
             "edge-agent": start_cli(["edge-agent", "--nats-url", nats_url, "--max-len", "1024"], env,
                                     tmp_path / "edge.log"),
             "gateway": start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--no-api-key",
-                                  "--port", str(port)], env, tmp_path / "gateway.log"),
+                                  "--max-context", "1024", "--port", str(port)], env, tmp_path / "gateway.log"),
         }
         try:
             base = f"http://127.0.0.1:{port}"

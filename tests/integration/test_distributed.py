@@ -46,7 +46,8 @@ def cluster(servers, tmp_path_factory):
     }
     ports = [free_port(), free_port(), free_port()]
     for i, port in enumerate(ports):
-        specs[f"gateway-{i + 1}"] = ["gateway", *common, "--redis-url", redis_url, "--port", str(port)]
+        specs[f"gateway-{i + 1}"] = ["gateway", *common, "--redis-url", redis_url, "--port", str(port),
+                                       "--max-context", "1024"]
     specs["gateway-3"] += ["--max-concurrent-per-key", "1"]
     procs = {name: start_cli(argv, env, logs / f"{name}.log") for name, argv in specs.items()}
     ids = {}

@@ -51,7 +51,8 @@ class Stack:
         self.start("verifier", ["verifier", *common, "--redis-url", self.redis.url, "--max-len", "1024"])
         self.start("edge-agent", ["edge-agent", *common, "--max-len", "1024"])
         self.start_scheduler()
-        self.start("gateway", ["gateway", *common, "--redis-url", self.redis.url, "--port", str(self.port)])
+        self.start("gateway", ["gateway", *common, "--redis-url", self.redis.url, "--port", str(self.port),
+                                "--max-context", "1024"])
         self.key = asyncio.run(self._create_key())
 
     def start(self, role: str, argv: list[str], name: str | None = None) -> None:

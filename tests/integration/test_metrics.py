@@ -20,7 +20,8 @@ def test_metrics_add_up_across_gateway_scheduler_and_verifier(nats_url, redis_ur
         "edge-agent": start_cli(["edge-agent", "--nats-url", nats_url, "--max-len", "1024"], cli_env,
                                 tmp_path / "edge.log"),
         "gateway": start_cli(["gateway", "--nats-url", nats_url, "--redis-url", redis_url, "--no-api-key",
-                              "--port", str(ports["gateway"])], cli_env, tmp_path / "gateway.log"),
+                              "--max-context", "1024", "--port", str(ports["gateway"])], cli_env,
+                             tmp_path / "gateway.log"),
     }
     try:
         gateway = f"http://127.0.0.1:{ports['gateway']}"

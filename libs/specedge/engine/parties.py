@@ -232,14 +232,15 @@ class Drafter:
         self.sessions: dict[str, _DraftSession] = {}
         self.stats = DrafterStats()
 
-    def open(self, session_id: str, prompt: list[int], params: TreeParams | None = None) -> None:
-        """Prefill the prompt but its last token; `params` (default: the drafter's) shape this session's trees."""
+    def open(self, session_id: str, prompt: list[int], params: TreeParams | None = None, cycle: int = 0) -> None:
+        """Prefill the prompt but its last token; `params` (default: the drafter's) shape this session's trees;
+        `cycle`: the session's next cycle (more than 0 when it moves here from another drafter)."""
         params = params or self.params
         if params.depth * params.beams > self.params.depth * self.params.beams:
             raise ValueError("tree parameters beyond what this drafter's cache was sized for")
         self.runner.open(session_id)
         self.runner.prefill(session_id, prompt[:-1])
-        self.sessions[session_id] = _DraftSession(list(prompt), params)
+        self.sessions[session_id] = _DraftSession(list(prompt), params, cycle=cycle)
 
     def close(self, session_id: str) -> None:
         self.runner.evict(session_id)
