@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from specedge.config import Credentials, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build
+from specedge_scheduler.guard import GuardLimits
 from specedge_scheduler.settings import SchedulerSettings
 
 
@@ -49,6 +50,14 @@ def command(
     server_depth: Annotated[int, typer.Option(
         "--server-depth", envvar="SPECEDGE_SERVER_DEPTH",
         help="Tree depth for server-side drafters (0: same as --depth).")] = 0,
+    edge_offence_limit: Annotated[int, typer.Option(
+        "--edge-offence-limit", envvar="SPECEDGE_EDGE_OFFENCE_LIMIT", min=1,
+        help="Refused messages (malformed, oversized, too fast, unsolicited) within 10 s that cut an edge off.")]
+    = GuardLimits.offence_limit,
+    edge_suspend: Annotated[float, typer.Option(
+        "--edge-suspend", envvar="SPECEDGE_EDGE_SUSPEND", min=1.0,
+        help="Seconds an edge that was cut off stays suspended (for every scheduler, through Redis).")]
+    = GuardLimits.suspend_s,
     metrics_port: MetricsPort = 0,
     name: Name = None,
     log_level: LogLevelOpt = "info",
@@ -63,6 +72,6 @@ def command(
                      draft_timeout_s=draft_timeout, request_timeout_s=request_timeout,
                      session_ttl_s=session_ttl, strategy=strategy, budget=budget,
                      server_budget=server_budget, depth=depth, server_depth=server_depth,
-                     metrics_port=metrics_port, name=name,
-                     log_level=log_level)
+                     edge_offence_limit=edge_offence_limit, edge_suspend_s=edge_suspend,
+                     metrics_port=metrics_port, name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)

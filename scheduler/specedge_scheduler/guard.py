@@ -27,9 +27,9 @@ class GuardLimits:
     drafts_per_s_per_session: float = 50.0  # and for each session it drafts for (trees ahead included)
     burst_s: float = 2.0  # the bucket holds this many seconds of its rate
     announcements_per_s: float = 4.0  # heartbeats, with room for a reconnect's burst
-    offence_limit: int = 50  # offences within `window_s` that cut an edge off
+    offence_limit: int = 50  # offences within `window_s` that cut an edge off (`--edge-offence-limit`)
     window_s: float = 10.0
-    suspend_s: float = 300.0
+    suspend_s: float = 300.0  # `--edge-suspend`
 
 
 class Verdict(enum.StrEnum):

@@ -10,6 +10,7 @@ from specedge import bus, registry, telemetry
 from specedge.metrics import SchedulerMetrics
 from specedge.service import Lifecycle
 from specedge.state import SessionStore, connect_redis
+from specedge_scheduler.guard import EdgeGuard, GuardLimits
 from specedge_scheduler.policy import SchedulingPolicy
 from specedge_scheduler.service import SchedulerService
 from specedge_scheduler.settings import SchedulerSettings
@@ -34,8 +35,10 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
         shape = {"budget": settings.budget, "depth": settings.depth, "branch": 16, "beams": 32}
         metrics = SchedulerMetrics()
         metrics.serve(settings.metrics_port)
+        guard = EdgeGuard(GuardLimits(offence_limit=settings.edge_offence_limit, suspend_s=settings.edge_suspend_s))
         service = SchedulerService(nc, me.instance_id, store, policy, shape, metrics=metrics,
-                                   request_timeout_s=settings.request_timeout_s, heartbeat_s=settings.heartbeat_s)
+                                   request_timeout_s=settings.request_timeout_s, heartbeat_s=settings.heartbeat_s,
+                                   guard=guard)
         await service.subscribe()
         await service.refresh()
         await stack.enter_async_context(registry.presence(nc, me))

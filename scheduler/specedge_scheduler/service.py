@@ -80,6 +80,7 @@ class SchedulerService:
     HOUSEKEEPING_S = 0.1
     ORPHAN_MAX_IDLE_S = 90.0  # an orphaned session without a commit for longer: nobody waits for it; deleted
     STATE_RETRY_S = 0.5  # wait between tries of a session whose Redis was unreachable
+    ENDED_MEMORY_S = 60.0  # how long a late draft for an ended session is forgiven
 
     def __init__(self, nc: Client, instance_id: str, store: SessionStore, policy: SchedulingPolicy,
                  draft_shape: dict[str, int], request_timeout_s: float = 30.0,
@@ -88,6 +89,7 @@ class SchedulerService:
         self.nc, self.instance_id, self.store = nc, instance_id, store
         self.guard = guard or EdgeGuard()
         self._draft_subs: dict[str, Subscription] = {}  # per edge: its drafts to us (none while it is cut off)
+        self._ended: dict[str, float] = {}  # sessions ended lately: a draft already on its way is no offence
         self.policy, self.draft_shape = policy, draft_shape
         self.request_timeout_s, self.heartbeat_s = request_timeout_s, heartbeat_s
         self._started = self._heard = time.monotonic()  # _heard: the last heartbeat of anyone (us included)
@@ -347,6 +349,7 @@ class SchedulerService:
         self.policy.finish(session_id)
         if state is None:
             return
+        self._ended[session_id] = time.monotonic()
         try:
             await self.store.end(session_id)
         except Exception as exc:  # the keys expire on their own
@@ -395,6 +398,9 @@ class SchedulerService:
         if (reason := self.policy.draft_arrived(tree, edge, now, tree.draft_ms / 1000)) is not None:
             if reason == "ahead_unused":  # sent ahead on a guess that did not come true: no offence
                 self.metrics.drafts_ahead.labels("missed").inc()
+            elif (reason == "unknown_session" and tree.session_id in self._ended) or \
+                    (reason == "not_the_sessions_edge" and state is not None and edge in state.left):
+                self.reject(reason, f"a draft from {edge}")  # crossed an end or a move on the way: no offence
             else:
                 self._offence(edge, reason, f"a draft from {edge}")
             return
@@ -439,6 +445,8 @@ class SchedulerService:
                     timeout = min(timeout, max(0.001, wake - now))
 
     async def _housekeeping(self, now: float) -> None:
+        while self._ended and next(iter(self._ended.values())) < now - self.ENDED_MEMORY_S:
+            self._ended.pop(next(iter(self._ended)))
         quiet = now - self._heard > 2 * self.heartbeat_s  # not even our own heartbeat: the bus is down
         if quiet and not self._bus_quiet:
             log.warning("no heartbeat for %.1fs, not even our own: the bus is down; nobody is expired until "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from specedge.config import RedisServiceSettings
+from specedge_scheduler.guard import GuardLimits
 from specedge_scheduler.policy import Strategy
 
 
@@ -20,4 +21,6 @@ class SchedulerSettings(RedisServiceSettings):
     server_budget: int = Field(default=0, ge=0)  # 0: same as budget
     depth: int = Field(default=4, ge=0)
     server_depth: int = Field(default=0, ge=0)  # 0: same as depth
+    edge_offence_limit: int = Field(default=GuardLimits.offence_limit, ge=1)  # refused messages that cut an edge off
+    edge_suspend_s: float = Field(default=GuardLimits.suspend_s, ge=1)  # how long a cut-off edge stays suspended
     metrics_port: int = Field(default=0, ge=0, le=65535)  # /metrics on this port (0: off)

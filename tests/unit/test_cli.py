@@ -32,7 +32,7 @@ def test_top_level_lists_every_role_and_up():
                      "--log-level"]),
         ("scheduler", ["--nats-url", "--credentials", "--redis-url", "--max-batch", "--edge-timeout",
                        "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",
-                       "--budget", "--server-budget", "--depth", "--server-depth",
+                       "--budget", "--server-budget", "--depth", "--server-depth", "--edge-offence-limit", "--edge-suspend",
                        "--metrics-port", "--name", "--log-level"]),
         ("verifier", ["--nats-url", "--credentials",
                      "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
