@@ -34,10 +34,12 @@ async def run(nats_url: str, redis_url: str, events, commit: bool = True, end_re
     async with connect_redis(redis_url) as client:
         store = SessionStore(client)
         nc = await nats.connect(nats_url)
+        opened: list[str] = []
 
         async def on_open(msg):
             request = protocol.decode(msg.data, SessionOpen)
             sid = request.session_id
+            opened.append(sid)
             await store.create(sid, request.tokens, SamplingSpec(), scheduler="stand-in",
                                max_new_tokens=request.max_new_tokens, eos_ids=request.eos_ids)
             if commit:  # what the verifier commits before the scheduler publishes
@@ -57,6 +59,8 @@ async def run(nats_url: str, redis_url: str, events, commit: bool = True, end_re
             await sub.unsubscribe()
             await gateway_nc.close()
             await nc.close()
+            for sid in opened:  # no record left behind: a later test's scheduler would adopt it as orphaned
+                await store.end(sid)
     return codec, pieces
 
 

@@ -17,7 +17,7 @@ from specedge import protocol, registry, subjects
 from specedge.launcher import free_port
 from specedge.models import BUNDLED_DRAFT, bundled, tokenizer_fingerprint
 from specedge.protocol import DraftAssign, DraftTreeMsg, ServiceAnnouncement, SessionOpen, VerifyResult
-from tests.helpers import registered, scrape, start_cli, wait_for
+from tests.helpers import registered, schedulers_know, scrape, start_cli, wait_for
 from tests.sessions import collect, open_session, prompt_and_reference
 
 
@@ -111,7 +111,7 @@ async def test_a_hostile_edge_cannot_change_any_output_or_crash_anything(nats_ur
             cut_off.append(protocol.decode(msg.data, protocol.EdgeRefused))
 
         await nc.subscribe(subjects.edge_refused(evil), cb=on_refused)
-        await asyncio.sleep(2.0)  # the scheduler hears the hostile edge
+        await schedulers_know(nc, edges=1)  # the scheduler has heard the hostile edge
         sids = [uuid.uuid4().hex for _ in cases]
         subs = [await nc.subscribe(subjects.session_tokens(sid)) for sid in sids]
         opened = [await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=32, eos_ids=eos))
