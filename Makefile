@@ -1,6 +1,6 @@
 # The two commands: `make up` runs the whole system, `make test` runs the tests.
 # Both create (or reuse) the project virtualenv .venv and install the pinned dependencies
-# (requirements.txt) and the five project distributions into it first. `make test` (and
+# (requirements.txt) and the six project distributions into it first. `make test` (and
 # `make install`) also install Debian's `chromium` when /usr/bin/chromium is missing: the
 # dashboard test drives it headless (as root with apt-get; otherwise it says what to do).
 
@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.specedge-installed
-DISTS  := libs gateway scheduler verifier edge-agent
+DISTS  := libs gateway scheduler verifier edge-agent bench
 PYPROJECTS := $(foreach d,$(DISTS),$(d)/pyproject.toml)
 PYTEST_ARGS ?=
 

@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD/libs:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())"
 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/integration/test_exact_runner.py \
     tests/integration/test_equivalence.py 2>&1 | tee "$out/cuda-tests.txt"
-"$py" -m specedge.engine.bench_verify --device cuda --target qwen3-14b --batch 1,8,64 --nodes 8,33 \
+"$py" -m specedge_bench.verify --device cuda --target qwen3-14b --batch 1,8,64 --nodes 8,33 \
     --context 2048,4096 --repeats 5 --backends exact,flex --json "$out/verify-qwen3-14b.json" --markdown "$out/verify-qwen3-14b.md"
-"$py" -m specedge.engine.bench_verify --device cuda --target qwen3-0.6b --batch 1,8 --nodes 8,33 \
+"$py" -m specedge_bench.verify --device cuda --target qwen3-0.6b --batch 1,8 --nodes 8,33 \
     --context 2048 --repeats 5 --backends exact,flex --json "$out/draft-qwen3-0.6b.json" --markdown "$out/draft-qwen3-0.6b.md"

@@ -56,7 +56,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from specedge.engine.bench_agreement import agreement
+from specedge_bench.agreement import agreement
 
 log = logging.getLogger("train_tiny_pair")
 

@@ -3,8 +3,8 @@ end-of-turn ids, and incremental detokenization.
 
 Owns turning a chat or a prompt into token ids (the target's own `tokenizer.json` through
 the `tokenizers` library, its chat template through a sandboxed Jinja environment) and
-turning committed ids back into text piece by piece, never emitting half a UTF-8
-character. It knows nothing about HTTP or sessions.
+turning committed ids back into text piece by piece (`DecodeStream`: each id decoded
+once), never emitting half a UTF-8 character. It knows nothing about HTTP or sessions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class TextCodec:
@@ -47,39 +48,34 @@ class TextCodec:
 
 @dataclass
 class IncrementalText:
-    """Committed ids in, new text out; holds back an incomplete UTF-8 character and any
-    tail that could still become a stop string."""
+    """Committed ids in, new text out, in O(new tokens) per call: `tokenizers`' own
+    `DecodeStream` turns each id into its text once (holding back an incomplete UTF-8
+    character), and any tail that could still become a stop string waits."""
 
     codec: TextCodec
     stops: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    emitted: str = ""
     stopped: bool = False
+    _pending: str = ""  # decoded, not sent yet: it may begin a stop string
+    _stream: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
 
     def add(self, tokens: list[int]) -> str:
-        """New text that is safe to send now."""
-        self.ids += tokens
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # wait for the rest of the character
-        for stop in self.stops:
-            at = text.find(stop, max(0, len(self.emitted) - len(stop)))
-            if at != -1:
-                self.stopped = True
-                return self._emit(text[:at])
-        hold = max((len(s) - 1 for s in self.stops), default=0)
-        safe = len(text)
-        for n in range(hold, 0, -1):  # a tail that begins a stop string waits
-            if any(s.startswith(text[-n:]) for s in self.stops):
-                safe = len(text) - n
-                break
-        return self._emit(text[:safe])
+        """New text that is safe to send now. Sent text never holds the start of a stop
+        string, so only what is pending is searched."""
+        if self.stopped:
+            return ""
+        for token in tokens:
+            if (piece := self._stream.step(self.codec.tokenizer, token)) is not None:
+                self._pending += piece
+        pending = self._pending
+        if hits := [at for stop in self.stops if (at := pending.find(stop)) != -1]:
+            self.stopped, self._pending = True, ""
+            return pending[:min(hits)]
+        hold = next((n for n in range(min(len(pending), max((len(s) - 1 for s in self.stops), default=0)), 0, -1)
+                     if any(s.startswith(pending[-n:]) for s in self.stops)), 0)
+        self._pending = pending[len(pending) - hold:]
+        return pending[:len(pending) - hold]
 
     def flush(self) -> str:
         """At the end: whatever was held back (no stop string completed)."""
-        return "" if self.stopped else self._emit(self.codec.decode(self.ids))
-
-    def _emit(self, text: str) -> str:
-        new = text[len(self.emitted):] if text.startswith(self.emitted) else ""
-        self.emitted += new
-        return new
+        pending, self._pending = self._pending, ""
+        return "" if self.stopped else pending

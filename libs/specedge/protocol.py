@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import msgspec
 
@@ -18,8 +18,9 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 
 Role = Literal["gateway", "scheduler", "verifier", "edge-agent"]
-Mode = Literal["specedge", "server-only", "autoregressive"]
-"""How a session is drafted: on a user's edge, by a drafter on the server side, or not at all."""
+Mode = Literal["autoregressive", "server-only", "specedge"]
+"""How a session is drafted: not at all, by a drafter on the server side, or on a user's edge."""
+MODES: tuple[Mode, ...] = get_args(Mode)
 ROLES: tuple[Role, ...] = ("gateway", "scheduler", "verifier", "edge-agent")
 
 
@@ -119,12 +120,26 @@ def tree_temperature(sampling_temperature: float) -> float:
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """How the target draws tokens; a temperature below `GREEDY_BELOW` (0, say) is greedy."""
+    """How the target draws tokens — on the bus and in the engine (`engine.sampling`): a
+    temperature below `GREEDY_BELOW` (0, say) is greedy; top_k 0 and top_p 1 disable those
+    filters. Out-of-range values are refused when built or decoded."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def tree_temperature(self) -> float:

@@ -2,7 +2,7 @@
 
 A pure, clock-injected class: it imports neither NATS nor Redis, takes `now` from its
 caller and returns decisions as plain data, so the service wires it to the bus and a
-simulator can drive it (`simulator.py`). Three batching strategies:
+simulator can drive it (`bench/specedge_bench/simulator.py`). Three batching strategies:
 
 - `fifo`: whenever a verifier is free, the oldest queued trees (up to `max_batch`).
 - `two-groups`: the reference implementation's — sessions split into two groups that

@@ -13,6 +13,8 @@ Clocks of different machines are never compared.
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,14 +29,10 @@ class VerificationCost:
 
     def add(self, nodes: int, seconds: float) -> None:
         self._samples.append((nodes, seconds))
-        n = len(self._samples)
-        mean_x = sum(x for x, _ in self._samples) / n
-        mean_y = sum(y for _, y in self._samples) / n
-        var = sum((x - mean_x) ** 2 for x, _ in self._samples)
-        if var > 0:
-            slope = sum((x - mean_x) * (y - mean_y) for x, y in self._samples) / var
-            self.per_node_s = max(0.0, slope)
-        self.base_s = max(1e-6, mean_y - self.per_node_s * mean_x)
+        xs, ys = zip(*self._samples, strict=True)
+        with contextlib.suppress(statistics.StatisticsError):  # one batch size so far: keep the slope
+            self.per_node_s = max(0.0, statistics.linear_regression(xs, ys).slope)
+        self.base_s = max(1e-6, statistics.fmean(ys) - self.per_node_s * statistics.fmean(xs))
 
     def seconds(self, nodes: int) -> float:
         return self.base_s + self.per_node_s * nodes

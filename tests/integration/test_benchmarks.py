@@ -2,7 +2,8 @@
 
 import json
 
-from specedge.engine import bench_modes, bench_verify
+from specedge_bench import modes as bench_modes
+from specedge_bench import verify as bench_verify
 
 
 def test_bench_modes_runs_and_finds_identical_outputs(capsys):
@@ -22,7 +23,7 @@ def test_bench_verify_writes_its_grid(tmp_path, capsys):
 
 
 def test_bench_plane_runs_over_real_services(capsys):
-    from edge_agent import bench_plane
+    from specedge_bench import plane as bench_plane
 
     assert bench_plane.main(["--num-prompts", "1", "--max-tokens", "8"]) == 0
     out = capsys.readouterr().out

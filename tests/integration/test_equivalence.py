@@ -20,7 +20,7 @@ import torch
 from specedge.engine.generate import MODES, generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
 from tests.conftest import REPO
@@ -64,7 +64,7 @@ def test_greedy_output_of_every_mode_equals_transformers_generate(engine):
             reference = target.model.generate(torch.tensor([ids], device=target.device), do_sample=False,
                                                max_new_tokens=NEW_TOKENS)[0, len(ids):].tolist()
         for mode in MODES:
-            out = generate(mode, verifier, drafter, ids, SamplingParams(), NEW_TOKENS, eos)
+            out = generate(mode, verifier, drafter, ids, SamplingSpec(), NEW_TOKENS, eos)
             if out.token_ids != reference:
                 mismatches.append((i, mode, out.token_ids, reference))
     assert not mismatches, mismatches[:2]
@@ -75,7 +75,7 @@ def test_seeded_sampling_is_identical_across_modes(engine):
         pytest.skip("covered on CPU by tests/integration/test_exact_serving.py")
     _, verifier, drafter, eos, prompts = engine
     for seed, ids in enumerate(prompts):
-        params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, seed=seed)
+        params = SamplingSpec(temperature=0.7, top_p=0.9, top_k=50, seed=seed)
         outputs = {mode: generate(mode, verifier, drafter, ids, params, NEW_TOKENS, eos).token_ids
                    for mode in MODES}
         assert outputs["server-only"] == outputs["autoregressive"] == outputs["specedge"], seed
@@ -84,7 +84,7 @@ def test_seeded_sampling_is_identical_across_modes(engine):
 
 def test_specedge_mode_exchanges_only_compact_messages_and_drafts_proactively(engine):
     _, verifier, drafter, eos, prompts = engine
-    out = generate("specedge", verifier, drafter, prompts[0], SamplingParams(), NEW_TOKENS, eos,
+    out = generate("specedge", verifier, drafter, prompts[0], SamplingSpec(), NEW_TOKENS, eos,
                    one_way_delay_s=0.005)
     assert out.proactive_attempts == out.num_verifies
     assert out.proactive_hit_rate is not None

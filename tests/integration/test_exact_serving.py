@@ -10,6 +10,7 @@ import signal
 import time
 import uuid
 
+import msgspec
 import nats
 import pytest
 from transformers import AutoTokenizer
@@ -18,7 +19,6 @@ from specedge import subjects
 from specedge.engine.generate import MODES, generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Verifier
-from specedge.engine.sampling import SamplingParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids, tokenizer_fingerprint
 from specedge.protocol import SamplingSpec, SessionOpen
 from tests.helpers import registered, schedulers_know, start_cli, wait_for
@@ -42,9 +42,8 @@ def references():
     for i, text in enumerate(sample_prompts()):
         ids = chat_prompt_ids(target.tokenizer, text)
         for name, spec in SAMPLINGS.items():
-            spec = SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=1000 + i)
-            params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed)
-            out = generate("autoregressive", verifier, None, ids, params, NEW_TOKENS, eos).token_ids
+            spec = msgspec.structs.replace(spec, seed=1000 + i)
+            out = generate("autoregressive", verifier, None, ids, spec, NEW_TOKENS, eos).token_ids
             cases.append((f"{i}-{name}", ids, spec, out, sorted(eos)))
     return cases
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specedge.engine.bench_agreement import agreement, greedy_replies
 from specedge.engine.loading import ModelLoadError, load_causal_lm
 from specedge.models import (
     BUNDLED_DRAFT,
@@ -19,6 +18,7 @@ from specedge.models import (
     models_dir,
     tokenizer_fingerprint,
 )
+from specedge_bench.agreement import agreement, greedy_replies
 from tests.conftest import REPO
 
 TARGET, DRAFT = bundled(BUNDLED_TARGET), bundled(BUNDLED_DRAFT)

@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from specedge.engine.acceptance import accept
-from specedge.engine.bench_verify import count_host_transfers
 from specedge.engine.kv_pool import EXTENT, CacheFullError, SlotPool, plan
 from specedge.engine.paged_runner import PagedRunner, query_intervals
 from specedge.engine.parties import Verifier
 from specedge.engine.runner import ForwardRequest, ModelRunner
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge.protocol import DraftTreeMsg
+from specedge_bench.verify import count_host_transfers
 
 ATOL = 1e-5  # float32 on CPU: the two backends differ only in the order of the softmax's sums
 
@@ -122,13 +122,13 @@ def test_sessions_of_mixed_lengths_fill_the_pool_before_a_clear_refusal(model):
             if refused == 3:
                 break
             continue
-        verifier.open(f"s{i}", torch.randint(3, 4000, (length,), generator=gen).tolist(), SamplingParams())
+        verifier.open(f"s{i}", torch.randint(3, 4000, (length,), generator=gen).tolist(), SamplingSpec())
         admitted += 1
     pool = verifier.runner.pool
     used = sum(len(t.committed) for t in pool.tables.values())
     assert used >= 0.9 * pool.n_slots, (used, pool.n_slots, admitted)
     with pytest.raises(CacheFullError):
-        verifier.open("late", list(range(5, 5 + 4 * EXTENT)), SamplingParams())
+        verifier.open("late", list(range(5, 5 + 4 * EXTENT)), SamplingSpec())
     assert "late" not in verifier.sessions and "late" not in pool.tables
     assert sum(len(t.committed) for t in pool.tables.values()) == used  # nothing lost
 
@@ -155,7 +155,7 @@ def test_a_verify_pass_makes_one_device_to_host_transfer(model):
     verifier = Verifier(model, max_sessions=4, max_len=256)
     gen = torch.Generator().manual_seed(3)
     for i in range(4):
-        params = SamplingParams() if i % 2 else SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=i)
+        params = SamplingSpec() if i % 2 else SamplingSpec(temperature=0.8, top_p=0.9, top_k=50, seed=i)
         verifier.open(f"s{i}", torch.randint(3, 4000, (40 + 9 * i,), generator=gen).tolist(), params)
     trees = [DraftTreeMsg(session_id=f"s{i}", cycle=0, committed_len=40 + 9 * i, tokens=[5, 6, 7, 8],
                           parents=[-1, 0, 0, 2]) for i in range(4)]
@@ -176,7 +176,7 @@ def test_batched_acceptance_equals_the_plain_rule_on_hostile_trees():
         parents = [-1] + [int(torch.randint(0, j, (1,), generator=gen)) for j in range(1, n)]
         tokens = torch.randint(0, 6, (n,), generator=gen).tolist()  # a tiny vocabulary: repeats and hits
         trees.append((tokens, parents))
-        params.append(SamplingParams() if i % 3 == 0 else SamplingParams(temperature=1.3, top_k=i % 4, seed=i))
+        params.append(SamplingSpec() if i % 3 == 0 else SamplingSpec(temperature=1.3, top_k=i % 4, seed=i))
         roots.append(50 + i)
         logits.append(torch.randn(n, 6, generator=gen) * 3)
     batched = accept_batch(trees, torch.cat(logits), params, roots)
@@ -191,10 +191,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_that_ride_along_with_verifications
     verifier = Verifier(model, max_sessions=10, max_len=4500, max_tree_nodes=32)
     gen = torch.Generator().manual_seed(5)
     for i in range(8):
-        verifier.open(f"s{i}", torch.randint(3, 4000, (300,), generator=gen).tolist(), SamplingParams())
+        verifier.open(f"s{i}", torch.randint(3, 4000, (300,), generator=gen).tolist(), SamplingSpec())
     parents = [-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
     prompt = torch.randint(3, 4000, (4096,), generator=gen).tolist()
-    verifier.begin("long", prompt, SamplingParams())
+    verifier.begin("long", prompt, SamplingSpec())
     passes = 0
     while verifier.prefilling("long"):
         trees = [DraftTreeMsg(session_id=f"s{i}", cycle=verifier.sessions[f"s{i}"].cycle,

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specedge.engine.generate import generate
 from specedge.engine.parties import Drafter, StaleMessageError, Verifier, _first_choices
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import DraftTree, TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
 from specedge.protocol import DraftTreeMsg, tree_temperature
@@ -35,8 +35,8 @@ def test_verifying_several_sessions_at_once_equals_one_by_one(models):
     together = Verifier(target)
     apart = Verifier(target)
     for i, ids in enumerate(prompts(4)):
-        together.open(f"s{i}", ids, SamplingParams())
-        apart.open(f"s{i}", ids, SamplingParams())
+        together.open(f"s{i}", ids, SamplingSpec())
+        apart.open(f"s{i}", ids, SamplingSpec())
     assert together.verify(trees) == [apart.verify([t])[0] for t in trees]
     assert together.forward_passes < apart.forward_passes
 
@@ -44,7 +44,7 @@ def test_verifying_several_sessions_at_once_equals_one_by_one(models):
 def test_stale_and_malformed_trees_are_refused_without_changing_the_session(models):
     target, _ = models
     verifier = Verifier(target, max_tree_nodes=8)
-    verifier.open("s", prompts(1)[0], SamplingParams())
+    verifier.open("s", prompts(1)[0], SamplingSpec())
     good = DraftTreeMsg(session_id="s", cycle=0, committed_len=5, tokens=[7], parents=[-1])
     with pytest.raises(StaleMessageError):
         verifier.verify([DraftTreeMsg(session_id="s", cycle=1, committed_len=5, tokens=[7], parents=[-1])])
@@ -57,7 +57,7 @@ def test_stale_and_malformed_trees_are_refused_without_changing_the_session(mode
 def test_a_draft_equal_to_the_target_is_always_accepted_and_proactive_always_hits(models):
     target, _ = models
     params = TreeParams(budget=8, depth=3, branch=2, beams=4)
-    out = generate("specedge", Verifier(target), Drafter(target, params), prompts(1)[0], SamplingParams(),
+    out = generate("specedge", Verifier(target), Drafter(target, params), prompts(1)[0], SamplingSpec(),
                    max_new_tokens=40, eos_ids=set())
     assert out.tokens_per_verify[:-1] == [params.depth + 1] * (len(out.tokens_per_verify) - 1)
     assert out.proactive_hit_rate == 1.0
@@ -68,7 +68,7 @@ def test_a_tree_sent_ahead_is_the_tree_a_hit_makes_current_and_guesses_that_miss
     drafter, verifier = Drafter(draft, TreeParams(budget=12, depth=3, branch=4, beams=6)), Verifier(target)
     ids = prompts(1)[0]
     drafter.open("s", ids)
-    verifier.open("s", ids, SamplingParams())
+    verifier.open("s", ids, SamplingSpec())
     used = 0
     for _ in range(12):
         tree = drafter.draft("s")
@@ -107,7 +107,7 @@ def test_a_chain_of_trees_sent_ahead_serves_exactly_and_trees_two_deep_become_cu
     drafter = Drafter(draft, TreeParams(budget=12, depth=3, branch=4, beams=6), max_ahead=2)
     verifier = Verifier(target)
     drafter.open("s", tok_ids)
-    verifier.open("s", tok_ids, SamplingParams())
+    verifier.open("s", tok_ids, SamplingSpec())
     out, queue, two_deep, second = [], [drafter.draft("s")], 0, {}
     while len(out) < 120:
         while drafter.start_proactive("s"):  # a chain of at most two, each finished and sent ahead
@@ -145,7 +145,7 @@ def test_trees_scored_at_the_greedy_temperature_are_deeper_and_accept_more(model
         drafter = Drafter(draft, TreeParams(budget=16, depth=4, temperature=temperature))
         verifier = Verifier(target)
         drafter.open("s", ids)
-        verifier.open("s", ids, SamplingParams())
+        verifier.open("s", ids, SamplingSpec())
         out, per_verify, depth = [], [], []
         while len(out) < 96:
             tree = drafter.draft("s")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from specedge.engine.acceptance import accept
-from specedge.engine.sampling import SamplingParams, filtered_probs, uniform
+from specedge.engine.sampling import SamplingSpec, filtered_probs, uniform
 
 V = 8
-GREEDY = SamplingParams()
+GREEDY = SamplingSpec()
 
 
 def one_hot_logits(argmaxes: list[int]) -> torch.Tensor:
@@ -75,8 +75,8 @@ def random_tree(rng: random.Random, n: int):
     return tokens, parents
 
 
-@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.8, seed=3),
-                                    SamplingParams(temperature=1.3, top_p=0.7, top_k=5, seed=11)])
+@pytest.mark.parametrize("params", [GREEDY, SamplingSpec(temperature=0.8, seed=3),
+                                    SamplingSpec(temperature=1.3, top_p=0.7, top_k=5, seed=11)])
 def test_equals_slow_reference_on_random_trees(params):
     rng = random.Random(0)
     for trial in range(300):
@@ -89,7 +89,7 @@ def test_equals_slow_reference_on_random_trees(params):
 
 def test_sampled_tokens_follow_the_target_distribution():
     """Chi-square: bonus tokens drawn at many positions match softmax(logits / T) filtered."""
-    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=6, seed=1234)
+    params = SamplingSpec(temperature=0.9, top_p=0.9, top_k=6, seed=1234)
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
     expected = filtered_probs(logits, params)[0]
     n = 20000
@@ -106,7 +106,7 @@ def test_sampled_tokens_follow_the_target_distribution():
 
 def test_draft_is_irrelevant_to_the_output_distribution():
     """Whatever the tree proposes, the token committed at each position is the same draw."""
-    params = SamplingParams(temperature=1.0, seed=7)
+    params = SamplingSpec(temperature=1.0, seed=7)
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(1))
     alone = accept([0], [-1], logits, params, root_position=41)[1]
     tree_logits = logits.repeat(3, 1)
@@ -126,7 +126,7 @@ def test_a_tree_commits_what_decoding_one_token_at_a_time_commits():
         return torch.randn(V, generator=torch.Generator().manual_seed(hash(prefix) % 2**31)) * 2
 
     rng = random.Random(5)
-    for params in (GREEDY, SamplingParams(temperature=0.9, top_p=0.95, seed=8)):
+    for params in (GREEDY, SamplingSpec(temperature=0.9, top_p=0.95, seed=8)):
         for trial in range(200):
             context, root_position = (rng.randrange(V), rng.randrange(V)), 50 + trial
             sequential = []  # plain decoding, one token per step

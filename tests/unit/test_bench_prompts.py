@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specedge.bench import load_prompts
+from specedge_bench.serving import load_prompts
 
 
 def test_a_prompts_file_with_its_own_categories_or_none(tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from specedge import protocol
 from specedge.engine.acceptance import accept, accept_batch
-from specedge.engine.sampling import SamplingParams, sample
+from specedge.engine.sampling import SamplingSpec, sample
 from specedge.protocol import DraftTreeMsg, ProtocolError
 
 MESSAGES = [cls for cls in vars(protocol).values()
@@ -86,7 +86,7 @@ def toy_logits(prefix: tuple[int, ...], vocab: int = 8) -> torch.Tensor:
     return torch.randn(vocab, generator=torch.Generator().manual_seed(hash(prefix) % 2**31)) * 2
 
 
-def decode_one_at_a_time(context: tuple[int, ...], params: SamplingParams, root_position: int, n: int) -> list[int]:
+def decode_one_at_a_time(context: tuple[int, ...], params: SamplingSpec, root_position: int, n: int) -> list[int]:
     """Target-only decoding: one token per step, drawn at its own absolute position."""
     out: list[int] = []
     for k in range(n):
@@ -95,8 +95,8 @@ def decode_one_at_a_time(context: tuple[int, ...], params: SamplingParams, root_
 
 
 params_strategy = st.one_of(
-    st.just(SamplingParams()),
-    st.builds(SamplingParams, temperature=st.floats(0.1, 2.0), top_p=st.floats(0.05, 1.0),
+    st.just(SamplingSpec()),
+    st.builds(SamplingSpec, temperature=st.floats(0.1, 2.0), top_p=st.floats(0.05, 1.0),
               top_k=st.integers(0, 8), seed=st.integers(0, 2**63 - 1)))
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from specedge.engine.sampling import SamplingParams, filtered_probs, sample, uniform
+from specedge.engine.sampling import SamplingSpec, filtered_probs, sample, uniform
 from specedge.protocol import GREEDY_BELOW
 
 
@@ -18,22 +18,22 @@ def test_uniform_is_a_function_of_seed_and_position():
 
 def test_greedy_is_argmax_and_first_index_on_ties():
     logits = torch.tensor([[0.0, 3.0, 3.0, 1.0]])
-    assert sample(logits, SamplingParams(), [0]).tolist() == [1]
+    assert sample(logits, SamplingSpec(), [0]).tolist() == [1]
 
 
 def test_top_k_and_top_p_restrict_the_support():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    assert (filtered_probs(logits, SamplingParams(temperature=1, top_k=2))[0] > 0).tolist() == \
+    assert (filtered_probs(logits, SamplingSpec(temperature=1, top_k=2))[0] > 0).tolist() == \
         [True, True, False, False, False]
     p = torch.softmax(logits[0], -1)
     top_p = float(p[0] + p[1] / 2)  # nucleus must include token 1 to reach it
-    assert (filtered_probs(logits, SamplingParams(temperature=1, top_p=top_p))[0] > 0).tolist() == \
+    assert (filtered_probs(logits, SamplingSpec(temperature=1, top_p=top_p))[0] > 0).tolist() == \
         [True, True, False, False, False]
-    assert torch.allclose(filtered_probs(logits, SamplingParams(temperature=1)).sum(), torch.tensor(1.0).double())
+    assert torch.allclose(filtered_probs(logits, SamplingSpec(temperature=1)).sum(), torch.tensor(1.0).double())
 
 
 def test_same_position_same_token_across_batches():
-    params = SamplingParams(temperature=1.0, seed=5)
+    params = SamplingSpec(temperature=1.0, seed=5)
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     together = sample(logits, params, [10, 11, 12, 13]).tolist()
     apart = [sample(logits[i : i + 1], params, [10 + i]).item() for i in range(4)]
@@ -43,17 +43,17 @@ def test_same_position_same_token_across_batches():
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
 def test_bad_parameters_are_refused(bad):
     with pytest.raises(ValueError):
-        SamplingParams(**bad)
+        SamplingSpec(**bad)
 
 
 @pytest.mark.parametrize("temperature", [1e-310, 1e-8, 9e-6])
 def test_a_temperature_near_zero_is_greedy_not_nan(temperature):
     """Dividing by 1e-310 overflows to inf and NaN; below GREEDY_BELOW the draw is the argmax."""
     logits = torch.tensor([[0.5, 3.0, 2.9, -1.0], [1.0, 1.0, 0.0, 4.0]])
-    params = SamplingParams(temperature=temperature, seed=11)
+    params = SamplingSpec(temperature=temperature, seed=11)
     assert params.greedy
     assert sample(logits, params, [0, 1]).tolist() == [1, 3]
-    assert not SamplingParams(temperature=GREEDY_BELOW, seed=11).greedy
+    assert not SamplingSpec(temperature=GREEDY_BELOW, seed=11).greedy
 
 
 def test_a_draw_is_the_inverse_cdf_at_the_counter_based_uniform():
@@ -74,7 +74,7 @@ def test_a_draw_is_the_inverse_cdf_at_the_counter_based_uniform():
             if running > u:
                 expected = token
                 break
-        drawn = sample(logits, SamplingParams(temperature=temperature, seed=42), [position]).item()
+        drawn = sample(logits, SamplingSpec(temperature=temperature, seed=42), [position]).item()
         assert drawn == expected, position
         counts[drawn] += 1
     assert all(abs(c / 4000 - p) < 0.03 for c, p in zip(counts, probs, strict=True))

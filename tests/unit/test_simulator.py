@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from specedge_scheduler import simulator as sim
+from specedge_bench import simulator as sim
 from specedge_scheduler.policy import SchedulingPolicy
 
 PAPER = sim.PRESETS["paper-14b-0.6b"]

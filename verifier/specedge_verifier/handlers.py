@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanKind
 from specedge import bus, protocol, subjects, telemetry
 from specedge.engine.parties import Verifier
 from specedge.engine.runner import CacheFullError, SessionTooLongError
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.metrics import VerifierMetrics
 from specedge.protocol import (
     CloseSession,
@@ -103,12 +103,7 @@ class VerifierService:
             self.reject("bad_prompt", "a prefill request")
             await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_prompt"))
             return
-        try:
-            params = _sampling(request.sampling)
-        except ValueError:
-            self.reject("bad_sampling", "a prefill request")
-            await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_sampling"))
-            return
+        params = request.sampling  # (checked when decoded)
         with telemetry.span("prefill", SpanKind.SERVER, {"specedge.session.id": request.session_id,
                                                          "specedge.prompt_tokens": len(request.tokens)}) as span:
             async with self._model_lock:
@@ -136,7 +131,7 @@ class VerifierService:
                     return "no_capacity"
         return None if session_id in self.verifier.sessions else "no_capacity"
 
-    async def _open(self, session_id: str, tokens: list[int], params: SamplingParams, cycle: int,
+    async def _open(self, session_id: str, tokens: list[int], params: SamplingSpec, cycle: int,
                     keep: frozenset[str] = frozenset(), prefill: bool = True) -> str | None:
         """Admit a session (and with `prefill`, prefill it now); holds the model lock. When
         the cache is full, the least recently used session (not one in `keep`) is evicted:
@@ -184,11 +179,8 @@ class VerifierService:
             return "stale_cycle"
         if any(not 0 <= t < self.verifier.vocab_size for t in record.tokens):
             return "bad_prompt"
-        try:
-            params = _sampling(record.sampling)
-        except ValueError:
-            return "bad_sampling"
-        if (error := await self._open(tree.session_id, record.tokens, params, record.cycle, keep)) is not None:
+        if (error := await self._open(tree.session_id, record.tokens, record.sampling, record.cycle,
+                                      keep)) is not None:
             return error
         self.reprefills += 1
         self.metrics.reprefills.inc()
@@ -285,7 +277,3 @@ class VerifierService:
             return
         async with self._model_lock:
             self._forget(request.session_id)
-
-
-def _sampling(spec: protocol.SamplingSpec) -> SamplingParams:
-    return SamplingParams(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed)

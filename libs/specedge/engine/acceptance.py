@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from specedge.engine.sampling import SamplingParams, sample, sample_rows
+from specedge.engine.sampling import SamplingSpec, sample, sample_rows
 
 
 def tree_depths(parents: list[int]) -> list[int]:
@@ -38,7 +38,7 @@ def accept(
     tokens: list[int],      # [N] node tokens; tokens[0] is the root (last committed token)
     parents: list[int],     # [N] parent of each node; parents[0] = -1
     logits: torch.Tensor,   # [N, V] target logits at each node (predicting the next token)
-    params: SamplingParams,
+    params: SamplingSpec,
     root_position: int,     # absolute position of the root token
 ) -> tuple[list[int], int]:
     """Returns (accepted drafted node indices in path order, bonus token)."""
@@ -57,7 +57,7 @@ def accept(
 def accept_batch(
     trees: list[tuple[list[int], list[int]]],  # per tree: (tokens, parents) as in `accept`
     logits: torch.Tensor,                       # [sum of tree sizes, V] target logits, trees in order
-    params: list[SamplingParams],               # per tree
+    params: list[SamplingSpec],               # per tree
     root_positions: list[int],                  # per tree
 ) -> list[tuple[list[int], int]]:
     """`accept` for every tree of a pass; draws and the walk run on the logits' device and

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,17 +10,17 @@ from specedge.engine.backends import DEFAULT_ATTENTION
 from specedge.engine.generate import generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
-from specedge.protocol import tree_temperature
+from specedge.protocol import Mode, tree_temperature
 
 
 class GenerateSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     prompt: str = Field(min_length=1)
-    mode: Literal["autoregressive", "server-only", "specedge"] = "specedge"
+    mode: Mode = "specedge"
     chat: bool = False
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
@@ -59,7 +58,7 @@ def run_generate(s: GenerateSettings, as_json: bool) -> str:
         drafter = Drafter(draft.model, tree, max_sessions=1, max_len=max_len, attention=s.attention)
     eos = target.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+    params = SamplingSpec(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
     out = generate(s.mode, verifier, drafter, prompt, params, s.max_tokens, eos_ids,
                    one_way_delay_s=s.rtt_ms / 2000)
     text_out = tok.decode(out.token_ids, skip_special_tokens=True)

@@ -16,15 +16,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 from specedge import protocol
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingParams
-from specedge.protocol import DraftTreeMsg, VerifyResult
+from specedge.engine.sampling import SamplingSpec
+from specedge.protocol import MODES, DraftTreeMsg, Mode, VerifyResult
 
-Mode = Literal["autoregressive", "server-only", "specedge"]
-MODES: tuple[Mode, ...] = ("autoregressive", "server-only", "specedge")
+__all__ = ["MODES", "GenerationResult", "Mode", "generate"]
 
 
 @dataclass
@@ -77,7 +75,7 @@ class _Output:
 
 
 def generate(mode: Mode, verifier: Verifier, drafter: Drafter | None, prompt: list[int],
-             params: SamplingParams, max_new_tokens: int, eos_ids: set[int],
+             params: SamplingSpec, max_new_tokens: int, eos_ids: set[int],
              one_way_delay_s: float = 0.0, session_id: str = "s0") -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt` in `mode`."""
     if mode not in MODES:

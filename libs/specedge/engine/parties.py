@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from specedge.engine.acceptance import accept_batch
 from specedge.engine.backends import DEFAULT_ATTENTION, make_runner
 from specedge.engine.runner import CacheFullError, ForwardRequest, SessionTooLongError
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
 from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, VerifyResult
 
@@ -37,7 +37,7 @@ class StaleMessageError(ValueError):
 @dataclass
 class _TargetSession:
     committed: list[int]
-    params: SamplingParams
+    params: SamplingSpec
     cycle: int = 0
     to_prefill: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not in the cache yet
 
@@ -64,7 +64,7 @@ class Verifier:
         self.forward_passes = 0
         self.busy_s = 0.0  # time spent in passes that verify trees
 
-    def begin(self, session_id: str, prompt: list[int], params: SamplingParams, cycle: int = 0) -> None:
+    def begin(self, session_id: str, prompt: list[int], params: SamplingSpec, cycle: int = 0) -> None:
         """Admit a session: its cache is reserved and its prompt (all tokens but the last,
         which becomes the first tree's root) queued for prefill by later passes. To resume
         a session elsewhere, `prompt` is every committed token and `cycle` its cycle."""
@@ -85,7 +85,7 @@ class Verifier:
         session = self.sessions.get(session_id)
         return session is not None and bool(session.to_prefill)
 
-    def open(self, session_id: str, prompt: list[int], params: SamplingParams, cycle: int = 0) -> None:
+    def open(self, session_id: str, prompt: list[int], params: SamplingSpec, cycle: int = 0) -> None:
         """`begin`, then prefill the whole prompt now, chunk by chunk."""
         self.begin(session_id, prompt, params, cycle)
         try:

@@ -14,36 +14,11 @@ All pure: tensors and numbers in, tensors out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from specedge.protocol import GREEDY_BELOW
+from specedge.protocol import SamplingSpec
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """A temperature below `protocol.GREEDY_BELOW` means greedy (argmax); top_k 0 and top_p 1
-    disable those filters."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
 
 
 def _splitmix64(x: int) -> int:
@@ -58,13 +33,13 @@ def uniform(seed: int, position: int) -> float:
     return (_splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64)) >> 11) * 2.0**-53
 
 
-def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params: SamplingSpec) -> torch.Tensor:
     """[N, V] logits -> [N, V] float64 probabilities after temperature, top-k and top-p."""
     n = logits.shape[0]
     return filtered_probs_rows(logits, *_row_params([params] * n, logits.device))
 
 
-def _row_params(params: list[SamplingParams], device: torch.device) -> tuple[torch.Tensor, ...]:
+def _row_params(params: list[SamplingSpec], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Per-row temperature, top-k and top-p as device tensors (host -> device only)."""
     return (torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device),
             torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
@@ -90,7 +65,7 @@ def filtered_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     return probs / probs.sum(-1, keepdim=True)
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+def sample_rows(logits: torch.Tensor, params: list[SamplingSpec], positions: list[int]) -> torch.Tensor:
     """One token per row of `logits` [N, V] (on its device): row i is drawn with `params[i]`
     for absolute position `positions[i]`. Greedy rows take the argmax; the others the
     inverse CDF of their filtered distribution at `uniform(seed, position)`. No transfer to
@@ -110,6 +85,6 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], positions: l
     return tokens.index_copy(0, rows, drawn.clamp_(max=logits.shape[-1] - 1))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, positions: list[int]) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: SamplingSpec, positions: list[int]) -> torch.Tensor:
     """One token per row of `logits` [N, V]; row i is drawn for absolute position positions[i]."""
     return sample_rows(logits, [params] * logits.shape[0], positions)

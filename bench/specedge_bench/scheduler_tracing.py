@@ -9,7 +9,7 @@ another process that discards), and the same calls with tracing off. Reports CPU
 microseconds per cycle on the services' own threads, by service, and on the batch
 processor's export thread (everything exported: the queue is made large enough).
 
-    python -m specedge_scheduler.bench_tracing [--cycles 20000]
+    python -m specedge_bench.scheduler_tracing [--cycles 20000]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ position its greedy next token is compared with the target's (top-1) and the tar
 token looked for among the draft's four most likely (top-4). `agreement` is also how
 `models/train_tiny_pair.py` measures its alignment stage.
 
-    python -m specedge.engine.bench_agreement --num-prompts 8 --max-tokens 64 [--draft DIR]
+    python -m specedge_bench.agreement --num-prompts 8 --max-tokens 64 [--draft DIR]
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-from specedge.bench import load_prompts
 from specedge.engine.loading import load_causal_lm
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
+from specedge_bench.serving import load_prompts
 
 log = logging.getLogger("specedge.bench_agreement")
 CATEGORIES = ("multi-turn", "translation", "summarization", "qa", "math_reasoning", "rag")

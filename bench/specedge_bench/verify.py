@@ -31,7 +31,7 @@ import torch
 from specedge.engine.backends import ATTENTION_BACKENDS
 from specedge.engine.kv_pool import EXTENT
 from specedge.engine.parties import Verifier
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge.protocol import DraftTreeMsg
 
@@ -95,7 +95,7 @@ def measure(model, backend: str, batch: int, nodes: int, context: int, repeats: 
     gen = torch.Generator().manual_seed(batch * 1000 + nodes)
     vocab = model.config.vocab_size
     for b in range(batch):
-        verifier.open(f"s{b}", torch.randint(3, vocab, (context,), generator=gen).tolist(), SamplingParams())
+        verifier.open(f"s{b}", torch.randint(3, vocab, (context,), generator=gen).tolist(), SamplingSpec())
     parents = binary_tree(nodes)
     runner = verifier.runner
     # a batch lists its sessions in the order their drafts arrived, not in cache order
@@ -146,7 +146,7 @@ def measure_prefill_arrival(model, prompt_tokens: int, batch: int = 8, context: 
     gen = torch.Generator().manual_seed(5)
     vocab = model.config.vocab_size
     for b in range(batch):
-        verifier.open(f"s{b}", torch.randint(3, vocab, (context,), generator=gen).tolist(), SamplingParams())
+        verifier.open(f"s{b}", torch.randint(3, vocab, (context,), generator=gen).tolist(), SamplingSpec())
     parents = binary_tree(nodes)
     chunk = verifier.prefill_chunk
 
@@ -161,13 +161,13 @@ def measure_prefill_arrival(model, prompt_tokens: int, batch: int = 8, context: 
     def p99(values: list[float]) -> float:
         return sorted(values)[max(0, int(0.99 * len(values)) - 1)]
 
-    verifier.begin("warm-up", torch.randint(3, vocab, (3 * chunk,), generator=gen).tolist(), SamplingParams())
+    verifier.begin("warm-up", torch.randint(3, vocab, (3 * chunk,), generator=gen).tolist(), SamplingSpec())
     while verifier.prefilling("warm-up"):  # compiles the kernel for passes that carry a chunk
         step()
     verifier.close("warm-up")
     before = [step() for _ in range(samples)]
     prompt = torch.randint(3, vocab, (prompt_tokens,), generator=gen).tolist()
-    verifier.begin("long", prompt, SamplingParams())
+    verifier.begin("long", prompt, SamplingSpec())
     during = []
     while verifier.prefilling("long"):
         during.append(step())

@@ -1,6 +1,6 @@
 """Measure the message plane: per-cycle overhead and end-to-end tokens/s of the services.
 
-    python -m edge_agent.bench_plane [--num-prompts 10] [--max-tokens 64]
+    python -m specedge_bench.plane [--num-prompts 10] [--max-tokens 64]
 
 Starts real nats-server and redis-server, a verifier and a scheduler as processes, and an
 edge agent's service (`edge_agent.handlers.EdgeService`) in this process so that its clock
@@ -23,15 +23,15 @@ import uuid
 
 from edge_agent.handlers import EdgeService
 from specedge import bus, protocol, registry, subjects
-from specedge.engine.bench_modes import load_prompts
 from specedge.engine.generate import generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import TreeParams
 from specedge.launcher import Launcher
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 from specedge.protocol import SessionOpen, SessionOpened, TokenEvent
+from specedge_bench.modes import load_prompts
 
 log = logging.getLogger("specedge.bench_plane")
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     drafter = Drafter(load_causal_lm(bundled(BUNDLED_DRAFT)).model, TreeParams(), max_sessions=1)
     tokens, started = 0, time.perf_counter()
     for ids in prompts:
-        tokens += len(generate("specedge", verifier, drafter, ids, SamplingParams(), args.max_tokens,
+        tokens += len(generate("specedge", verifier, drafter, ids, SamplingSpec(), args.max_tokens,
                                set(eos)).token_ids)
     in_process = tokens / (time.perf_counter() - started)
 

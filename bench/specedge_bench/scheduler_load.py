@@ -12,7 +12,7 @@ whether anything arrived out of order. `--think-ms T` makes each edge wait T ms 
 result before its next draft (its drafting time): an offered load of edges / T drafts
 per second, at which a scheduler that keeps up shows a flat, small round trip.
 
-    python -m specedge_scheduler.bench_load --edges 1000 --seconds 10 [--think-ms 80]
+    python -m specedge_bench.scheduler_load --edges 1000 --seconds 10 [--think-ms 80]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ batches and tree shapes exactly as it does in the live scheduler, from the timin
 measures itself. Server-only drafting is simulated beside it: the server drafts (batched
 draft passes) and then verifies, busy all the time.
 
-    python -m specedge_scheduler.simulator --preset paper-14b-0.6b --batch-sizes 1,2,4,8
+    python -m specedge_bench.simulator --preset paper-14b-0.6b --batch-sizes 1,2,4,8
 
 Presets and where their numbers come from are in `PRESETS`; `docs/benchmarks.md` records
 the results.
@@ -58,7 +58,7 @@ class Preset:
 
 
 # Tokens per verification by (budget, depth), measured on this project's bundled pair:
-# `python -m specedge.engine.bench_acceptance --num-prompts 8` (8 Spec-Bench prompts, 48
+# `python -m specedge_bench.acceptance --num-prompts 8` (8 Spec-Bench prompts, 48
 # tokens, greedy). Only its shape is used for other model pairs: tokens beyond the bonus
 # scale so that (32, 4) gives the preset's `tokens_per_verify_edge`.
 MEASURED_ACCEPTANCE: dict[tuple[int, int], float] = {

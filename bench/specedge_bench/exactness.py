@@ -11,7 +11,7 @@ equal `generate`'s, and, where an output leaves `generate`'s, the position and t
 between `generate`'s two best logits there — a near-tie that a different order of
 floating-point sums decided the other way.
 
-    python -m specedge.engine.bench_exactness --num-prompts 20 --max-tokens 64 [--json F] [--markdown F]
+    python -m specedge_bench.exactness --num-prompts 20 --max-tokens 64 [--json F] [--markdown F]
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import logging
 
 import torch
 
-from specedge.engine.bench_verify import write_outputs
 from specedge.engine.generate import generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
+from specedge_bench.verify import write_outputs
 
 log = logging.getLogger("specedge.bench_exactness")
 
@@ -65,8 +65,8 @@ def measure(dtype: str, backend: str, prompts: list[str], max_tokens: int, devic
         ids = chat_prompt_ids(target.tokenizer, text)
         reference = target.model.generate(torch.tensor([ids], device=target.device), do_sample=False,
                                           max_new_tokens=max_tokens)[0, len(ids):].tolist()
-        ar = generate("autoregressive", verifier, None, ids, SamplingParams(), max_tokens, eos).token_ids
-        spec = generate("specedge", verifier, drafter, ids, SamplingParams(), max_tokens, eos).token_ids
+        ar = generate("autoregressive", verifier, None, ids, SamplingSpec(), max_tokens, eos).token_ids
+        spec = generate("specedge", verifier, drafter, ids, SamplingSpec(), max_tokens, eos).token_ids
         reference = reference[: len(ar)] if len(reference) > len(ar) and ar and ar[-1] in eos else reference
         row["specedge_equals_autoregressive"] += spec == ar
         row["autoregressive_equals_generate"] += ar == reference
@@ -93,7 +93,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specedge.engine.bench_exactness",
+    parser = argparse.ArgumentParser(prog="python -m specedge_bench.exactness",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--num-prompts", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=64)

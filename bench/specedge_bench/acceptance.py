@@ -1,11 +1,11 @@
 """Tokens per verification as a function of the draft tree's shape (budget × depth).
 
-The simulator's acceptance model (`specedge_scheduler.simulator`) needs to know how
+The simulator's acceptance model (`specedge_bench.simulator`) needs to know how
 acceptance changes when the scheduler shrinks or deepens trees; this measures it for a
 target/draft pair on Spec-Bench prompts (greedy, server-only mode: acceptance does not
 depend on where the draft runs).
 
-    python -m specedge.engine.bench_acceptance --num-prompts 8 --budgets 4,8,16,32,64 --depths 2,3,4,6 \
+    python -m specedge_bench.acceptance --num-prompts 8 --budgets 4,8,16,32,64 --depths 2,3,4,6 \
         --temperatures 1,0.5
 
 `--temperatures`: the trees' scoring temperatures (`TreeParams.temperature`; the system
@@ -20,14 +20,14 @@ import logging
 import statistics
 import sys
 
-from specedge.engine.bench_modes import load_prompts
 from specedge.engine.generate import generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 from specedge.protocol import tree_temperature
+from specedge_bench.modes import load_prompts
 
 log = logging.getLogger("specedge.bench_acceptance")
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             for budget in budgets:
                 drafter = Drafter(draft.model, TreeParams(budget, depth, 16, 32, temperature), max_sessions=1,
                                   max_len=longest)
-                tpv = [generate("server-only", verifier, drafter, ids, SamplingParams(), args.max_tokens, eos)
+                tpv = [generate("server-only", verifier, drafter, ids, SamplingSpec(), args.max_tokens, eos)
                        .mean_tokens_per_verify for ids in prompts]
                 grid[f"{budget}x{depth}"] = round(statistics.fmean(tpv), 3)
                 log.info("temperature %g budget %d depth %d: %.2f tokens per verify", temperature, budget, depth,

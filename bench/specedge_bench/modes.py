@@ -1,6 +1,6 @@
 """Benchmark the three modes in one process, side by side, on the same prompts.
 
-    python -m specedge.engine.bench_modes [--categories coding] [--num-prompts 10] [--max-tokens 64]
+    python -m specedge_bench.modes [--categories coding] [--num-prompts 10] [--max-tokens 64]
                                           [--budget 32] [--depth 4] [--rtt-ms 0]
 
 Prints a Markdown table: per mode, mean (± std) tokens per verification, target forward
@@ -24,7 +24,7 @@ from importlib import resources
 from specedge.engine.generate import MODES, generate
 from specedge.engine.loading import load_causal_lm
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingParams
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 from specedge.protocol import tree_temperature
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for i, ids in enumerate(prompts):
         for mode in MODES:  # interleaved, so machine noise hits every mode alike
-            out = generate(mode, verifier, drafter, ids, SamplingParams(), args.max_tokens, eos,
+            out = generate(mode, verifier, drafter, ids, SamplingSpec(), args.max_tokens, eos,
                            one_way_delay_s=args.rtt_ms / 2000)
             n = max(1, len(out.token_ids))
             rows[mode]["tpv"].append(out.mean_tokens_per_verify)
