@@ -19,48 +19,54 @@ from specedge.config import (
     NatsUrl,
     attention_backend,
     build,
+    default,
 )
 from specedge.models import BUNDLED_DRAFT, bundled
 from specedge.protocol import MAX_TREES_AHEAD
 
 
 def command(
-    nats_url: NatsUrl = "nats://127.0.0.1:4222",
-    credentials: Credentials = None,
+    nats_url: NatsUrl = default(EdgeAgentSettings, "nats_url"),
+    credentials: Credentials = default(EdgeAgentSettings, "credentials"),
     draft: Annotated[str | None, typer.Option(
         "--draft", envvar="SPECEDGE_DRAFT",
         help="Draft model: a local path or a hub id (default: the bundled tiny draft).")] = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    device: Device = default(EdgeAgentSettings, "device"),
+    dtype: Dtype = default(EdgeAgentSettings, "dtype"),
     max_sessions: Annotated[int, typer.Option(
-        "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")] = 4,
+        "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="Most sessions drafted at once.")]
+    = default(EdgeAgentSettings, "max_sessions"),
     max_len: Annotated[int, typer.Option(
-        "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
-    attention: Attention = "exact",
+        "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")]
+    = default(EdgeAgentSettings, "max_len"),
+    attention: Attention = default(EdgeAgentSettings, "attention"),
     exact: Exact = None,
     user: Annotated[str, typer.Option(
         "--user", envvar="SPECEDGE_USER",
-        help="Draft only for this user's requests (the user an API key maps to). Default: the shared pool.")] = "",
+        help="Draft only for this user's requests (the user an API key maps to). Default: the shared pool.")]
+    = default(EdgeAgentSettings, "user"),
     server_side: Annotated[bool, typer.Option(
         "--server-side", envvar="SPECEDGE_SERVER_SIDE",
         help="Run as the operator's server-side drafter: used for mode server-only and when no edge is free.")]
-    = False,
+    = default(EdgeAgentSettings, "server_side"),
     proactive: Annotated[bool | None, typer.Option(
         "--proactive/--no-proactive", envvar="SPECEDGE_PROACTIVE", show_default=False,
-        help="Draft the next tree while one is out (default: on, off with --server-side).")] = None,
+        help="Draft the next tree while one is out (default: on, off with --server-side).")]
+    = default(EdgeAgentSettings, "proactive"),
     send_ahead: Annotated[bool, typer.Option(
         "--send-ahead/--no-send-ahead", envvar="SPECEDGE_SEND_AHEAD",
         help="Send a proactive tree as soon as it is drafted, before the result it guesses arrives "
-             "(verified at once if the guess was right).")] = True,
+             "(verified at once if the guess was right).")] = default(EdgeAgentSettings, "send_ahead"),
     trees_ahead: Annotated[int, typer.Option(
         "--trees-ahead", envvar="SPECEDGE_TREES_AHEAD", min=1, max=MAX_TREES_AHEAD,
         help="With --send-ahead: how many trees a session drafts and sends ahead in a chain, each "
-             "from the guessed result of the one before.")] = MAX_TREES_AHEAD,
+             "from the guessed result of the one before.")] = default(EdgeAgentSettings, "trees_ahead"),
     emulate_rtt_ms: Annotated[float, typer.Option(
         "--emulate-rtt-ms", envvar="SPECEDGE_EMULATE_RTT_MS",
-        help="Benchmarks: delay this edge's drafts and results by half this each way.")] = 0.0,
-    name: Name = None,
-    log_level: LogLevelOpt = "info",
+        help="Benchmarks: delay this edge's drafts and results by half this each way.")]
+    = default(EdgeAgentSettings, "emulate_rtt_ms"),
+    name: Name = default(EdgeAgentSettings, "name"),
+    log_level: LogLevelOpt = default(EdgeAgentSettings, "log_level"),
 ) -> None:
     """Run an edge agent: drafts token trees with a small model on this machine's GPU."""
     from edge_agent.main import serve  # noqa: PLC0415

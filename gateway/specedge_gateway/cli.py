@@ -6,36 +6,43 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import Credentials, LogLevelOpt, Name, NatsUrl, RedisUrl, build
+from specedge.config import Credentials, LogLevelOpt, Name, NatsUrl, RedisUrl, build, default
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_gateway.settings import GatewaySettings
 
 
 def command(
-    nats_url: NatsUrl = "nats://127.0.0.1:4222",
-    credentials: Credentials = None,
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    host: Annotated[str, typer.Option("--host", envvar="SPECEDGE_HOST", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", envvar="SPECEDGE_PORT", help="Port to listen on.")] = 8000,
+    nats_url: NatsUrl = default(GatewaySettings, "nats_url"),
+    credentials: Credentials = default(GatewaySettings, "credentials"),
+    redis_url: RedisUrl = default(GatewaySettings, "redis_url"),
+    host: Annotated[str, typer.Option("--host", envvar="SPECEDGE_HOST", help="Address to listen on.")]
+    = default(GatewaySettings, "host"),
+    port: Annotated[int, typer.Option("--port", envvar="SPECEDGE_PORT", help="Port to listen on.")]
+    = default(GatewaySettings, "port"),
     tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", envvar="SPECEDGE_TOKENIZER",
         help="The target model's folder, for its tokenizer and chat template (default: the bundled target).")] = None,
     max_context: Annotated[int, typer.Option(
-        "--max-context", envvar="SPECEDGE_MAX_CONTEXT", help="Most prompt + output tokens per request.")] = 4096,
+        "--max-context", envvar="SPECEDGE_MAX_CONTEXT", help="Most prompt + output tokens per request.")]
+    = default(GatewaySettings, "max_context"),
     max_body_mib: Annotated[float, typer.Option(
         "--max-body-mib", envvar="SPECEDGE_MAX_BODY_MIB", min=0.01,
-        help="Largest request body in MiB; a larger one gets 413 before it is read or its key checked.")] = 4.0,
+        help="Largest request body in MiB; a larger one gets 413 before it is read or its key checked.")]
+    = default(GatewaySettings, "max_body_mib"),
     require_api_key: Annotated[bool, typer.Option(
         "--require-api-key/--no-api-key", envvar="SPECEDGE_REQUIRE_API_KEY",
-        help="Require `Authorization: Bearer KEY` (keys from `specedge keys create`).")] = True,
+        help="Require `Authorization: Bearer KEY` (keys from `specedge keys create`).")]
+    = default(GatewaySettings, "require_api_key"),
     max_concurrent_per_key: Annotated[int, typer.Option(
         "--max-concurrent-per-key", envvar="SPECEDGE_MAX_CONCURRENT_PER_KEY",
-        help="Requests one API key's user may have generating at once; more get 429.")] = 16,
+        help="Requests one API key's user may have generating at once; more get 429.")]
+    = default(GatewaySettings, "max_concurrent_per_key"),
     dashboard: Annotated[bool, typer.Option(
         "--dashboard/--no-dashboard", envvar="SPECEDGE_DASHBOARD",
-        help="Serve the live view at /dashboard (no API key needed; it shows timings, not prompts).")] = True,
-    name: Name = None,
-    log_level: LogLevelOpt = "info",
+        help="Serve the live view at /dashboard (no API key needed; it shows timings, not prompts).")]
+    = default(GatewaySettings, "dashboard"),
+    name: Name = default(GatewaySettings, "name"),
+    log_level: LogLevelOpt = default(GatewaySettings, "log_level"),
 ) -> None:
     """Run the gateway: the OpenAI-compatible HTTP API."""
     from specedge_gateway.main import main  # noqa: PLC0415

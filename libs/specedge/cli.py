@@ -16,7 +16,19 @@ from importlib.metadata import entry_points
 import typer
 
 from specedge import keys_cli, nats_auth_cli
-from specedge.config import Attention, Credentials, Device, Dtype, Exact, LogLevelOpt, NatsUrl, attention_backend
+from specedge.config import (
+    DEFAULT_NATS_URL,
+    Attention,
+    Credentials,
+    Device,
+    Dtype,
+    Exact,
+    LogLevelOpt,
+    NatsUrl,
+    UpSettings,
+    attention_backend,
+    default,
+)
 
 app = typer.Typer(
     name="specedge",
@@ -37,23 +49,27 @@ def up(
     redis_url: str | None = typer.Option(
         None, "--redis-url", envvar="SPECEDGE_REDIS_URL",
         help="Use this Redis server instead of starting an embedded one."),
-    host: str = typer.Option("127.0.0.1", "--host", envvar="SPECEDGE_HOST", help="Gateway bind address."),
-    port: int = typer.Option(8000, "--port", envvar="SPECEDGE_PORT", help="Gateway port (0 picks a free one)."),
-    edges: int = typer.Option(2, "--edges", min=0, envvar="SPECEDGE_EDGES", help="Edge agents to start."),
+    host: str = typer.Option(default(UpSettings, "host"), "--host", envvar="SPECEDGE_HOST",
+                             help="Gateway bind address."),
+    port: int = typer.Option(default(UpSettings, "port"), "--port", envvar="SPECEDGE_PORT",
+                             help="Gateway port (0 picks a free one)."),
+    edges: int = typer.Option(default(UpSettings, "edges"), "--edges", min=0, envvar="SPECEDGE_EDGES",
+                              help="Edge agents to start."),
     api_key: str | None = typer.Option(
         None, "--api-key", envvar="SPECEDGE_API_KEY", help="Use this gateway API key instead of a generated one."),
     server_drafter: bool = typer.Option(
-        True, "--server-drafter/--no-server-drafter", envvar="SPECEDGE_SERVER_DRAFTER",
+        default(UpSettings, "server_drafter"), "--server-drafter/--no-server-drafter", envvar="SPECEDGE_SERVER_DRAFTER",
         help="Start a server-side drafter (for mode server-only and when no edge is free)."),
     ready_timeout_s: float = typer.Option(
-        120.0, "--ready-timeout", envvar="SPECEDGE_READY_TIMEOUT", help="Seconds to wait for all services."),
-    dtype: Dtype = "auto",
-    attention: Attention = "exact",
+        default(UpSettings, "ready_timeout_s"), "--ready-timeout", envvar="SPECEDGE_READY_TIMEOUT",
+        help="Seconds to wait for all services."),
+    dtype: Dtype = default(UpSettings, "dtype"),
+    attention: Attention = default(UpSettings, "attention"),
     exact: Exact = None,
-    log_level: LogLevelOpt = "info",
+    log_level: LogLevelOpt = default(UpSettings, "log_level"),
 ) -> None:
     """Run the whole system on this machine: nats-server, redis-server and the four services."""
-    from specedge.up import UpSettings, run_up  # noqa: PLC0415 - keep `--help` fast
+    from specedge.up import run_up  # noqa: PLC0415 - keep `--help` fast
 
     raise SystemExit(run_up(UpSettings(
         nats_url=nats_url, redis_url=redis_url, host=host, port=port, edges=edges, api_key=api_key,
@@ -64,7 +80,7 @@ def up(
 
 @app.command()
 def status(
-    nats_url: NatsUrl = "nats://127.0.0.1:4222",
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
     credentials: Credentials = None,
     wait_s: float = typer.Option(0.5, "--wait", help="Seconds to collect answers."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

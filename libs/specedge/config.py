@@ -7,7 +7,7 @@ No module reads the environment on import.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -46,6 +46,12 @@ Exact = Annotated[
                               help="Shorthand: --exact is --attention exact (the default); --fast trades bit-exactness "
                                    "for speed (--attention flex, or reference if named).")
 ]
+
+
+def default(settings: type[BaseModel], field: str) -> Any:
+    """A settings model's default for `field`: what its command-line option defaults to
+    (declared once, in the model)."""
+    return settings.model_fields[field].default
 
 
 def attention_backend(attention: str, exact: bool | None) -> str:
@@ -109,3 +115,21 @@ def build(settings_type: type[BaseModel], **values: object) -> BaseModel:
         return settings_type(**values)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+class UpSettings(BaseModel):
+    """`specedge up`: the whole system on one machine."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nats_url: str | None = None
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    edges: int = 2
+    api_key: str | None = None
+    server_drafter: bool = True
+    ready_timeout_s: float = 120.0
+    log_level: str = "info"
+    dtype: str = "auto"  # the verifier's and the edges' models
+    attention: str = "exact"  # the verifier's and the edges' attention backend

@@ -15,7 +15,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from specedge.config import RedisUrl
+from specedge.config import DEFAULT_REDIS_URL, RedisUrl
 
 app = typer.Typer(help="Gateway API keys: create, list, revoke.", no_args_is_help=True)
 T = TypeVar("T")
@@ -42,14 +42,14 @@ def create(
     user: Annotated[str, typer.Option("--user", help="Whose key this is (their edges draft for them).")],
     label: Annotated[str, typer.Option("--label", help="A note to tell keys apart in `keys list`.")] = "",
     key: Annotated[str | None, typer.Option("--key", help="Use this key instead of a random one.")] = None,
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
     """Create a key and print it (the only time it is shown)."""
     typer.echo(_with_keys(redis_url, lambda keys: keys.create(user, label, key)))
 
 
 @app.command("list")
-def list_keys(redis_url: RedisUrl = "redis://127.0.0.1:6379/0") -> None:
+def list_keys(redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
     """List keys: hash prefix, user, label, creation time (never the keys themselves)."""
     for info in _with_keys(redis_url, lambda keys: keys.list()):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created))
@@ -59,7 +59,7 @@ def list_keys(redis_url: RedisUrl = "redis://127.0.0.1:6379/0") -> None:
 @app.command()
 def revoke(
     key: Annotated[str, typer.Argument(help="The key, or at least 8 hex digits of its hash from `keys list`.")],
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
     """Revoke a key: requests with it get 401 from then on."""
     removed = _with_keys(redis_url, lambda keys: keys.revoke(key))

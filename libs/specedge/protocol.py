@@ -56,6 +56,9 @@ class ServiceLeave(Message, frozen=True, kw_only=True):
     instance_id: str
 
 
+TREE_BUDGET, TREE_DEPTH, TREE_BRANCH, TREE_BEAMS = 32, 4, 16, 32
+"""The default draft tree: nodes at most, levels below the root, candidates per expanded
+node, nodes added per draft pass (the scheduler asks edges for a shape; `engine.tree` grows it)."""
 MAX_TREES_AHEAD = 2  # trees an edge may send ahead of a session's tree out (the scheduler holds no more)
 
 
@@ -185,10 +188,10 @@ class DraftAssign(Message, frozen=True, kw_only=True):
     session_id: str
     tokens: list[int]
     scheduler: str  # the scheduler instance that collects this session's drafts
-    budget: int = 32
-    depth: int = 4
-    branch: int = 16
-    beams: int = 32
+    budget: int = TREE_BUDGET
+    depth: int = TREE_DEPTH
+    branch: int = TREE_BRANCH
+    beams: int = TREE_BEAMS
     temperature: float = 1.0  # candidates scored at this temperature (`tree_temperature`)
     cycle: int = 0  # the session's next cycle (0 for a new session; more when it moves to this edge)
 

@@ -20,9 +20,8 @@ import sys
 import threading
 import time
 
-from pydantic import BaseModel, ConfigDict
-
 from specedge import bus, registry
+from specedge.config import UpSettings
 from specedge.launcher import Launcher, LauncherError, free_port
 from specedge.models import BUNDLED_TARGET
 from specedge.nats_auth import AuthDir, Identity, edge_identity, service_identity
@@ -30,22 +29,6 @@ from specedge.protocol import ROLES
 from specedge.service import setup_logging
 
 log = logging.getLogger("specedge.up")
-
-
-class UpSettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    nats_url: str | None = None
-    redis_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    edges: int = 2
-    api_key: str | None = None
-    server_drafter: bool = True
-    ready_timeout_s: float = 120.0
-    log_level: str = "info"
-    dtype: str = "auto"  # the verifier's and the edges' models
-    attention: str = "exact"  # the verifier's and the edges' attention backend
 
 
 def port_is_free(host: str, port: int) -> bool:

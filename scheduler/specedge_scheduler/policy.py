@@ -36,10 +36,10 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, Mode
+from specedge.protocol import MAX_TREES_AHEAD, TREE_BUDGET, TREE_DEPTH, DraftTreeMsg, Mode
 from specedge_scheduler.timing import EdgeTiming, VerificationCost
 
 Strategy = Literal["fifo", "two-groups", "pipeline"]
@@ -114,8 +114,27 @@ class NoCapacityError(RuntimeError):
     """No verifier can take another session."""
 
 
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The policy's tuning: the one source of these defaults (`SchedulerSettings` and the
+    scheduler's command line take them from here)."""
+
+    max_batch: int = 8  # trees verified in one pass at most
+    edge_timeout_s: float = 6.0  # silence before an edge's sessions continue server-side
+    verifier_timeout_s: float = 6.0  # silence before a verifier's sessions move to another
+    draft_timeout_s: float = 5.0  # most time an edge has for a session's next draft
+    strategy: Strategy = "pipeline"
+    budget: int = TREE_BUDGET  # tree nodes edges are asked for
+    depth: int = TREE_DEPTH  # tree levels edges are asked for
+    min_budget: int = 4  # trees never shrink below this
+    node_cost_share: float = 1.0  # pipeline: a batch's node cost within this share of a verifier pass
+    group_wait_s: float = 0.5  # two-groups: most wait for a group's late draft
+    server_budget: int = 0  # trees of server-side drafters (0: `budget`; the paper's server-only baseline: 64)
+    server_depth: int = 0  # (0: `depth`)
+
+
 class SchedulingPolicy:
-    """Least-loaded assignment and FIFO batching; silent edges and verifiers time out."""
+    """Least-loaded assignment and batching by strategy; silent edges and verifiers time out."""
 
     MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
     JUDGE_AFTER = 8  # an edge's trees verified before its acceptance decides anything
@@ -123,18 +142,18 @@ class SchedulingPolicy:
     DEADLINE_MARGIN = 4.0  # an edge with measured turnarounds has this × its recent peak to draft,
     MIN_DRAFT_DEADLINE_S = 1.0  # but at least this, and at most `draft_timeout_s`
 
-    def __init__(self, max_batch: int = 8, edge_timeout_s: float = 6.0, verifier_timeout_s: float = 6.0,
-                 draft_timeout_s: float = 5.0, strategy: Strategy = "fifo", budget: int = 32, depth: int = 4,
-                 min_budget: int = 4, node_cost_share: float = 1.0, group_wait_s: float = 0.5,
-                 server_budget: int | None = None, server_depth: int | None = None) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
-        self.max_batch, self.edge_timeout_s, self.verifier_timeout_s = max_batch, edge_timeout_s, verifier_timeout_s
-        self.draft_timeout_s, self.strategy = draft_timeout_s, strategy
-        self.budget, self.depth, self.min_budget = budget, depth, min_budget
-        self.server_budget = server_budget or budget  # trees of server-side drafters (the paper's baseline: 64)
-        self.server_depth = server_depth or depth
-        self.node_cost_share, self.group_wait_s = node_cost_share, group_wait_s
+    def __init__(self, config: PolicyConfig | None = None, **overrides: Any) -> None:
+        """`config` (default: `PolicyConfig()`) with `overrides` of its fields."""
+        self.config = c = replace(config or PolicyConfig(), **overrides)
+        if c.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {c.strategy!r}; one of {', '.join(STRATEGIES)}")
+        self.max_batch, self.edge_timeout_s = c.max_batch, c.edge_timeout_s
+        self.verifier_timeout_s = c.verifier_timeout_s
+        self.draft_timeout_s, self.strategy = c.draft_timeout_s, c.strategy
+        self.budget, self.depth, self.min_budget = c.budget, c.depth, c.min_budget
+        self.server_budget = c.server_budget or c.budget  # trees of server-side drafters (the paper's baseline: 64)
+        self.server_depth = c.server_depth or c.depth
+        self.node_cost_share, self.group_wait_s = c.node_cost_share, c.group_wait_s
         self.costs: dict[str, VerificationCost] = {}  # per verifier
         self.timings: dict[str, EdgeTiming] = {}  # per edge
         self._turn: dict[str, int] = {}  # per verifier: the group whose turn it is (two-groups)

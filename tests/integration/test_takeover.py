@@ -47,7 +47,7 @@ def test_a_session_claimed_but_not_adopted_is_adopted_at_the_next_scan(redis_url
         await store.create("orphan-1", [1, 2, 3], SamplingSpec(), mode="autoregressive", scheduler="dead-1",
                            verifier="v1", max_new_tokens=8, eos_ids=[99])
         await client.expire(session_key("orphan-1"), store.ttl_s - 20)  # nothing committed for 20 s
-        policy = SchedulingPolicy(max_batch=4)
+        policy = SchedulingPolicy(max_batch=4, strategy="fifo")
         policy.verifier_seen("v1", capacity=4, now=time.monotonic())
         bus = RecordingBus()
         svc = SchedulerService(bus, "sched-2", store, policy, draft_shape={"budget": 8, "depth": 3})

@@ -73,3 +73,48 @@ def test_env_var_is_read_when_flag_is_absent():
     result = runner.invoke(app, ["scheduler"], env={"SPECEDGE_NATS_URL": "http://from-env", "NO_COLOR": "1"})
     assert result.exit_code == 2
     assert "http://from-env" in result.output
+
+
+SETTINGS = {"gateway": "specedge_gateway.settings:GatewaySettings",
+            "scheduler": "specedge_scheduler.settings:SchedulerSettings",
+            "verifier": "specedge_verifier.settings:VerifierSettings",
+            "edge-agent": "edge_agent.settings:EdgeAgentSettings", "up": "specedge.config:UpSettings"}
+COMMAND_LINE_ONLY = {"exact", "plan", "memory_gib"}  # shorthands and other modes of a command, not settings
+BUNDLED = {"tokenizer", "target", "draft"}  # None on the command line: the bundled model
+
+
+@pytest.mark.parametrize("role", sorted(SETTINGS))
+def test_every_option_defaults_to_its_settings_models_default(role):
+    """Each default is declared once, in the service's settings model (or the policy's and the
+    guard's own, which the settings read): the command line takes it from there."""
+    import importlib
+    import inspect
+    from importlib.metadata import entry_points
+
+    from specedge import cli
+
+    module, name = SETTINGS[role].split(":")
+    settings = getattr(importlib.import_module(module), name)
+    command = cli.up if role == "up" else \
+        next(ep for ep in entry_points(group="specedge.commands") if ep.name == role).load()
+    for param, spec in inspect.signature(command).parameters.items():
+        if param in COMMAND_LINE_ONLY:
+            continue
+        field = param if param in settings.model_fields else f"{param}_s"
+        assert field in settings.model_fields, f"{role} --{param} has no settings field"
+        default = spec.default.default if hasattr(spec.default, "param_decls") else spec.default  # typer.Option(...)
+        if param in BUNDLED:
+            assert default is None and settings.model_fields[field].is_required(), param
+        else:
+            assert default == settings.model_fields[field].default, (role, param)
+
+
+def test_the_schedulers_settings_take_the_policys_and_the_guards_defaults():
+    from specedge_scheduler.guard import GuardLimits
+    from specedge_scheduler.policy import PolicyConfig, SchedulingPolicy
+    from specedge_scheduler.settings import SchedulerSettings
+
+    settings = SchedulerSettings()
+    assert settings.policy_config() == PolicyConfig()
+    assert settings.guard_limits() == GuardLimits()
+    assert SchedulingPolicy().config == PolicyConfig() and SchedulingPolicy().strategy == "pipeline"

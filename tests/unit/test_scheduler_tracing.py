@@ -66,7 +66,7 @@ class FakeStore:
 
 
 def service(nc: FakeBus) -> SchedulerService:
-    policy = SchedulingPolicy(max_batch=4)
+    policy = SchedulingPolicy(max_batch=4, strategy="fifo")
     policy.verifier_seen("v1", capacity=4, now=0)
     return SchedulerService(nc, "sched-1", FakeStore(), policy, draft_shape={"budget": 8, "depth": 3})
 

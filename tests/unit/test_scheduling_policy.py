@@ -19,7 +19,7 @@ def opened(p: SchedulingPolicy, session: str, length: int = 10, **kwargs):
 
 
 def policy() -> SchedulingPolicy:
-    p = SchedulingPolicy(max_batch=2, edge_timeout_s=5)
+    p = SchedulingPolicy(max_batch=2, edge_timeout_s=5, strategy="fifo")
     p.verifier_seen("v1", capacity=2, now=0)
     p.verifier_seen("v2", capacity=1, now=0)
     p.edge_seen("e1", capacity=1, now=0)
@@ -40,7 +40,7 @@ def test_least_loaded_assignment_and_capacity():
 
 
 def test_paged_verifiers_are_chosen_by_free_kv_tokens_and_refuse_what_does_not_fit():
-    p = SchedulingPolicy()
+    p = SchedulingPolicy(strategy="fifo")
     p.verifier_seen("small", capacity=64, now=0, free_tokens=3000)
     p.verifier_seen("large", capacity=64, now=0, free_tokens=5000)
     assert p.assign("a", 2000).verifier == "large"  # most free tokens; 2000 + headroom are then spoken for
@@ -52,7 +52,7 @@ def test_paged_verifiers_are_chosen_by_free_kv_tokens_and_refuse_what_does_not_f
 
 
 def test_an_edge_with_another_tokenizer_gets_no_sessions():
-    p = SchedulingPolicy()
+    p = SchedulingPolicy(strategy="fifo")
     p.verifier_seen("v", capacity=4, now=0, fingerprint="abc")
     assert p.edge_seen("good", capacity=4, now=0, fingerprint="abc")
     assert not p.edge_seen("alien", capacity=9, now=0, fingerprint="xyz")
@@ -73,7 +73,7 @@ def test_drafts_are_checked_against_the_session():
 
 
 def test_batches_are_fifo_and_bounded():
-    p = SchedulingPolicy(max_batch=2)
+    p = SchedulingPolicy(max_batch=2, strategy="fifo")
     p.verifier_seen("v", capacity=8, now=0)
     for i in range(3):
         p.edge_seen(f"e{i}", capacity=1, now=0)
@@ -102,7 +102,7 @@ def test_a_silent_edge_expires_and_its_sessions_continue_server_side():
 
 
 def test_users_get_their_own_edge_then_the_shared_pool_then_the_server_never_another_users():
-    p = SchedulingPolicy()
+    p = SchedulingPolicy(strategy="fifo")
     p.verifier_seen("v", capacity=9, now=0)
     p.edge_seen("alice-gpu", capacity=1, now=0, user="alice", pool="user")
     p.edge_seen("bob-gpu", capacity=5, now=0, user="bob", pool="user")
@@ -202,7 +202,7 @@ def test_after_the_bus_was_down_nobody_is_expired_for_its_silence():
 
 
 def test_the_draft_deadline_follows_the_edges_measured_turnaround():
-    p = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0)
+    p = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0, strategy="fifo")
     p.verifier_seen("v1", capacity=4, now=0)
     p.edge_seen("e1", capacity=4, now=0)
     opened(p, "s1", 10)
@@ -218,7 +218,7 @@ def test_the_draft_deadline_follows_the_edges_measured_turnaround():
     assert p.expire_drafts(now=now + 1.1) == {"e1": ["s1"]}  # a dead edge: on within about a second
     assert p.sessions["s1"].edge is None
 
-    slow = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0)
+    slow = SchedulingPolicy(max_batch=2, edge_timeout_s=60, draft_timeout_s=5.0, strategy="fifo")
     slow.verifier_seen("v1", capacity=4, now=0)
     slow.edge_seen("e1", capacity=4, now=0)
     opened(slow, "s1", 10)

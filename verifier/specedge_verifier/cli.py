@@ -20,39 +20,43 @@ from specedge.config import (
     RedisUrl,
     attention_backend,
     build,
+    default,
 )
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_verifier.settings import VerifierSettings
 
 
 def command(
-    nats_url: NatsUrl = "nats://127.0.0.1:4222",
-    credentials: Credentials = None,
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    nats_url: NatsUrl = default(VerifierSettings, "nats_url"),
+    credentials: Credentials = default(VerifierSettings, "credentials"),
+    redis_url: RedisUrl = default(VerifierSettings, "redis_url"),
     target: Annotated[str | None, typer.Option(
         "--target", envvar="SPECEDGE_TARGET",
         help="Target model: a local path or a hub id (default: the bundled tiny target).")] = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    device: Device = default(VerifierSettings, "device"),
+    dtype: Dtype = default(VerifierSettings, "dtype"),
     max_sessions: Annotated[int, typer.Option(
-        "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="KV cache slots (sessions held at once).")] = 8,
+        "--max-sessions", envvar="SPECEDGE_MAX_SESSIONS", help="KV cache slots (sessions held at once).")]
+    = default(VerifierSettings, "max_sessions"),
     max_len: Annotated[int, typer.Option(
-        "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")] = 4096,
-    attention: Attention = "exact",
+        "--max-len", envvar="SPECEDGE_MAX_LEN", help="Most tokens (prompt + output) per session.")]
+    = default(VerifierSettings, "max_len"),
+    attention: Attention = default(VerifierSettings, "attention"),
     exact: Exact = None,
     kv_cache_memory: Annotated[float | None, typer.Option(
         "--kv-cache-memory", envvar="SPECEDGE_KV_CACHE_MEMORY",
         help="KV pool size: GiB above 1, else the fraction of device memory the verifier may use in all "
-             "(default: room for --max-sessions sessions of --max-len).")] = None,
+             "(default: room for --max-sessions sessions of --max-len).")]
+    = default(VerifierSettings, "kv_cache_memory"),
     plan: Annotated[bool, typer.Option(
         "--plan", envvar="SPECEDGE_PLAN",
         help="Print the memory plan as one JSON line and exit without allocating.")] = False,
     memory_gib: Annotated[float | None, typer.Option(
         "--memory-gib", envvar="SPECEDGE_MEMORY_GIB",
         help="With --plan: the device memory to plan for (default: this device's).")] = None,
-    metrics_port: MetricsPort = 0,
-    name: Name = None,
-    log_level: LogLevelOpt = "info",
+    metrics_port: MetricsPort = default(VerifierSettings, "metrics_port"),
+    name: Name = default(VerifierSettings, "name"),
+    log_level: LogLevelOpt = default(VerifierSettings, "log_level"),
 ) -> None:
     """Run a verifier: holds the target model and verifies batches of draft trees."""
     if plan:

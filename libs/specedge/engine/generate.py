@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from specedge import protocol
 from specedge.engine.parties import Drafter, Verifier
 from specedge.engine.sampling import SamplingSpec
-from specedge.protocol import MODES, DraftTreeMsg, Mode, VerifyResult
+from specedge.protocol import MODES, DraftTreeMsg, Mode, VerifyResult, cut_output
 
 __all__ = ["MODES", "GenerationResult", "Mode", "generate"]
 
@@ -67,11 +67,12 @@ class _Output:
         self.done = max_new_tokens <= 0
 
     def add(self, result: VerifyResult) -> None:
-        for token in [*result.accepted, result.bonus]:
-            if self.done:
-                return
-            self.tokens.append(token)
-            self.done = token in self.eos_ids or len(self.tokens) >= self.max_new_tokens
+        if self.done:
+            return
+        keep, reason = cut_output([*result.accepted, result.bonus], self.eos_ids,
+                                  self.max_new_tokens - len(self.tokens))
+        self.tokens += keep
+        self.done = reason is not None
 
 
 def generate(mode: Mode, verifier: Verifier, drafter: Drafter | None, prompt: list[int],

@@ -26,14 +26,15 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge.engine.runner import ForwardRequest, ModelRunner
+from specedge.protocol import TREE_BEAMS, TREE_BRANCH, TREE_BUDGET, TREE_DEPTH
 
 
 @dataclass(frozen=True)
 class TreeParams:
-    budget: int = 32   # drafted nodes at most
-    depth: int = 4     # levels below the root at most (= draft passes after the root's)
-    branch: int = 16   # candidates per expanded node (top-k)
-    beams: int = 32    # nodes added per pass at most
+    budget: int = TREE_BUDGET  # drafted nodes at most
+    depth: int = TREE_DEPTH  # levels below the root at most (= draft passes after the root's)
+    branch: int = TREE_BRANCH  # candidates per expanded node (top-k)
+    beams: int = TREE_BEAMS  # nodes added per pass at most
     temperature: float = 1.0  # candidates scored by log-softmax(logits / temperature); < 1 deepens
 
     def __post_init__(self) -> None:
