@@ -125,7 +125,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise OpenAIError(400, f"the prompt has {chars} characters; the context holds {settings.max_context} "
                               "tokens", param="messages" if spec.messages is not None else "prompt",
                               code="context_length_exceeded")
-        prompt = codec.chat_prompt(spec.messages) if spec.messages is not None else spec.prompt
+        try:
+            prompt = codec.chat_prompt(spec.messages) if spec.messages is not None else spec.prompt
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="messages", code="invalid_messages") from None
         ids = codec.encode(prompt)
         room = settings.max_context - len(ids)
         if not ids or room < 1:

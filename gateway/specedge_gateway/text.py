@@ -2,7 +2,7 @@
 end-of-turn ids, and incremental detokenization.
 
 Owns turning a chat or a prompt into token ids (the target's own `tokenizer.json` through
-the `tokenizers` library, its chat template through a sandboxed Jinja environment) and
+the `tokenizers` library, its chat template as `apply_chat_template` renders it) and
 turning committed ids back into text piece by piece (`DecodeStream`: each id decoded
 once), never emitting half a UTF-8 character. It knows nothing about HTTP or sessions.
 """
@@ -13,9 +13,10 @@ import json
 import pathlib
 from dataclasses import dataclass, field
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import jinja2
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
+from transformers.utils.chat_template_utils import render_jinja_template
 
 
 class TextCodec:
@@ -29,7 +30,7 @@ class TextCodec:
         template = template_file.read_text() if template_file.exists() else config.get("chat_template")
         if not template:
             raise ValueError(f"{model_dir} has no chat template")
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+        self._template = template
         generation = folder / "generation_config.json"
         eos = json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None
         if eos is None:
@@ -37,7 +38,16 @@ class TextCodec:
         self.eos_ids: list[int] = eos if isinstance(eos, list) else [eos]
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=True)
+        """The messages through the model's chat template, rendered as the tokenizer's own
+        `apply_chat_template` renders it (transformers' sandboxed environment: `raise_exception`,
+        `strftime_now`, loop controls — without importing torch). A template that refuses the
+        messages raises ValueError with its reason."""
+        try:
+            rendered, _ = render_jinja_template(conversations=[messages], chat_template=self._template,
+                                                add_generation_prompt=True)
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template refuses these messages: {exc}") from None
+        return rendered[0]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -147,3 +147,29 @@ def test_stop_sequences_are_bounded_in_length():
     with pytest.raises(ValidationError):
         ChatCompletionRequest(**CHAT, stop=["x" * (MAX_STOP_CHARS + 1)])
     assert ChatCompletionRequest(**CHAT, stop=["x" * MAX_STOP_CHARS]).stop == ["x" * MAX_STOP_CHARS]
+
+
+def test_chat_templates_render_as_the_tokenizers_own_apply_chat_template(tmp_path):
+    """Templates using transformers' helpers (`raise_exception`, `strftime_now`) work as they
+    do with `apply_chat_template`; a template's refusal is a ValueError (the gateway's 400)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from specedge.models import BUNDLED_TARGET, bundled
+    from specedge_gateway.text import TextCodec
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    codec = TextCodec(bundled(BUNDLED_TARGET))
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    assert codec.chat_prompt(messages) == tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                  tokenize=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(f"{bundled(BUNDLED_TARGET)}/{name}", tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must be the user') }}{% endif %}"
+        "{{ strftime_now('%Y') }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    strict = TextCodec(str(tmp_path))
+    assert strict.chat_prompt([{"role": "user", "content": "x"}]).endswith("x")
+    with pytest.raises(ValueError, match="the first message must be the user"):
+        strict.chat_prompt(messages)
