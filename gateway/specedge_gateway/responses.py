@@ -1,0 +1,108 @@
+"""What the gateway answers, as typed models of OpenAI's response objects.
+
+Owns the shape of `chat.completion`, `text_completion` and their streamed chunks (one
+model each, serialised by pydantic), plus SpecEdge's `specedge` extension field on
+non-streaming replies. The routes fill them; nothing here knows about sessions.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Head(BaseModel):
+    """What every reply and chunk of one request shares."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+
+    def chat_chunk(self, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.model_dump(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
+
+    def text_chunk(self, text: str, finish: str | None = None) -> CompletionChunk:
+        return CompletionChunk(**self.model_dump(), choices=[CompletionChoice(text=text, finish_reason=finish)])
+
+
+class ChatCompletion(Head):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+    specedge: dict[str, Any]  # this request's speculation (`live.RequestStats`)
+
+
+class Completion(Head):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+    specedge: dict[str, Any]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Head):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(Head):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+def sse(chunk: ChatCompletionChunk | CompletionChunk, include_usage: bool) -> str:
+    """One server-sent event. A chat delta carries only what it has (the role first, then
+    content); `usage` appears — null until the last chunk — only when the client asked."""
+    data = chunk.model_dump(mode="json")
+    if isinstance(chunk, ChatCompletionChunk):
+        for choice in data["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    if not include_usage:
+        del data["usage"]
+    return f"data: {json.dumps(data)}\n\n"
+
+

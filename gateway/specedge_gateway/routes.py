@@ -1,0 +1,244 @@
+"""The gateway's routes: the OpenAI API (`api`) and the operator's endpoints (`ops`).
+
+Each route takes what it needs as dependencies — the `Gateway` (what `create_app` built
+and the lifespan connected, on `app.state.gateway`) and the caller's user from their API
+key — and answers with the typed models of `responses`. A generation's life (the
+per-key slot, the session on the bus, its close) is one async context manager,
+`Gateway.generation`, so a stream that ends, fails or loses its client always lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from specedge import registry
+from specedge.metrics import GatewayMetrics
+from specedge.protocol import ServiceAnnouncement
+from specedge_gateway.live import LiveStats, RequestStats
+from specedge_gateway.openai_api import (
+    MAX_CHARS_PER_TOKEN,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationSpec,
+    OpenAIError,
+    to_generation,
+)
+from specedge_gateway.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    Head,
+    Usage,
+    sse,
+)
+from specedge_gateway.sessions import Piece, generate
+from specedge_gateway.settings import GatewaySettings
+from specedge_gateway.text import TextCodec
+
+log = logging.getLogger("specedge_gateway")
+
+
+@dataclasses.dataclass
+class Gateway:
+    """One gateway's parts: built by `create_app`, connected by its lifespan."""
+
+    settings: GatewaySettings
+    codec: TextCodec
+    served_model: str
+    metrics: GatewayMetrics
+    live: LiveStats
+    me: ServiceAnnouncement
+    nc: Any = None  # the lifespan's NATS connection,
+    keys: Any = None  # API keys, the per-key concurrency limit and the committed tokens in Redis
+    limit: Any = None
+    store: Any = None
+
+    def prepare(self, spec: GenerationSpec) -> tuple[list[int], int]:
+        """The prompt's ids and how many tokens to generate, or the reason it cannot be served."""
+        settings, served = self.settings, self.served_model
+        if spec.model != served:
+            raise OpenAIError(404, f"model {spec.model!r} does not exist; this server serves {served!r}",
+                              "not_found_error", "model", "model_not_found")
+        param = "messages" if spec.messages is not None else "prompt"
+        chars = sum(len(m["content"]) for m in spec.messages) if spec.messages is not None else len(spec.prompt)
+        if chars > settings.max_context * MAX_CHARS_PER_TOKEN:  # cannot fit: refused before any work on it
+            raise OpenAIError(400, f"the prompt has {chars} characters; the context holds {settings.max_context} "
+                              "tokens", param=param, code="context_length_exceeded")
+        try:
+            prompt = self.codec.chat_prompt(spec.messages) if spec.messages is not None else spec.prompt
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="messages", code="invalid_messages") from None
+        ids = self.codec.encode(prompt)
+        room = settings.max_context - len(ids)
+        if not ids or room < 1:
+            raise OpenAIError(400, f"the prompt is {len(ids)} tokens; the context holds {settings.max_context}",
+                              param=param, code="context_length_exceeded")
+        wanted = spec.max_tokens or min(settings.default_max_tokens, room)
+        if wanted > room:
+            raise OpenAIError(400, f"max_tokens {wanted} exceeds the {room} tokens left in the context",
+                              param="max_tokens", code="context_length_exceeded")
+        return ids, wanted
+
+    @contextlib.asynccontextmanager
+    async def generation(self, spec: GenerationSpec, user: str) -> AsyncIterator[Generation]:
+        """Prepare (off the event loop), take the user's slot, open the session; on exit,
+        close the session and give the slot back — whatever ended it."""
+        ids, max_new = await asyncio.to_thread(self.prepare, spec)  # templating and tokenizing
+        if user and not await self.limit.acquire(user):
+            raise OpenAIError(429, f"too many concurrent requests for this API key (at most "
+                              f"{self.settings.max_concurrent_per_key}); retry when one finishes",
+                              "rate_limit_error", code="rate_limit_exceeded")
+        stats = RequestStats(mode=spec.mode, seed=spec.seed)
+        release = functools.partial(self.limit.release, user) if user else None
+        pieces = generate(self.nc, self.codec, spec, ids, max_new, user, metrics=self.metrics, on_close=release,
+                          live=self.live, stats=stats, store=self.store)
+        async with contextlib.aclosing(pieces):
+            yield Generation(len(ids), pieces, stats)
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_tokens: int
+    pieces: AsyncIterator[Piece]
+    stats: RequestStats
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `specedge keys create`.")
+
+
+async def caller(gw: Annotated[Gateway, Depends(gateway)],
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The caller's user name, from their API key ("" when keys are not required)."""
+    if not gw.settings.require_api_key:
+        return ""
+    if credentials is None:
+        raise OpenAIError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+    try:
+        user = await gw.keys.user_of(credentials.credentials)
+    except Exception as exc:
+        log.warning("cannot check an API key: %r", exc)
+        raise OpenAIError(503, "cannot check the API key right now", "server_error", code="unavailable") from None
+    if user is None:
+        raise OpenAIError(401, "incorrect API key provided", code="invalid_api_key")
+    return user
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+UserDep = Annotated[str, Depends(caller)]
+api = APIRouter()
+ops = APIRouter()
+
+
+@api.post("/v1/chat/completions", response_model=None,
+          responses={200: {"model": ChatCompletion, "description": "The reply; with `stream`, server-sent "
+                                                                   "`chat.completion.chunk` events"}})
+async def chat_completions(body: ChatCompletionRequest, gw: GatewayDep, user: UserDep
+                           ) -> ChatCompletion | StreamingResponse:
+    return await _respond(gw, to_generation(body), chat=True, user=user)
+
+
+@api.post("/v1/completions", response_model=None,
+          responses={200: {"model": Completion, "description": "The reply; with `stream`, server-sent "
+                                                               "`text_completion` events"}})
+async def completions(body: CompletionRequest, gw: GatewayDep, user: UserDep) -> Completion | StreamingResponse:
+    return await _respond(gw, to_generation(body), chat=False, user=user)
+
+
+@api.get("/v1/models")
+async def models(gw: GatewayDep, user: UserDep) -> dict:
+    found = await registry.discover(gw.nc, wait_s=0.2)
+    names = sorted({a.details.get("model", "") for a in found if a.role == "verifier"} - {""})
+    return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "specedge"} for n in names]}
+
+
+async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
+                   user: str) -> ChatCompletion | Completion | StreamingResponse:
+    head = Head(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
+                model=gw.served_model)
+    if not spec.stream:
+        async with gw.generation(spec, user) as run:
+            text, last = [], None
+            async for piece in run.pieces:
+                text.append(piece.text)
+                last = piece
+        head.system_fingerprint = run.stats.system_fingerprint
+        content, usage = "".join(text), Usage.of(run.prompt_tokens, last.completion_tokens)
+        if chat:
+            return ChatCompletion(**head.model_dump(), usage=usage, specedge=run.stats.as_dict(), choices=[
+                ChatChoice(message=AssistantMessage(content=content), finish_reason=last.finish_reason)])
+        return Completion(**head.model_dump(), usage=usage, specedge=run.stats.as_dict(), choices=[
+            CompletionChoice(text=content, finish_reason=last.finish_reason)])
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        run = await stack.enter_async_context(gw.generation(spec, user))
+        first = await anext(run.pieces)  # errors before the first token are still plain HTTP errors
+        head.system_fingerprint = run.stats.system_fingerprint
+        owned = stack.pop_all()  # from here the stream closes the generation
+    return StreamingResponse(_stream(owned, run, first, head, chat, spec.include_usage),
+                             media_type="text/event-stream")
+
+
+async def _stream(owned: contextlib.AsyncExitStack, run: Generation, first: Piece, head: Head, chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
+    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta = ChatDelta(role="assistant") if role else ChatDelta(content=text or None)
+            return sse(head.chat_chunk(delta, finish), include_usage)
+        return sse(head.text_chunk(text or "", finish), include_usage)
+
+    async with owned:  # a client that went away closes its session
+        if chat:
+            yield chunk(None, role=True)
+        last = piece = first
+        try:
+            while True:
+                if piece.text:
+                    yield chunk(piece.text)
+                last = piece
+                if piece.finish_reason is not None:
+                    break
+                piece = await anext(run.pieces)
+        except OpenAIError as exc:
+            error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+            return
+    yield chunk(None, last.finish_reason)
+    if include_usage:
+        final = head.chat_chunk(ChatDelta()) if chat else head.text_chunk("")
+        final.choices, final.usage = [], Usage.of(run.prompt_tokens, last.completion_tokens)
+        yield sse(final, include_usage=True)
+    yield "data: [DONE]\n\n"
+
+
+@ops.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(gw: GatewayDep) -> Response:
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@ops.get("/health")
+async def health(gw: GatewayDep) -> JSONResponse:
+    found = await registry.discover(gw.nc, wait_s=0.2)
+    verifiers = sum(1 for a in found if a.role == "verifier")
+    return JSONResponse({"status": "ok" if verifiers else "no verifier", "verifiers": verifiers},
+                        status_code=200 if verifiers else 503)
