@@ -38,6 +38,7 @@ from specedge.protocol import (
     DraftTreeMsg,
     EdgeRefused,
     ProtocolError,
+    Reason,
     Rejections,
     ServiceStats,
     StatsRequest,
@@ -125,7 +126,7 @@ class EdgeService:
                 await asyncio.to_thread(self.drafter.open, assign.session_id, assign.tokens, params, assign.cycle)
             except (CacheFullError, ValueError) as exc:
                 self.drafter.close(assign.session_id)
-                self.reject("cannot_open", f"session {assign.session_id[:16]} ({exc})")
+                self.reject(Reason.CANNOT_OPEN, f"session {assign.session_id[:16]} ({exc})")
                 return
         self._scheduler[assign.session_id] = assign.scheduler
         await self._send_next(assign.session_id)
@@ -137,7 +138,7 @@ class EdgeService:
 
     async def _apply(self, result: VerifyResult) -> None:
         if result.session_id not in self.drafter.sessions:
-            self.reject("unknown_session", "a result")
+            self.reject(Reason.UNKNOWN_SESSION, "a result")
             return
         sent = self._sent_at.pop(result.session_id, None)
         if sent is not None:
@@ -148,7 +149,7 @@ class EdgeService:
             try:
                 hit = await asyncio.to_thread(self.drafter.on_result, result)
             except (StaleMessageError, ValueError) as exc:
-                self.reject("stale_or_bad_result", f"a result for {result.session_id[:16]} ({exc})")
+                self.reject(Reason.STALE_OR_BAD_RESULT, f"a result for {result.session_id[:16]} ({exc})")
                 return
             self._cycle_began(result.session_id, hit, arrived)
             if result.next_budget > 0 and result.next_depth > 0:

@@ -31,7 +31,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from specedge import bus, protocol, subjects, telemetry
 from specedge.metrics import GatewayMetrics
-from specedge.protocol import CloseSession, SamplingSpec, SessionOpen, SessionOpened, TokenEvent, cut_output
+from specedge.protocol import CloseSession, Reason, SamplingSpec, SessionOpen, SessionOpened, TokenEvent, cut_output
 from specedge.state import SessionStore
 from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import GenerationSpec, OpenAIError
@@ -77,7 +77,7 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             raise OpenAIError(503, "no scheduler is available; try again shortly", "server_error",
                               code="unavailable") from None
         opened = protocol.decode(reply.data, SessionOpened)
-        if opened.error == "prompt_too_long":
+        if opened.error == Reason.PROMPT_TOO_LONG:
             raise OpenAIError(400, "the prompt is longer than the verifiers hold per session (their --max-len)",
                               param="messages", code="context_length_exceeded")
         if opened.error:

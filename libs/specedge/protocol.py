@@ -7,6 +7,7 @@ parsing, and raises `ProtocolError` with a reason that is safe to log and to cou
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +23,38 @@ Mode = Literal["autoregressive", "server-only", "specedge"]
 """How a session is drafted: not at all, by a drafter on the server side, or on a user's edge."""
 MODES: tuple[Mode, ...] = get_args(Mode)
 ROLES: tuple[Role, ...] = ("gateway", "scheduler", "verifier", "edge-agent")
+
+
+class Reason(enum.StrEnum):
+    """Why something is refused: a bounded vocabulary, safe to log, used as counter labels
+    and sent on the bus (`Rejection.reason`, `PrefillReply.error`, `EdgeRefused.reason`)."""
+
+    MALFORMED = "malformed"
+    INVALID = "invalid"
+    OVERSIZED = "oversized"
+    VERSION = "version"
+    IDENTITY_MISMATCH = "identity_mismatch"
+    TREE_TOO_LARGE = "tree_too_large"
+    TREE_SHAPE = "tree_shape"
+    TOKEN_OUT_OF_VOCAB = "token_out_of_vocab"
+    PARENT_NOT_BEFORE_CHILD = "parent_not_before_child"
+    UNKNOWN_SESSION = "unknown_session"
+    STALE_CYCLE = "stale_cycle"
+    DUPLICATE_DRAFT = "duplicate_draft"
+    DUPLICATE_SESSION = "duplicate_session"
+    NOT_THE_SESSIONS_EDGE = "not_the_sessions_edge"
+    AHEAD_UNUSED = "ahead_unused"
+    PREFILLING = "prefilling"
+    NO_CAPACITY = "no_capacity"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    BAD_PROMPT = "bad_prompt"
+    STATE_UNAVAILABLE = "state_unavailable"
+    CUT_OFF = "cut_off"
+    TOKENIZER_MISMATCH = "tokenizer_mismatch"
+    BAD_ANNOUNCEMENT = "bad_announcement"
+    BAD_LEAVE = "bad_leave"
+    CANNOT_OPEN = "cannot_open"
+    STALE_OR_BAD_RESULT = "stale_or_bad_result"
 
 
 class ProtocolError(ValueError):
@@ -85,13 +118,13 @@ class DraftTreeMsg(Message, frozen=True, kw_only=True):
     def problem(self, vocab_size: int, max_nodes: int) -> str | None:
         """Why this tree must be refused (a short reason for counters), or None if well formed."""
         if len(self.tokens) != len(self.parents):
-            return "tree_shape"
+            return Reason.TREE_SHAPE
         if len(self.tokens) > max_nodes or len(self.assumed) > max_nodes + 1:
-            return "tree_too_large"
+            return Reason.TREE_TOO_LARGE
         if any(not 0 <= t < vocab_size for t in self.tokens):
-            return "token_out_of_vocab"
+            return Reason.TOKEN_OUT_OF_VOCAB
         if any(not -1 <= p < i for i, p in enumerate(self.parents)):
-            return "parent_not_before_child"
+            return Reason.PARENT_NOT_BEFORE_CHILD
         return None
 
 
@@ -312,18 +345,18 @@ def encode(message: Message) -> bytes:
 def decode(data: bytes, kind: type[M], max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     """Bytes from the bus -> a validated message of type `kind`, or `ProtocolError`."""
     if len(data) > max_bytes:
-        raise ProtocolError("oversized", f"{len(data)} bytes > {max_bytes}")
+        raise ProtocolError(Reason.OVERSIZED, f"{len(data)} bytes > {max_bytes}")
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     try:
         message = decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise ProtocolError("invalid", str(exc)) from None
+        raise ProtocolError(Reason.INVALID, str(exc)) from None
     except msgspec.DecodeError as exc:
-        raise ProtocolError("malformed", str(exc)) from None
+        raise ProtocolError(Reason.MALFORMED, str(exc)) from None
     if message.v != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"got v{message.v}, speak v{PROTOCOL_VERSION}")
+        raise ProtocolError(Reason.VERSION, f"got v{message.v}, speak v{PROTOCOL_VERSION}")
     return message
 
 

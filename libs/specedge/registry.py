@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from specedge import __version__, bus, subjects
-from specedge.protocol import ProtocolError, Role, ServiceAnnouncement, ServiceLeave, decode, encode
+from specedge.protocol import ProtocolError, Reason, Role, ServiceAnnouncement, ServiceLeave, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ async def discover(nc: Client, wait_s: float = 0.5) -> list[ServiceAnnouncement]
         try:
             ann = decode(msg.data, ServiceAnnouncement)
             if msg.subject != announce_subject(ann):
-                raise ProtocolError("identity_mismatch", "announced on another service's subject")
+                raise ProtocolError(Reason.IDENTITY_MISMATCH, "announced on another service's subject")
         except ValueError as exc:  # ProtocolError included
             log.warning("ignoring an announcement on %s (%s)", msg.subject, getattr(exc, "reason", exc))
             return

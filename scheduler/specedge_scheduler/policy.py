@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from specedge.protocol import MAX_TREES_AHEAD, TREE_BUDGET, TREE_DEPTH, DraftTreeMsg, Mode
+from specedge.protocol import MAX_TREES_AHEAD, TREE_BUDGET, TREE_DEPTH, DraftTreeMsg, Mode, Reason
 from specedge_scheduler.timing import EdgeTiming, VerificationCost
 
 Strategy = Literal["fifo", "two-groups", "pipeline"]
@@ -440,16 +440,16 @@ class SchedulingPolicy:
         drafting time `draft_s` feed the edge's timing."""
         state = self.sessions.get(tree.session_id)
         if state is None:
-            return "ahead_unused" if tree.assumed else "unknown_session"  # sent ahead; the session ended
+            return Reason.AHEAD_UNUSED if tree.assumed else "unknown_session"  # sent ahead; the session ended
         if state.edge != from_edge:
-            return "not_the_sessions_edge"
+            return Reason.NOT_THE_SESSIONS_EDGE
         if tree.assumed:
             if (reason := self._ahead_arrived(state, tree)) is not None or state.ahead.get(tree.cycle) is tree:
                 return reason
         if (tree.cycle, tree.committed_len) != (state.cycle, state.committed_len):
-            return "stale_cycle"
+            return Reason.STALE_CYCLE
         if state.in_flight:
-            return "duplicate_draft"
+            return Reason.DUPLICATE_DRAFT
         state.in_flight = True
         if now is not None and state.waiting_since is not None and not tree.assumed:
             # (a tree sent ahead was on its way before the result left: it times no turnaround)
@@ -468,21 +468,21 @@ class SchedulingPolicy:
         if 1 <= step <= MAX_TREES_AHEAD:
             if step == 1:
                 if not state.in_flight:  # this cycle's own tree has not come: it built on a
-                    return "ahead_unused"  # wrong guess (the edge learns of it on its way)
+                    return Reason.AHEAD_UNUSED  # wrong guess (the edge learns of it on its way)
                 base = state.committed_len
             elif (before := state.ahead.get(tree.cycle - 1)) is None:
-                return "ahead_unused"  # the tree it builds on was a wrong guess, dropped
+                return Reason.AHEAD_UNUSED  # the tree it builds on was a wrong guess, dropped
             else:
                 base = before.committed_len
             if tree.committed_len != base + len(tree.assumed):
-                return "stale_cycle"
+                return Reason.STALE_CYCLE
             if tree.cycle in state.ahead:
-                return "duplicate_draft"
+                return Reason.DUPLICATE_DRAFT
             state.ahead[tree.cycle] = tree
             return None
         if tree.cycle == state.cycle and (tree.committed_len, tuple(tree.assumed)) != \
                 (state.committed_len, state.last_committed):
-            return "ahead_unused"  # it came after the result, which its guess did not match
+            return Reason.AHEAD_UNUSED  # it came after the result, which its guess did not match
         return None
 
     def release_ahead(self, session_id: str) -> DraftTreeMsg | None:

@@ -43,6 +43,7 @@ from specedge.protocol import (
     PrefillReply,
     PrefillRequest,
     ProtocolError,
+    Reason,
     Rejections,
     ServiceAnnouncement,
     ServiceLeave,
@@ -72,8 +73,8 @@ class _Output:
     tree_temperature: float = 1.0  # its drafts' scoring temperature (from its sampling)
 
 
-_WHY = {"unknown_session": "its state is gone from Redis (expired, or Redis restarted without persistence)",
-        "stale_cycle": "its state in Redis is behind what was verified (Redis lost recent writes)"}
+_WHY = {Reason.UNKNOWN_SESSION: "its state is gone from Redis (expired, or Redis restarted without persistence)",
+        Reason.STALE_CYCLE: "its state in Redis is behind what was verified (Redis lost recent writes)"}
 
 
 class SchedulerService:
@@ -140,11 +141,12 @@ class SchedulerService:
         try:
             ann = protocol.decode(msg.data, ServiceAnnouncement)
             if msg.subject != registry.announce_subject(ann):
-                self.reject("identity_mismatch", f"an announcement of {ann.role} {ann.instance_id} on {msg.subject}")
+                self.reject(Reason.IDENTITY_MISMATCH,
+                            f"an announcement of {ann.role} {ann.instance_id} on {msg.subject}")
                 return
             await self._seen(ann)
         except (ProtocolError, ValueError):
-            self.reject("bad_announcement", "an announcement")
+            self.reject(Reason.BAD_ANNOUNCEMENT, "an announcement")
 
     async def refresh(self) -> None:
         """Ask the bus who is there now (at start, and when no verifier is known): every
@@ -181,14 +183,14 @@ class SchedulerService:
                            "tokenizer: this edge gets no sessions; use a draft model of the target's family")
                 log.warning("edge %s (%s) refused: %s", ann.name, ann.details.get("model", "?"), message)
                 await bus.publish(self.nc, subjects.edge_refused(ann.instance_id), protocol.encode(
-                    EdgeRefused(reason="tokenizer_mismatch", message=message)))
+                    EdgeRefused(reason=Reason.TOKENIZER_MISMATCH, message=message)))
         self._wake.set()
 
     async def on_leave(self, msg: Msg) -> None:
         try:
             leave = protocol.decode(msg.data, ServiceLeave)
         except ProtocolError:
-            self.reject("bad_leave", "a leave message")
+            self.reject(Reason.BAD_LEAVE, "a leave message")
             return
         if leave.role == "edge-agent":
             await self._stop_listening(leave.instance_id)
@@ -251,7 +253,7 @@ class SchedulerService:
         await self._fall_back(edge, sessions, cause="edge_cut_off")
         with contextlib.suppress(Exception):
             await bus.publish(self.nc, subjects.edge_refused(edge), protocol.encode(EdgeRefused(
-                reason="cut_off", message=f"too many refused messages; suspended for {lim.suspend_s:.0f}s")))
+                reason=Reason.CUT_OFF, message=f"too many refused messages; suspended for {lim.suspend_s:.0f}s")))
         try:
             await self.store.suspend_edge(edge, lim.suspend_s)
         except Exception as exc:
@@ -396,10 +398,10 @@ class SchedulerService:
         state = self.policy.sessions.get(tree.session_id)
         waiting_since = state.waiting_since if state is not None else None
         if (reason := self.policy.draft_arrived(tree, edge, now, tree.draft_ms / 1000)) is not None:
-            if reason == "ahead_unused":  # sent ahead on a guess that did not come true: no offence
+            if reason == Reason.AHEAD_UNUSED:  # sent ahead on a guess that did not come true: no offence
                 self.metrics.drafts_ahead.labels("missed").inc()
-            elif (reason == "unknown_session" and tree.session_id in self._ended) or \
-                    (reason == "not_the_sessions_edge" and state is not None and edge in state.left):
+            elif (reason == Reason.UNKNOWN_SESSION and tree.session_id in self._ended) or \
+                    (reason == Reason.NOT_THE_SESSIONS_EDGE and state is not None and edge in state.left):
                 self.reject(reason, f"a draft from {edge}")  # crossed an end or a move on the way: no offence
             else:
                 self._offence(edge, reason, f"a draft from {edge}")
@@ -500,10 +502,10 @@ class SchedulerService:
             tree = by_session.get(rejection.session_id)
             if tree is None:
                 continue
-            if rejection.reason == "state_unavailable":
+            if rejection.reason == Reason.STATE_UNAVAILABLE:
                 unreachable.append(tree)
                 continue
-            if rejection.reason == "stale_cycle" and await self._catch_up(tree):
+            if rejection.reason == Reason.STALE_CYCLE and await self._catch_up(tree):
                 continue
             if not self.policy.refused(tree):
                 why = _WHY.get(rejection.reason, f"the verifier keeps refusing its trees ({rejection.reason})")

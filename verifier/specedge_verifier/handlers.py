@@ -35,6 +35,7 @@ from specedge.protocol import (
     PrefillReply,
     PrefillRequest,
     ProtocolError,
+    Reason,
     Rejection,
     Rejections,
     ServiceStats,
@@ -100,8 +101,8 @@ class VerifierService:
             await self._reply(msg, PrefillReply(session_id="", error=exc.reason))
             return
         if not request.tokens or any(not 0 <= t < self.verifier.vocab_size for t in request.tokens):
-            self.reject("bad_prompt", "a prefill request")
-            await self._reply(msg, PrefillReply(session_id=request.session_id, error="bad_prompt"))
+            self.reject(Reason.BAD_PROMPT, "a prefill request")
+            await self._reply(msg, PrefillReply(session_id=request.session_id, error=Reason.BAD_PROMPT))
             return
         params = request.sampling  # (checked when decoded)
         with telemetry.span("prefill", SpanKind.SERVER, {"specedge.session.id": request.session_id,
@@ -128,8 +129,8 @@ class VerifierService:
                 except Exception as exc:  # the session fails; the verifier goes on
                     log.warning("prefill of session %s failed: %r", session_id[:16], exc)
                     self._forget(session_id)
-                    return "no_capacity"
-        return None if session_id in self.verifier.sessions else "no_capacity"
+                    return Reason.NO_CAPACITY
+        return None if session_id in self.verifier.sessions else Reason.NO_CAPACITY
 
     async def _open(self, session_id: str, tokens: list[int], params: SamplingSpec, cycle: int,
                     keep: frozenset[str] = frozenset(), prefill: bool = True) -> str | None:
@@ -145,11 +146,11 @@ class VerifierService:
                 await asyncio.to_thread(admit, session_id, tokens, params, cycle)
             except SessionTooLongError:  # longer than any session may be: evicting others cannot help
                 self.verifier.close(session_id)
-                return "prompt_too_long"
+                return Reason.PROMPT_TOO_LONG
             except CacheFullError:
                 self.verifier.close(session_id)
                 if not idle:
-                    return "no_capacity"
+                    return Reason.NO_CAPACITY
                 evicted = idle.pop(0)[1]
                 log.info("cache full: evicting idle session %s", evicted[:16])
                 self._forget(evicted)
@@ -157,7 +158,7 @@ class VerifierService:
                 continue
             except ValueError:
                 self.verifier.close(session_id)
-                return "bad_prompt"
+                return Reason.BAD_PROMPT
             self._used[session_id] = time.monotonic()
             return None
 
@@ -172,13 +173,13 @@ class VerifierService:
             record = await self.store.load(tree.session_id)
         except Exception as exc:
             log.warning("cannot read session %s from Redis: %r", tree.session_id[:16], exc)
-            return "state_unavailable"
+            return Reason.STATE_UNAVAILABLE
         if record is None:
-            return "unknown_session"
+            return Reason.UNKNOWN_SESSION
         if (record.cycle, len(record.tokens)) != (tree.cycle, tree.committed_len):
-            return "stale_cycle"
+            return Reason.STALE_CYCLE
         if any(not 0 <= t < self.verifier.vocab_size for t in record.tokens):
-            return "bad_prompt"
+            return Reason.BAD_PROMPT
         if (error := await self._open(tree.session_id, record.tokens, record.sampling, record.cycle,
                                       keep)) is not None:
             return error
@@ -212,11 +213,11 @@ class VerifierService:
                 reason = "duplicate_session" if tree.session_id in seen else self.verifier.problem(tree)
                 seen.add(tree.session_id)
                 last = self._last.get(tree.session_id)
-                if reason == "stale_cycle" and last is not None and \
+                if reason == Reason.STALE_CYCLE and last is not None and \
                         (last.cycle, last.committed_len) == (tree.cycle, tree.committed_len):
                     replays.append(last)  # the scheduler lost our reply: the same result again
                     continue
-                if reason == "unknown_session":  # re-prefilled from Redis, then the tree itself is checked
+                if reason == Reason.UNKNOWN_SESSION:  # re-prefilled from Redis, then the tree itself is checked
                     reason = await self._resume(tree, batch) or self.verifier.problem(tree)
                 if reason is None:
                     good.append(tree)
@@ -233,8 +234,8 @@ class VerifierService:
                         if good else []
                 except CacheFullError:  # the pool cannot hold these trees: refused, nothing changed
                     for tree in good:
-                        self.reject("no_capacity", f"a tree for session {tree.session_id[:16]}")
-                        rejected.append(Rejection(session_id=tree.session_id, reason="no_capacity"))
+                        self.reject(Reason.NO_CAPACITY, f"a tree for session {tree.session_id[:16]}")
+                        rejected.append(Rejection(session_id=tree.session_id, reason=Reason.NO_CAPACITY))
                     good, results = [], []
                 forward_ms = 1000 * (time.perf_counter() - started)
                 if span is not None:
@@ -267,7 +268,7 @@ class VerifierService:
         if outcome is Commit.DONE:
             return None
         reason = {Commit.ALREADY: "stale_cycle", Commit.STALE: "stale_cycle",
-                  Commit.UNKNOWN: "unknown_session"}.get(outcome, "state_unavailable")
+                  Commit.UNKNOWN: "unknown_session"}.get(outcome, Reason.STATE_UNAVAILABLE)
         self.reject(reason, f"a commit for session {result.session_id[:16]}")
         self._forget(result.session_id)
         return reason

@@ -27,7 +27,7 @@ from specedge.engine.backends import DEFAULT_ATTENTION, make_runner
 from specedge.engine.runner import CacheFullError, ForwardRequest, SessionTooLongError
 from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
-from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, VerifyResult
+from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, Reason, VerifyResult
 
 
 class StaleMessageError(ValueError):
@@ -108,11 +108,11 @@ class Verifier:
         """Why this tree cannot be verified now (a short reason), or None."""
         session = self.sessions.get(tree.session_id)
         if session is None:
-            return "unknown_session"
+            return Reason.UNKNOWN_SESSION
         if session.to_prefill:
-            return "prefilling"
+            return Reason.PREFILLING
         if (tree.cycle, tree.committed_len) != (session.cycle, len(session.committed)):
-            return "stale_cycle"
+            return Reason.STALE_CYCLE
         return tree.problem(self.vocab_size, self.max_tree_nodes)
 
     def verify(self, trees: list[DraftTreeMsg]) -> list[VerifyResult]:
@@ -125,7 +125,7 @@ class Verifier:
         if len({t.session_id for t in trees}) != len(trees):
             raise ValueError("one tree per session per batch")
         for tree in trees:
-            if (reason := self.problem(tree)) == "stale_cycle":
+            if (reason := self.problem(tree)) == Reason.STALE_CYCLE:
                 raise StaleMessageError(f"tree for cycle {tree.cycle} at length {tree.committed_len} is stale")
             if reason is not None:
                 raise ValueError(f"malformed tree: {reason}")
