@@ -60,3 +60,18 @@ def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECEDGE_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def secured():
+    """A nats-server of its own (so a test may reload it) with alice's and bob's edge accounts."""
+    from specedge import bus
+    from specedge.nats_auth import edge_identity
+
+    with Launcher() as launcher:
+        auth = launcher.nats_auth
+        alice = auth.add(edge_identity("alice-laptop", user="alice"))
+        bob = auth.add(edge_identity("bob-laptop", user="bob"))
+        server = launcher.start_nats()
+        yield {"launcher": launcher, "auth": auth, "server": server, "url": bus.without_login(server.url),
+               "admin": server.url, "alice": alice, "bob": bob}

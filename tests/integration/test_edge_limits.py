@@ -10,7 +10,6 @@ three), and stay exact.
 
 import asyncio
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -18,16 +17,14 @@ import time
 import uuid
 
 import nats
-import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from specedge import bus, protocol, subjects
-from specedge.launcher import Launcher, free_port
+from specedge import protocol, subjects
+from specedge.launcher import free_port
 from specedge.models import BUNDLED_DRAFT, bundled
-from specedge.nats_auth import edge_identity, service_identity
 from specedge.protocol import SessionOpen
-from tests.helpers import registered, schedulers_know, scrape, start_cli, wait_for
+from tests.helpers import registered, schedulers_know, scrape, start_cli, start_on_accounts, stop_all, wait_for
 from tests.sessions import collect, open_session, prompt_and_reference
 
 FLOODER = """
@@ -59,17 +56,6 @@ def start_flood(url: str, account, subject: str, seconds: float) -> subprocess.P
                              str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture
-def accounts():
-    with Launcher() as launcher:
-        auth = launcher.nats_auth
-        alice = auth.add(edge_identity("alice-laptop", user="alice"))
-        bob = auth.add(edge_identity("bob-laptop", user="bob"))
-        server = launcher.start_nats()
-        yield {"launcher": launcher, "auth": auth, "url": bus.without_login(server.url), "admin": server.url,
-               "alice": alice, "bob": bob}
-
-
 def listed(runs) -> str:
     return ", ".join(f"{t:.3f}s" for t, _ in runs)
 
@@ -86,29 +72,16 @@ async def timed_session(nc, ids: list[int], eos: list[int]) -> tuple[float, list
     return time.monotonic() - start, tokens
 
 
-async def test_a_flooding_edge_is_cut_off_and_others_stay_within_twice_their_latency(accounts, cli_env, tmp_path):
-    launcher, auth, url = accounts["launcher"], accounts["auth"], accounts["url"]
-    redis_url = launcher.start_redis().url
-    metrics_port = free_port()
-
-    def account(identity) -> list[str]:
-        return ["--nats-url", url, "--credentials", str(auth.credentials_path(identity.nats_user))]
-
-    procs = {
-        "verifier": start_cli(["verifier", *account(service_identity("verifier")), "--redis-url", redis_url,
-                               "--max-len", "1024"], cli_env, tmp_path / "verifier.log"),
-        "scheduler": start_cli(["scheduler", *account(service_identity("scheduler")), "--redis-url", redis_url,
-                                "--metrics-port", str(metrics_port)], cli_env, tmp_path / "scheduler.log"),
-        "edge-agent": start_cli(["edge-agent", *account(accounts["alice"])], cli_env, tmp_path / "edge.log"),
-    }
-    admin = accounts["admin"]
+async def test_a_flooding_edge_is_cut_off_and_others_stay_within_twice_their_latency(secured, cli_env, tmp_path):
+    url, admin, metrics_port = secured["url"], secured["admin"], free_port()
+    procs = start_on_accounts(secured, secured["launcher"].start_redis().url, metrics_port, tmp_path, cli_env)
     flood = None
     try:
         for role, proc in procs.items():
             await asyncio.to_thread(wait_for, lambda r=role, p=proc: registered(admin, r, None) and p.poll() is None,
                                     90, role)
         scheduler = (await asyncio.to_thread(registered, admin, "scheduler"))[0].instance_id
-        bob = accounts["bob"]
+        bob = secured["bob"]
         bob_nc = await nats.connect(url, user=bob.nats_user, password=bob.password)
         me = protocol.ServiceAnnouncement(role="edge-agent", instance_id="bob-laptop", name="bob", version="x",
                                           heartbeat_s=1.0, details={"max_sessions": "8", "pool": "user",
@@ -148,12 +121,7 @@ async def test_a_flooding_edge_is_cut_off_and_others_stay_within_twice_their_lat
         if flood is not None:
             flood.kill()
             flood.wait()
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            proc.wait(timeout=30)
-    for log in tmp_path.glob("*.log"):
-        assert "Traceback" not in log.read_text(), log.read_text()
+        stop_all(procs, tmp_path)
     assert "edge bob-laptop cut off" in (tmp_path / "scheduler.log").read_text()
 
 
@@ -220,10 +188,5 @@ async def test_sessions_leave_an_edge_whose_drafts_are_useless(nats_url, redis_u
         assert moves.get("specedge:drafter_moves_total{cause=useless_drafter}", 0) >= 1  # which moved away
         await nc.close()
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            proc.wait(timeout=30)
-    for log in tmp_path.glob("*.log"):
-        assert "Traceback" not in log.read_text(), log.read_text()
+        stop_all(procs, tmp_path)
 
