@@ -2,7 +2,7 @@
 
 Starts real nats-server and redis-server, one verifier, a scheduler, a server-side drafter
 (no proactive drafting: nothing to hide beside the verifier) and one edge agent per unit
-of the largest batch size (each with `--emulate-rtt-ms`: the WAN on the edge link), all
+of the largest batch size (each on an emulated WAN link, `wan`), all
 as `specedge` processes with one torch thread each. Where the machine has two cores or
 more, the server side (verifier, server drafter) is pinned to the first core and the
 edges — with nats-server, redis-server, the scheduler and the benchmark's own clients — to
@@ -303,9 +303,9 @@ def deploy(launcher: Launcher, settings: BenchSettings) -> tuple[str, dict[str, 
                                            str(settings.server_budget), "--depth",
                                            str(settings.depth), "--server-depth", str(settings.server_depth),
                                            "--strategy", settings.strategy], env=env)]
-    others += [launcher.spawn(f"edge-{i}", [*cli, "edge-agent", *common, "--draft", settings.draft, "--max-sessions",
-                                            "1", "--emulate-rtt-ms", str(settings.rtt_ms), "--name", f"edge-{i}"],
-                              env=env) for i in range(edges)]
+    wan = [sys.executable, "-m", "specedge_bench.wan", str(settings.rtt_ms)]  # the edge's link
+    others += [launcher.spawn(f"edge-{i}", [*wan, "edge-agent", *common, "--draft", settings.draft, "--max-sessions",
+                                            "1", "--name", f"edge-{i}"], env=env) for i in range(edges)]
     for child in server:
         _pin(child.process.pid, server_cores)
     for child in (*others, nats, redis):

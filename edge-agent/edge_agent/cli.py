@@ -61,10 +61,6 @@ def command(
         "--trees-ahead", envvar="SPECEDGE_TREES_AHEAD", min=1, max=MAX_TREES_AHEAD,
         help="With --send-ahead: how many trees a session drafts and sends ahead in a chain, each "
              "from the guessed result of the one before.")] = default(EdgeAgentSettings, "trees_ahead"),
-    emulate_rtt_ms: Annotated[float, typer.Option(
-        "--emulate-rtt-ms", envvar="SPECEDGE_EMULATE_RTT_MS",
-        help="Benchmarks: delay this edge's drafts and results by half this each way.")]
-    = default(EdgeAgentSettings, "emulate_rtt_ms"),
     name: Name = default(EdgeAgentSettings, "name"),
     log_level: LogLevelOpt = default(EdgeAgentSettings, "log_level"),
 ) -> None:
@@ -81,7 +77,7 @@ def command(
                      attention=attention_backend(attention, exact),
                      user=user,
                      server_side=server_side, proactive=proactive, send_ahead=send_ahead, trees_ahead=trees_ahead,
-                     emulate_rtt_ms=emulate_rtt_ms, name=name, log_level=log_level)
+                     name=name, log_level=log_level)
     run(functools.partial(serve, settings), settings.log_level)
 
 

@@ -51,13 +51,12 @@ log = logging.getLogger("edge_agent")
 
 class EdgeService:
     def __init__(self, nc: Client, instance_id: str, drafter: Drafter, stop: asyncio.Event | None = None,
-                 proactive: bool = True, one_way_delay_s: float = 0.0, send_ahead: bool = True) -> None:
+                 proactive: bool = True, send_ahead: bool = True) -> None:
         """`proactive`: draft ahead while a tree is out (off for a server-side drafter, which
         has no network wait to hide); `send_ahead`: send a finished proactive tree before the
-        result comes (the scheduler verifies it at once if the guess was right);
-        `one_way_delay_s`: emulate a WAN link (benchmarks)."""
+        result comes (the scheduler verifies it at once if the guess was right)."""
         self.nc, self.instance_id, self.drafter = nc, instance_id, drafter
-        self.proactive, self.one_way_delay_s = proactive, one_way_delay_s
+        self.proactive = proactive
         self.send_ahead = proactive and send_ahead
         self.sent_ahead = self.ahead_used = 0  # trees sent ahead; those whose guess came true
         self.drafts_sent = 0
@@ -134,7 +133,7 @@ class EdgeService:
     async def on_result(self, msg: Msg) -> None:
         if (result := self.reject.decode(msg.data, VerifyResult, "a result")) is None:
             return
-        await self._over_link(self._apply(result))
+        await self._apply(result)
 
     async def _apply(self, result: VerifyResult) -> None:
         if result.session_id not in self.drafter.sessions:
@@ -215,8 +214,8 @@ class EdgeService:
         if scheduler is None:  # closed while its tree was being drafted: nobody wants it
             return
         self._sent_at[session_id] = time.monotonic()
-        await self._over_link(bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
-                                          protocol.encode(tree), context=self._draft_span(tree)))
+        await bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler), protocol.encode(tree),
+                          context=self._draft_span(tree))
         self.drafts_sent += 1
         if self.proactive:
             self._keep_drafting_ahead(session_id)
@@ -248,19 +247,6 @@ class EdgeService:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _over_link(self, coroutine) -> None:
-        """Run a message's send or arrival now — or, on an emulated WAN link, after the one-way
-        delay, without holding up the caller (other messages go on meanwhile)."""
-        if not self.one_way_delay_s:
-            await coroutine
-            return
-
-        async def later() -> None:
-            await asyncio.sleep(self.one_way_delay_s)
-            await coroutine
-
-        self._spawn(later())
 
     def _keep_drafting_ahead(self, session_id: str) -> None:
         """Proactive drafting for this session, pass by pass, until its result comes."""
@@ -295,8 +281,7 @@ class EdgeService:
                 self.sent_ahead += 1
                 if telemetry.enabled():
                     self._ahead_sent.setdefault(session_id, {})[ahead.cycle] = (ahead, began_ns, time.time_ns())
-                await self._over_link(bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler),
-                                                  protocol.encode(ahead)))
+                await bus.publish(self.nc, subjects.drafts(self.instance_id, scheduler), protocol.encode(ahead))
                 async with self._lock:  # and the tree after it, from its guessed result
                     if session_id not in self._drafting_ahead or session_id not in self.drafter.sessions \
                             or not self.drafter.start_proactive(session_id):

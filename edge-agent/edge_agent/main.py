@@ -36,7 +36,7 @@ async def serve(settings: EdgeAgentSettings, life: Lifecycle) -> None:
                           max_ahead=settings.trees_ahead, attention=settings.attention)
         await asyncio.to_thread(drafter.runner.warm_up)  # compile before taking sessions
         service = EdgeService(nc, me.instance_id, drafter, stop=life.stop, proactive=settings.drafts_ahead,
-                              one_way_delay_s=settings.emulate_rtt_ms / 2000, send_ahead=settings.send_ahead)
+                              send_ahead=settings.send_ahead)
         await service.subscribe()
         await stack.enter_async_context(registry.presence(nc, me))
         await life.serve_until_stopped()

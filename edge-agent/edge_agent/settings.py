@@ -20,7 +20,6 @@ class EdgeAgentSettings(ServiceSettings):
     proactive: bool | None = None  # draft ahead while a tree is out (default: yes, unless server-side)
     send_ahead: bool = True  # send a proactive tree finished before its result came (with proactive)
     trees_ahead: int = Field(default=MAX_TREES_AHEAD, ge=1, le=MAX_TREES_AHEAD)  # a chain sent ahead, at most
-    emulate_rtt_ms: float = Field(default=0.0, ge=0)  # benchmarks: a WAN round trip on this edge's link
 
     @property
     def drafts_ahead(self) -> bool:

@@ -28,3 +28,33 @@ def test_bench_plane_runs_over_real_services(capsys):
     assert bench_plane.main(["--num-prompts", "1", "--max-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "message-plane overhead per cycle" in out and "| in process, `specedge` mode |" in out
+
+
+async def test_the_benchmarks_wan_link_delays_each_way(nats_url):
+    """`specedge_bench.wan`: what a wrapped client publishes, and what reaches its
+    subscriptions, arrives half the round trip late; a reply to it takes the whole trip."""
+    import asyncio
+    import time
+
+    import nats
+
+    from specedge_bench.wan import DelayedClient
+
+    plain, raw = await nats.connect(nats_url), await nats.connect(nats_url)
+    edge = DelayedClient(raw, one_way_s=0.1)
+    arrived: asyncio.Queue = asyncio.Queue()
+
+    async def echo(msg) -> None:
+        await plain.publish("wan.back", msg.data)
+
+    async def back(msg) -> None:
+        await arrived.put(time.monotonic())
+
+    await plain.subscribe("wan.out", cb=echo)
+    await edge.subscribe("wan.back", cb=back)
+    await raw.flush()
+    start = time.monotonic()
+    await edge.publish("wan.out", b"x")
+    assert 0.2 <= await asyncio.wait_for(arrived.get(), 5) - start < 0.6
+    await plain.close()
+    await raw.close()

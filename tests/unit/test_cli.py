@@ -40,7 +40,7 @@ def test_top_level_lists_every_role_and_up():
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--credentials",
                      "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--attention", "--exact",
-                        "--user", "--server-side", "--proactive", "--send-ahead", "--trees-ahead", "--emulate-rtt-ms",
+                        "--user", "--server-side", "--proactive", "--send-ahead", "--trees-ahead",
                         "--name", "--log-level"]),
         ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--api-key", "--server-drafter",
                 "--ready-timeout", "--dtype", "--attention", "--exact", "--log-level"]),
