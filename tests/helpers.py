@@ -28,7 +28,7 @@ def start_cli(args: Sequence[str], env: dict[str, str], log_path) -> subprocess.
 
 def discover(nats_url: str, wait_s: float = 0.3) -> list[ServiceAnnouncement]:
     async def ask():
-        nc = await nats.connect(nats_url)
+        nc = await nats.connect(servers=nats_url.split(","))
         try:
             return await registry.discover(nc, wait_s)
         finally:

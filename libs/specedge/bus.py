@@ -35,20 +35,31 @@ from opentelemetry.context import Context
 log = logging.getLogger(__name__)
 
 
+def servers(url: str) -> list[str]:
+    """The servers of a NATS URL: one, or a comma-separated list (the nodes of a cluster)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 def redact(url: str) -> str:
-    """`url` without its password, for logs and messages."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """`url` (one URL or a comma-separated list) without passwords, for logs and messages."""
+    def one(u: str) -> str:
+        parts = urllib.parse.urlsplit(u)
+        if parts.password is None:
+            return u
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    return ",".join(one(u) for u in servers(url))
 
 
 def without_login(url: str) -> str:
-    """`url` without its user and password (for services that log in with their own account)."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = f"{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """`url` (one URL or a list) without user and password (for services with their own account)."""
+    def one(u: str) -> str:
+        parts = urllib.parse.urlsplit(u)
+        netloc = f"{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    return ",".join(one(u) for u in servers(url))
 
 
 @contextlib.asynccontextmanager
@@ -56,7 +67,9 @@ async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0,
                   credentials: str | None = None) -> AsyncIterator[Client]:
     """Connect (retrying until `initial_timeout_s`, or forever if None), yield, then drain.
 
-    `credentials`: a credentials file from `specedge nats-auth` (its user and password).
+    `url`: one server or a comma-separated list (a cluster's nodes): the client connects to
+    one of them and, when it is lost, reconnects to a survivor. `credentials`: a
+    credentials file from `specedge nats-auth` (its user and password).
     """
     login = {}
     if credentials:
@@ -64,6 +77,9 @@ async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0,
 
         creds = Credentials.load(credentials)
         login = {"user": creds.nats_user, "password": creds.password}
+    elif (first := urllib.parse.urlsplit(servers(url)[0])).password is not None:
+        # the login in the URL, for every node: the servers a cluster gossips carry none
+        login = {"user": urllib.parse.unquote(first.username or ""), "password": urllib.parse.unquote(first.password)}
     shown = redact(url)
     closing = asyncio.Event()
     refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -85,7 +101,7 @@ async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0,
             log.warning("nats: %s (%d errors so far)", exc or type(exc).__name__, errors)
 
     connecting = asyncio.ensure_future(nats.connect(
-        servers=[url],
+        servers=servers(url),
         name=name,
         connect_timeout=2,
         allow_reconnect=True,

@@ -46,6 +46,9 @@ def up(
     nats_url: str | None = typer.Option(
         None, "--nats-url", envvar="SPECEDGE_NATS_URL",
         help="Use this NATS server instead of starting an embedded one."),
+    nats_nodes: int = typer.Option(
+        default(UpSettings, "nats_nodes"), "--nats-nodes", min=1, max=9, envvar="SPECEDGE_NATS_NODES",
+        help="Embedded NATS: a cluster of this many nodes (routed on loopback) instead of one server."),
     redis_url: str | None = typer.Option(
         None, "--redis-url", envvar="SPECEDGE_REDIS_URL",
         help="Use this Redis server instead of starting an embedded one."),
@@ -72,7 +75,8 @@ def up(
     from specedge.up import run_up  # noqa: PLC0415 - keep `--help` fast
 
     raise SystemExit(run_up(UpSettings(
-        nats_url=nats_url, redis_url=redis_url, host=host, port=port, edges=edges, api_key=api_key,
+        nats_url=nats_url, nats_nodes=nats_nodes, redis_url=redis_url, host=host, port=port, edges=edges,
+        api_key=api_key,
         server_drafter=server_drafter, ready_timeout_s=ready_timeout_s, log_level=log_level, dtype=dtype,
         attention=attention_backend(attention, exact),
     )))

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import typer
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 LogLevel = Literal["debug", "info", "warning", "error"]
 
-NatsUrl = Annotated[str, typer.Option("--nats-url", envvar="SPECEDGE_NATS_URL", help="NATS server URL.")]
+NatsUrl = Annotated[str, typer.Option("--nats-url", envvar="SPECEDGE_NATS_URL",
+                                      help="NATS server URL, or a comma-separated list of a cluster's nodes.")]
 Credentials = Annotated[
     str | None, typer.Option("--credentials", envvar="SPECEDGE_CREDENTIALS",
                              help="NATS credentials file from `specedge nats-auth` (default: none, or "
@@ -86,8 +87,10 @@ class ServiceSettings(BaseModel):
     @field_validator("nats_url")
     @classmethod
     def _nats_scheme(cls, value: str) -> str:
-        if not value.startswith(("nats://", "tls://", "ws://", "wss://")):
-            raise ValueError(f"expected a nats://, tls://, ws:// or wss:// URL, got {value!r}")
+        urls = [u.strip() for u in value.split(",")]
+        if not all(u.startswith(("nats://", "tls://", "ws://", "wss://")) for u in urls):
+            raise ValueError(f"expected nats://, tls://, ws:// or wss:// URLs (comma-separated for a cluster), "
+                             f"got {value!r}")
         return value
 
     @field_validator("log_level", mode="before")
@@ -123,6 +126,7 @@ class UpSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     nats_url: str | None = None
+    nats_nodes: int = Field(default=1, ge=1, le=9)  # the embedded NATS: one server, or a cluster of this many
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000

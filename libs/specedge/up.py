@@ -22,7 +22,7 @@ import time
 
 from specedge import bus, registry
 from specedge.config import UpSettings
-from specedge.launcher import Launcher, LauncherError, free_port
+from specedge.launcher import Launcher, LauncherError, cluster_url, free_port
 from specedge.models import BUNDLED_TARGET
 from specedge.nats_auth import AuthDir, Identity, edge_identity, service_identity
 from specedge.protocol import ROLES
@@ -124,8 +124,9 @@ def run_up(settings: UpSettings) -> int:
                 auth = launcher.nats_auth
                 for identity in edge_accounts(settings.edges, settings.server_drafter).values():
                     auth.add(identity)
-            nats_server = None if settings.nats_url else launcher.start_nats()
-            nats_url = settings.nats_url or nats_server.url
+            nats_nodes = [] if settings.nats_url else [launcher.start_nats()] if settings.nats_nodes == 1 \
+                else launcher.start_nats_cluster(settings.nats_nodes)
+            nats_url = settings.nats_url or cluster_url(nats_nodes)
             redis_url = settings.redis_url or launcher.start_redis().url
             api_key = create_api_key(redis_url, settings.api_key)
         except (LauncherError, ConnectionError, ValueError) as exc:
@@ -159,7 +160,7 @@ def run_up(settings: UpSettings) -> int:
             f"SpecEdge is up: gateway {base} (OpenAI base URL {base}/v1); API key {api_key} ; "
             f"nats {bus.redact(nats_url)}; redis {redis_url};"
             + (f" NATS accounts in {auth.path} (add an edge: specedge nats-auth add-edge ID --dir {auth.path},"
-               f" then kill -HUP {nats_server.pid});" if auth and nats_server else "")
+               f" then kill -HUP {' '.join(str(n.pid) for n in nats_nodes)});" if auth and nats_nodes else "")
             + " Ctrl-C stops everything.\n"
             f"Try: curl {base}/v1/chat/completions -H 'Authorization: Bearer {api_key}' "
             "-H 'Content-Type: application/json' "

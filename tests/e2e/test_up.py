@@ -96,3 +96,19 @@ def test_up_refuses_a_busy_port_with_a_clear_message(cli_env):
                               text=True, timeout=60)
     assert done.returncode == 2
     assert f"127.0.0.1:{port} is already in use" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_up_with_a_three_node_nats_cluster_serves(cli_env):
+    """`--nats-nodes 3`: three nats-servers routed to each other, every service given all
+    three URLs (the start-up line names them), and a request served through them."""
+    from tests.helpers import discover, specedge_up
+
+    with specedge_up("--nats-nodes", "3", "--edges", "1", "--no-server-drafter") as stack:
+        urls = bus.servers(stack.nats_url)
+        assert len({u.rsplit(":", 1)[1] for u in urls}) == 3
+        for url in urls:  # each node alone sees every service: one cluster
+            assert {a.role for a in discover(url)} == {"gateway", "scheduler", "verifier", "edge-agent"}
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key, max_retries=0)
+        reply = client.chat.completions.create(model="specedge-tiny-target", max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "Sort a list."}])
+        assert reply.usage.completion_tokens == 8

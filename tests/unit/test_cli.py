@@ -42,8 +42,8 @@ def test_top_level_lists_every_role_and_up():
                      "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--attention", "--exact",
                         "--user", "--server-side", "--proactive", "--send-ahead", "--trees-ahead",
                         "--name", "--log-level"]),
-        ("up", ["--nats-url", "--redis-url", "--host", "--port", "--edges", "--api-key", "--server-drafter",
-                "--ready-timeout", "--dtype", "--attention", "--exact", "--log-level"]),
+        ("up", ["--nats-url", "--nats-nodes", "--redis-url", "--host", "--port", "--edges", "--api-key",
+                "--server-drafter", "--ready-timeout", "--dtype", "--attention", "--exact", "--log-level"]),
     ],
 )
 def test_each_flag_is_documented_with_its_env_var(role, flags):
