@@ -89,8 +89,8 @@ class ServiceSettings(BaseModel):
     def _nats_scheme(cls, value: str) -> str:
         urls = [u.strip() for u in value.split(",")]
         if not all(u.startswith(("nats://", "tls://", "ws://", "wss://")) for u in urls):
-            raise ValueError(f"expected nats://, tls://, ws:// or wss:// URLs (comma-separated for a cluster), "
-                             f"got {value!r}")
+            raise ValueError(f"expected a nats://, tls://, ws:// or wss:// URL (or a comma-separated list of them: "
+                             f"a cluster's nodes), got {value!r}")
         return value
 
     @field_validator("log_level", mode="before")
