@@ -138,7 +138,7 @@ class Stack:
     pid: int
 
 
-READY = re.compile(r"gateway (http://\S+) .*API key (\S+) ;.*nats (nats://\S+); redis (redis://[^\s;]+);"
+READY = re.compile(r"gateway (http://\S+) .*API key (\S+) ;.*nats (nats://\S+); redis (redis[+a-z]*://[^\s;]+);"
                    r".*NATS accounts in (\S+) ")
 
 

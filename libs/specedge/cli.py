@@ -52,6 +52,9 @@ def up(
     redis_url: str | None = typer.Option(
         None, "--redis-url", envvar="SPECEDGE_REDIS_URL",
         help="Use this Redis server instead of starting an embedded one."),
+    redis_ha: bool = typer.Option(
+        default(UpSettings, "redis_ha"), "--redis-ha/--no-redis-ha", envvar="SPECEDGE_REDIS_HA",
+        help="Embedded Redis: a primary, a replica and three Sentinels (clients follow a failover)."),
     host: str = typer.Option(default(UpSettings, "host"), "--host", envvar="SPECEDGE_HOST",
                              help="Gateway bind address."),
     port: int = typer.Option(default(UpSettings, "port"), "--port", envvar="SPECEDGE_PORT",
@@ -75,8 +78,8 @@ def up(
     from specedge.up import run_up  # noqa: PLC0415 - keep `--help` fast
 
     raise SystemExit(run_up(UpSettings(
-        nats_url=nats_url, nats_nodes=nats_nodes, redis_url=redis_url, host=host, port=port, edges=edges,
-        api_key=api_key,
+        nats_url=nats_url, nats_nodes=nats_nodes, redis_url=redis_url, redis_ha=redis_ha, host=host, port=port,
+        edges=edges, api_key=api_key,
         server_drafter=server_drafter, ready_timeout_s=ready_timeout_s, log_level=log_level, dtype=dtype,
         attention=attention_backend(attention, exact),
     )))

@@ -107,8 +107,9 @@ class RedisServiceSettings(ServiceSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        if not value.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError(f"expected a redis://, rediss://, unix:// or redis+sentinel://SENTINELS/SERVICE URL, "
+                             f"got {value!r}")
         return value
 
 
@@ -128,6 +129,7 @@ class UpSettings(BaseModel):
     nats_url: str | None = None
     nats_nodes: int = Field(default=1, ge=1, le=9)  # the embedded NATS: one server, or a cluster of this many
     redis_url: str | None = None
+    redis_ha: bool = False  # the embedded Redis: a primary, a replica and three Sentinels
     host: str = "127.0.0.1"
     port: int = 8000
     edges: int = 2

@@ -199,27 +199,56 @@ class Launcher:
                 raise LauncherError(f"{child.name} did not route to the other {nodes - 1} nodes")
         return children
 
-    def start_redis(self, timeout_s: float = 20.0, port: int | None = None) -> Child:
+    def start_redis(self, timeout_s: float = 20.0, port: int | None = None, replica_of: int | None = None,
+                    name: str = "redis-server") -> Child:
         """A real redis-server on a free loopback port (or `port`: a restart on the same one),
         healthy on return. It persists to an append-only file in its own folder under the
         scratch directory (fsync every second; a clean stop writes everything), so a restart
-        on the same port finds its sessions again (docs/reliability.md)."""
+        on the same port finds its sessions again (docs/reliability.md). `replica_of`: the
+        port of the primary it replicates."""
         wanted = port
         for _attempt in range(3):
             port = wanted or free_port()
             data = self.workdir / f"redis-{port}"
             data.mkdir(exist_ok=True)
-            child = self.spawn("redis-server", [
+            child = self.spawn(name, [
                 find_redis_server(), "--bind", LOOPBACK, "--port", str(port),
                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data),
                 "--protected-mode", "yes",
+                *(["--replicaof", LOOPBACK, str(replica_of)] if replica_of else []),
             ], quiet=True)
             child.url, child.port = f"redis://{LOOPBACK}:{port}/0", port
             if _wait(functools.partial(_redis_ping, port), child, timeout_s):
-                log.info("redis-server ready at %s", child.url)
+                log.info("%s ready at %s", name, child.url)
                 return child
             self._discard(child)
         raise LauncherError("redis-server did not become healthy")
+
+    def start_redis_ha(self, sentinels: int = 3, timeout_s: float = 30.0) -> tuple[list[Child], str]:
+        """Redis that survives its primary: a primary, one replica and `sentinels` Sentinels
+        (quorum: a majority) from the same `redis-server` binary, all on loopback. Returns
+        the children (primary, replica, sentinels) and the `redis+sentinel://` URL through
+        which clients find whichever is primary (`state.connect_redis`)."""
+        primary = self.start_redis(timeout_s, name="redis-primary")
+        replica = self.start_redis(timeout_s, replica_of=primary.port, name="redis-replica")
+        watchers = []
+        for i in range(sentinels):
+            port = free_port()
+            conf = self.workdir / f"sentinel-{port}.conf"
+            conf.write_text(f"port {port}\nbind {LOOPBACK}\nprotected-mode no\ndir {self.workdir}\n"
+                            f"sentinel monitor {SENTINEL_SERVICE} {LOOPBACK} {primary.port} {sentinels // 2 + 1}\n"
+                            f"sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n"
+                            f"sentinel failover-timeout {SENTINEL_SERVICE} 5000\n"
+                            f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n")
+            child = self.spawn(f"redis-sentinel-{i + 1}", [find_redis_server(), str(conf), "--sentinel"], quiet=True)
+            child.port = port
+            if not _wait(functools.partial(_redis_ping, port), child, timeout_s):
+                raise LauncherError(f"redis sentinel {i + 1} did not become healthy")
+            watchers.append(child)
+        if not _wait(functools.partial(_replica_in_sync, primary.port), replica, timeout_s):
+            raise LauncherError("the redis replica did not catch up with its primary")
+        hosts = ",".join(f"{LOOPBACK}:{w.port}" for w in watchers)
+        return [primary, replica, *watchers], f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}/0"
 
     def restart(self, child: Child, kill: bool = False) -> Child:
         """Stop a server this launcher started (SIGTERM, or SIGKILL with `kill`) and start it
@@ -248,6 +277,20 @@ def _wait(check, child: Child, timeout_s: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+SENTINEL_SERVICE = "specedge"  # the name Sentinels know the primary by
+
+
+def _replica_in_sync(primary_port: int) -> bool:
+    """Whether the primary on `primary_port` has an online replica (raw RESP: INFO replication)."""
+    try:
+        with socket.create_connection((LOOPBACK, primary_port), timeout=1) as s:
+            s.sendall(b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n")
+            info = s.recv(4096).decode(errors="replace")
+    except OSError:
+        return False
+    return "connected_slaves:1" in info and "state=online" in info
 
 
 def cluster_url(nodes: Sequence[Child]) -> str:

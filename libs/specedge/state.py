@@ -32,12 +32,14 @@ import hashlib
 import logging
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from specedge.protocol import SamplingSpec
@@ -65,10 +67,33 @@ def api_key_key(key_hash: str) -> str:
     return f"{PREFIX}:apikey:{key_hash}"
 
 
+def sentinel_of(url: str) -> tuple[list[tuple[str, int]], str, int] | None:
+    """(Sentinels, service name, db) of a `redis+sentinel://HOST:PORT,…/SERVICE/DB` URL; None
+    for a plain `redis://` one."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "redis+sentinel":
+        return None
+    hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in parts.netloc.rsplit("@", 1)[-1].split(",")]
+    service, _, db = parts.path.strip("/").partition("/")
+    if not hosts or not service:
+        raise ValueError(f"expected redis+sentinel://HOST:PORT,…/SERVICE[/DB], got {url!r}")
+    return hosts, service, int(db or 0)
+
+
 @contextlib.asynccontextmanager
 async def connect_redis(url: str) -> AsyncIterator[aioredis.Redis]:
-    """Connect and PING; a server that does not answer is a clear `ConnectionError`."""
-    client = aioredis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
+    """Connect and PING; a server that does not answer is a clear `ConnectionError`.
+
+    `redis+sentinel://HOST:PORT,…/SERVICE/DB`: ask those Sentinels which server is the
+    primary of SERVICE, and again whenever the connection to it is lost (a failover)."""
+    if (sentinel := sentinel_of(url)) is not None:
+        hosts, service, db = sentinel
+        password = urllib.parse.urlsplit(url).password
+        watchers = Sentinel(hosts, socket_timeout=2, sentinel_kwargs={"socket_timeout": 2})
+        client = watchers.master_for(service, db=db, password=password, socket_connect_timeout=5,
+                                     socket_timeout=5, health_check_interval=10)
+    else:
+        client = aioredis.from_url(url, socket_connect_timeout=5, health_check_interval=10)
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
@@ -82,6 +107,12 @@ async def connect_redis(url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 # -- sessions ------------------------------------------------------------------------------
+
+class NotReplicatedError(RedisError):
+    """A commit reached the primary but not its replicas in time: it is not acknowledged (the
+    verifier answers `state_unavailable`; a retry finds it committed, or — after a failover
+    that lost it — commits it again)."""
+
 
 class Commit(Enum):
     DONE = 1
@@ -139,8 +170,13 @@ class SessionRecord:
 class SessionStore:
     """Session records: create, commit a cycle's tokens idempotently, load, end."""
 
-    def __init__(self, client: aioredis.Redis, ttl_s: int = DEFAULT_SESSION_TTL_S) -> None:
-        self.client, self.ttl_s = client, ttl_s
+    REPLICATION_WAIT_MS = 1000  # how long a commit waits for a replica's acknowledgement
+
+    def __init__(self, client: aioredis.Redis, ttl_s: int = DEFAULT_SESSION_TTL_S, replicas: int = 0) -> None:
+        """`replicas`: replicas that must hold a commit before it counts (`WAIT`): with one, a
+        failover to the replica never loses a committed token (Redis with Sentinel)."""
+        self.client, self.ttl_s, self.replicas = client, ttl_s, replicas
+        self._replicas_seen, self._replicas_checked = replicas, float("-inf")
         self._commit = client.register_script(_COMMIT)
         self._claim = client.register_script(_CLAIM)
 
@@ -169,7 +205,24 @@ class SessionStore:
             raise ValueError("a cycle commits at least its bonus token")
         code = await self._commit(keys=[session_key(session_id), tokens_key(session_id)],
                                   args=[cycle, committed_len, *tokens])
+        if self.replicas and Commit(int(code)) is Commit.DONE and (wanted := await self._replicas_up()):
+            acked = await self.client.execute_command("WAIT", wanted, self.REPLICATION_WAIT_MS)
+            if acked < wanted:  # on the primary only: not yet durable, so not acknowledged
+                raise NotReplicatedError(f"{acked} of {wanted} replicas acknowledged the commit")
         return Commit(int(code))
+
+    async def _replicas_up(self) -> int:
+        """How many of `replicas` the primary has connected now (checked at most once a second):
+        after a failover and until the old primary returns as a replica there is none to wait
+        for, and commits go on — durable on one server, as without Sentinel."""
+        now = time.monotonic()
+        if now - self._replicas_checked > 1.0:
+            role = await self.client.execute_command("ROLE")
+            up = len(role[2]) if role and role[0] in (b"master", "master") else 0
+            if up < self.replicas and self._replicas_seen >= self.replicas:
+                log.warning("redis: %d of %d replicas connected: commits are on the primary only", up, self.replicas)
+            self._replicas_seen, self._replicas_checked = up, now
+        return min(self.replicas, self._replicas_seen)
 
     async def claim(self, session_id: str, dead_scheduler: str, scheduler: str) -> bool:
         """Take over a session from `dead_scheduler`; False if it is gone or another took it first."""

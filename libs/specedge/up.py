@@ -127,7 +127,8 @@ def run_up(settings: UpSettings) -> int:
             nats_nodes = [] if settings.nats_url else [launcher.start_nats()] if settings.nats_nodes == 1 \
                 else launcher.start_nats_cluster(settings.nats_nodes)
             nats_url = settings.nats_url or cluster_url(nats_nodes)
-            redis_url = settings.redis_url or launcher.start_redis().url
+            redis_url = settings.redis_url or (launcher.start_redis_ha()[1] if settings.redis_ha
+                                               else launcher.start_redis().url)
             api_key = create_api_key(redis_url, settings.api_key)
         except (LauncherError, ConnectionError, ValueError) as exc:
             log.error("%s", exc)

@@ -98,12 +98,14 @@ def test_up_refuses_a_busy_port_with_a_clear_message(cli_env):
     assert f"127.0.0.1:{port} is already in use" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_up_with_a_three_node_nats_cluster_serves(cli_env):
-    """`--nats-nodes 3`: three nats-servers routed to each other, every service given all
-    three URLs (the start-up line names them), and a request served through them."""
+def test_up_with_a_nats_cluster_and_redis_with_sentinels_serves(cli_env):
+    """`--nats-nodes 3 --redis-ha`: three nats-servers routed to each other, Redis with a
+    replica and Sentinels, every service given all NATS URLs and the Sentinels (the start-up
+    line names them), and a request served through them."""
     from tests.helpers import discover, specedge_up
 
-    with specedge_up("--nats-nodes", "3", "--edges", "1", "--no-server-drafter") as stack:
+    with specedge_up("--nats-nodes", "3", "--redis-ha", "--edges", "1", "--no-server-drafter") as stack:
+        assert stack.redis_url.startswith("redis+sentinel://") and stack.redis_url.endswith("/specedge/0")
         urls = bus.servers(stack.nats_url)
         assert len({u.rsplit(":", 1)[1] for u in urls}) == 3
         for url in urls:  # each node alone sees every service: one cluster

@@ -42,7 +42,7 @@ def test_top_level_lists_every_role_and_up():
                      "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--attention", "--exact",
                         "--user", "--server-side", "--proactive", "--send-ahead", "--trees-ahead",
                         "--name", "--log-level"]),
-        ("up", ["--nats-url", "--nats-nodes", "--redis-url", "--host", "--port", "--edges", "--api-key",
+        ("up", ["--nats-url", "--nats-nodes", "--redis-url", "--redis-ha", "--host", "--port", "--edges", "--api-key",
                 "--server-drafter", "--ready-timeout", "--dtype", "--attention", "--exact", "--log-level"]),
     ],
 )
@@ -53,7 +53,7 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         env = "SPECEDGE_" + flag.removeprefix("--").replace("-", "_").upper()
         assert env in text, env
     options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter",
-                                                               "--no-proactive", "--no-send-ahead",
+                                                               "--no-redis-ha", "--no-proactive", "--no-send-ahead",
                                                                "--no-dashboard", "--fast"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 

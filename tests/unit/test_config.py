@@ -31,3 +31,14 @@ def test_settings_are_frozen_and_closed():
         s.nats_url = "nats://elsewhere:4222"
     with pytest.raises(ValidationError):
         ServiceSettings(unknown=1)
+
+
+def test_sentinel_urls_name_the_sentinels_the_service_and_the_db():
+    from specedge.state import sentinel_of
+
+    assert sentinel_of("redis://127.0.0.1:6379/0") is None
+    assert sentinel_of("redis+sentinel://10.0.0.1:26379,10.0.0.2:26380/specedge/2") == \
+        ([("10.0.0.1", 26379), ("10.0.0.2", 26380)], "specedge", 2)
+    assert sentinel_of("redis+sentinel://:secret@h:1/main") == ([("h", 1)], "main", 0)
+    with pytest.raises(ValueError, match="redis\\+sentinel://HOST:PORT"):
+        sentinel_of("redis+sentinel://h:1/")

@@ -13,7 +13,7 @@ from specedge.engine.parties import Verifier
 from specedge.engine.shapes import plan_for
 from specedge.metrics import VerifierMetrics
 from specedge.service import Lifecycle
-from specedge.state import SessionStore, connect_redis
+from specedge.state import SessionStore, connect_redis, sentinel_of
 from specedge_verifier.handlers import VerifierService
 from specedge_verifier.settings import VerifierSettings
 
@@ -31,7 +31,9 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
         stack.enter_context(telemetry.tracing("verifier", me.instance_id, redis=True))  # flushed last
         nc = await stack.enter_async_context(bus.connect(
             settings.nats_url, me.instance_id, credentials=settings.credentials))
-        store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)))
+        # with Sentinel, a commit counts once the replica holds it too: a failover loses none
+        store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)),
+                             replicas=1 if sentinel_of(settings.redis_url) else 0)
         kv_tokens = None
         if settings.kv_cache_memory is not None and settings.attention != "reference":
             kv_plan = plan_for(target.model, settings.kv_cache_memory)
