@@ -4,5 +4,5 @@ Only the GPU services (verifier, edge agent) and `specedge generate` import this
 the gateway and scheduler never do. It owns model loading (`loading`), the batched tree
 runner (`runner`), draft trees (`tree`), sampling and the acceptance rule (`sampling`,
 `acceptance`), the drafter and verifier parties (`parties`) and the in-process modes
-(`generate`), with their benchmarks (`bench_modes`, `bench_verify`).
+(`generate`). Its benchmarks live in the `specedge-bench` distribution (`bench/`).
 """
