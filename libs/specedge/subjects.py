@@ -100,11 +100,6 @@ def drafts(edge_id: str, scheduler_id: str) -> str:
     return f"{PREFIX}.drafts.{_token(edge_id)}.{_token(scheduler_id)}"
 
 
-def drafts_for(scheduler_id: str) -> str:
-    """What one scheduler subscribes to: drafts from any edge, addressed to it."""
-    return f"{PREFIX}.drafts.*.{_token(scheduler_id)}"
-
-
 def stats(role: str, instance_id: str) -> str:
     """Request to one service: its counters (empty request -> `ServiceStats`)."""
     return f"{PREFIX}.stats.{_token(role)}.{_token(instance_id)}"
