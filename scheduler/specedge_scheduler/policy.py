@@ -2,20 +2,8 @@
 
 A pure, clock-injected class: it imports neither NATS nor Redis, takes `now` from its
 caller and returns decisions as plain data, so the service wires it to the bus and a
-simulator can drive it (`bench/specedge_bench/simulator.py`). Three batching strategies:
-
-- `fifo`: whenever a verifier is free, the oldest queued trees (up to `max_batch`).
-- `two-groups`: the reference implementation's — sessions split into two groups that
-  alternate strictly; a group's batch waits for all its drafts (up to a deadline).
-- `pipeline`: sessions in K phase groups so that while one group is verified the others
-  draft — K the fewest whose predicted cycle is within `GROUP_TOLERANCE` of the shortest;
-  the group with the oldest ready tree goes next, waiting for its drafts due soon — an
-  idle verifier half a verification at most (`_slack`); with two groups or more, each
-  edge's next depth is the one with the most expected tokens per second of its cycle,
-  from its measured turnaround, drafting time and acceptance
-  (`timing.EdgeTiming.best_depth`); under heavy load (the verifier busy `SATURATED` of a
-  cycle) trees shrink so the batch's nodes cost at most `node_cost_share` of a pass
-  (verification cost grows with batch × nodes).
+simulator can drive it (through `core.SchedulerCore`). How a batch is chosen is the
+strategy's (`strategies`: `fifo`, `two-groups`, `pipeline`).
 
 Any strategy: a tree an edge sent ahead of its session's result (`DraftTreeMsg.assumed`)
 is held and queued the moment the result shows its guess was right (`release_ahead`); an
@@ -32,18 +20,14 @@ verifier, which re-prefills it from its committed tokens.
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from specedge.protocol import MAX_TREES_AHEAD, TREE_BUDGET, TREE_DEPTH, DraftTreeMsg, Mode, Reason
+from specedge_scheduler.strategies import STRATEGIES, BatchStrategy, Strategy
 from specedge_scheduler.timing import EdgeTiming, VerificationCost
-
-Strategy = Literal["fifo", "two-groups", "pipeline"]
-STRATEGIES: tuple[Strategy, ...] = ("fifo", "two-groups", "pipeline")
 
 EdgePool = str  # "user" (private to `Worker.user`), "shared" or "server"
 
@@ -115,6 +99,27 @@ class NoCapacityError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """The scheduler's constants: the one place they are set (the policy's, its strategies'
+    and the core's)."""
+
+    max_refusals: int = 3  # a session whose trees (even server steps) keep being refused ends
+    judge_after: int = 8  # an edge's trees verified before its acceptance decides anything
+    useless_below: float = 0.25  # accepted tokens per tree below which an edge's trees do not pay for their nodes
+    deadline_margin: float = 4.0  # an edge with measured turnarounds has this × its recent peak to draft,
+    min_draft_deadline_s: float = 1.0  # but at least this, and at most `draft_timeout_s`
+    cohort_wait_s: float = 0.05  # a server-side drafter's batch waits this long for the rest of its sessions
+    idle_wait_passes: float = 0.5  # pipeline: an idle verifier waits this share of a pass for late drafts
+    group_tolerance: float = 0.3  # pipeline: more groups only for a cycle shorter by more than this
+    saturated: float = 0.9  # pipeline: predicted busy share of the verifier from which trees shrink
+    housekeeping_s: float = 0.1  # core: how often silent edges, verifiers and late drafts are looked for
+    orphan_max_idle_s: float = 90.0  # core: an orphaned session without a commit for longer is deleted
+    state_retry_s: float = 0.5  # core: wait between tries of a session whose Redis was unreachable
+    ended_memory_s: float = 60.0  # core: how long a late draft for an ended session is forgiven
+    failed_batch_rest_s: float = 0.5  # core: a verifier whose batch failed gets none for this long
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """The policy's tuning: the one source of these defaults (`SchedulerSettings` and the
     scheduler's command line take them from here)."""
@@ -131,16 +136,11 @@ class PolicyConfig:
     group_wait_s: float = 0.5  # two-groups: most wait for a group's late draft
     server_budget: int = 0  # trees of server-side drafters (0: `budget`; the paper's server-only baseline: 64)
     server_depth: int = 0  # (0: `depth`)
+    tuning: Tuning = Tuning()
 
 
 class SchedulingPolicy:
     """Least-loaded assignment and batching by strategy; silent edges and verifiers time out."""
-
-    MAX_REFUSALS = 3  # a session whose trees (even server steps) keep being refused ends
-    JUDGE_AFTER = 8  # an edge's trees verified before its acceptance decides anything
-    USELESS_BELOW = 0.25  # accepted tokens per tree below which an edge's trees do not pay for their nodes
-    DEADLINE_MARGIN = 4.0  # an edge with measured turnarounds has this × its recent peak to draft,
-    MIN_DRAFT_DEADLINE_S = 1.0  # but at least this, and at most `draft_timeout_s`
 
     def __init__(self, config: PolicyConfig | None = None, **overrides: Any) -> None:
         """`config` (default: `PolicyConfig()`) with `overrides` of its fields."""
@@ -149,16 +149,15 @@ class SchedulingPolicy:
             raise ValueError(f"unknown strategy {c.strategy!r}; one of {', '.join(STRATEGIES)}")
         self.max_batch, self.edge_timeout_s = c.max_batch, c.edge_timeout_s
         self.verifier_timeout_s = c.verifier_timeout_s
-        self.draft_timeout_s, self.strategy = c.draft_timeout_s, c.strategy
+        self.draft_timeout_s, self.tuning = c.draft_timeout_s, c.tuning
+        self.strategy: BatchStrategy = STRATEGIES[c.strategy](self)
         self.budget, self.depth, self.min_budget = c.budget, c.depth, c.min_budget
         self.server_budget = c.server_budget or c.budget  # trees of server-side drafters (the paper's baseline: 64)
         self.server_depth = c.server_depth or c.depth
         self.node_cost_share, self.group_wait_s = c.node_cost_share, c.group_wait_s
         self.costs: dict[str, VerificationCost] = {}  # per verifier
         self.timings: dict[str, EdgeTiming] = {}  # per edge
-        self._turn: dict[str, int] = {}  # per verifier: the group whose turn it is (two-groups)
-        self._free_since: dict[str, float] = {}  # per verifier: idle since (two-groups' deadline)
-        self._group_count: dict[str, int] = {}  # per verifier: the pipeline's K
+        self._free_since: dict[str, float] = {}  # per verifier: idle, with trees queued, since
         self._edgeless: set[str] = set()  # sessions taking server steps
         self.verifiers: dict[str, Worker] = {}
         self.edges: dict[str, Worker] = {}
@@ -256,12 +255,13 @@ class SchedulingPolicy:
     def draft_deadline_s(self, state: SessionState) -> float:
         """How long the session's edge has for its next draft: `draft_timeout_s` for a first
         tree (the edge prefills the prompt first) or an edge not measured yet; else
-        `DEADLINE_MARGIN` × its recent peak turnaround within [`MIN_DRAFT_DEADLINE_S`,
+        `deadline_margin` × its recent peak turnaround within [`min_draft_deadline_s`,
         `draft_timeout_s`] — so a dead edge's sessions go on within about a second."""
         timing = self.timings.get(state.edge or "")
         if state.cycle == 0 or timing is None or timing.peak_s is None:
             return self.draft_timeout_s
-        return min(self.draft_timeout_s, max(self.MIN_DRAFT_DEADLINE_S, self.DEADLINE_MARGIN * timing.peak_s))
+        t = self.tuning
+        return min(self.draft_timeout_s, max(t.min_draft_deadline_s, t.deadline_margin * timing.peak_s))
 
     # -- sessions -----------------------------------------------------------------
 
@@ -301,45 +301,8 @@ class SchedulingPolicy:
         return Assignment(verifier.instance_id, edge.instance_id if edge else None)
 
     def groups(self, verifier: str) -> int:
-        """How many phase groups a verifier's sessions form (1 for fifo; 2 for two-groups;
-        for pipeline, the count with the most expected throughput, re-chosen as timings come)."""
-        if self.strategy == "fifo":
-            return 1
-        if self.strategy == "two-groups":
-            return 2
-        return self._group_count.get(verifier, 2)
-
-    GROUP_TOLERANCE = 0.3
-
-    def _choose_groups(self, verifier: str) -> None:
-        """Pipeline: pick K maximising sessions / cycle, where a cycle lasts the longer of K
-        verifications of N/K sessions and one verification plus the edges' turnaround —
-        one big batch when verification cost barely grows with batch size, more groups when
-        it does. Sessions are re-dealt to groups when K changes."""
-        worker, cost = self.verifiers.get(verifier), self.costs.get(verifier)
-        if worker is None or cost is None or cost.samples < 4 or not worker.sessions:
-            return
-        turnarounds = [t.turnaround_s for e, t in self.timings.items()
-                       if t.turnaround_s is not None and self.edges.get(e) and self.edges[e].sessions & worker.sessions]
-        if not turnarounds:
-            return
-        turnaround, n = statistics.fmean(turnarounds), len(worker.sessions)
-
-        def cycle(k: int) -> float:
-            v = cost.seconds(math.ceil(n / k) * (self.budget + 1))
-            return max(k * v, v + turnaround)
-
-        least = max(1, math.ceil(n / self.max_batch))
-        shortest = min(cycle(k) for k in range(least, least + 4))
-        # The fewest groups whose cycle is within GROUP_TOLERANCE of the shortest: every pass
-        # has a fixed cost, so more groups spend more server time per token; they must buy a
-        # clearly shorter cycle (on a GPU, where a pass costs about the same for any batch,
-        # this is always the fewest groups).
-        best = min(k for k in range(least, least + 4) if cycle(k) <= (1 + self.GROUP_TOLERANCE) * shortest)
-        if best != self._group_count.get(verifier, 2):
-            self._group_count[verifier] = best
-            for i, sid in enumerate(sorted(worker.sessions)):
-                self.sessions[sid].group = i % best
+        """How many phase groups a verifier's sessions form (the strategy's)."""
+        return self.strategy.groups(verifier)
 
     def _emptiest_group(self, verifier: Worker) -> int:
         k = self.groups(verifier.instance_id)
@@ -365,13 +328,13 @@ class SchedulingPolicy:
         return None
 
     def helps(self, edge: str) -> bool:
-        """Whether an edge's trees pay for themselves: unjudged (fewer than `JUDGE_AFTER`
-        trees verified), or at least `USELESS_BELOW` accepted tokens per tree. A drafter that
+        """Whether an edge's trees pay for themselves: unjudged (fewer than `judge_after`
+        trees verified), or at least `useless_below` accepted tokens per tree. A drafter that
         does not help — hostile, or a draft model that does not fit the target — gets no new
         sessions, and its sessions move away (`rehome`)."""
         timing = self.timings.get(edge)
-        return timing is None or timing.verifications < self.JUDGE_AFTER or \
-            timing.accepted_per_tree >= self.USELESS_BELOW
+        return timing is None or timing.verifications < self.tuning.judge_after or \
+            timing.accepted_per_tree >= self.tuning.useless_below
 
     def rehome(self, session_id: str) -> Move | None:
         """At a cycle boundary (its result just came, no tree out or sent ahead): take the
@@ -524,23 +487,17 @@ class SchedulingPolicy:
         if self._cohort_incomplete(verifier, queue, now):
             return []
         if (cohort := self._cohort_of(queue[0])) is not None:  # a server-side drafter's: lockstep, any strategy
-            batch = self._take(queue, None, cohort)
-        elif self.strategy == "fifo":
-            batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
-        elif self.strategy == "two-groups":
-            batch = self._strict_turn(verifier, queue, now)
+            batch = self.take(queue, None, cohort)
         else:
-            batch = self._ready_group(verifier, queue, now)
+            batch = self.strategy.batch(verifier, queue, now)
         if batch:
             self._free_since.pop(verifier, None)
         return batch
 
-    COHORT_WAIT_S = 0.05
-
     def _cohort_incomplete(self, verifier: str, queue: deque[DraftTreeMsg], now: float) -> bool:
         """A server-side drafter drafts its sessions together right after their results: verify
         them together too (lockstep, as a server running both models would), waiting up to
-        `COHORT_WAIT_S` for the rest of its sessions on this verifier."""
+        `cohort_wait_s` for the rest of its sessions on this verifier."""
         drafter = self._cohort_of(queue[0])
         if drafter is None:
             return False
@@ -548,8 +505,15 @@ class SchedulingPolicy:
                       for s in drafter.sessions if s in self.sessions)
         if not missing:
             return False
-        since = self._free_since.setdefault(verifier, now)
-        return now - since < self.COHORT_WAIT_S
+        return now - self.free_since(verifier, now) < self.tuning.cohort_wait_s
+
+    def free_since(self, verifier: str, now: float) -> float:
+        """Since when the verifier has been free with trees queued (from `now` if it just became so)."""
+        return self._free_since.setdefault(verifier, now)
+
+    def queue(self, verifier: str) -> deque[DraftTreeMsg]:
+        """The verifier's queued trees, oldest first."""
+        return self._queues.get(verifier, deque())
 
     def _cohort_of(self, tree: DraftTreeMsg) -> Worker | None:
         """The server-side drafter that drafted this tree's session, if one did."""
@@ -557,7 +521,7 @@ class SchedulingPolicy:
         drafter = self.edges.get(state.edge) if state is not None and state.edge is not None else None
         return drafter if drafter is not None and drafter.pool == "server" else None
 
-    def _take(self, queue: deque[DraftTreeMsg], group: int | None,
+    def take(self, queue: deque[DraftTreeMsg], group: int | None,
               drafter: Worker | None = None) -> list[DraftTreeMsg]:
         """Remove and return up to `max_batch` queued trees of one group (None: any) — or of one
         server-side drafter's sessions — oldest first."""
@@ -574,70 +538,10 @@ class SchedulingPolicy:
         queue.extend(kept)
         return taken
 
-    def _members(self, verifier: str, group: int) -> list[SessionState]:
+    def members(self, verifier: str, group: int) -> list[SessionState]:
         worker = self.verifiers.get(verifier)
         states = (self.sessions.get(s) for s in (worker.sessions if worker else ()))
         return [s for s in states if s is not None and s.group == group]
-
-    def _strict_turn(self, verifier: str, queue: deque[DraftTreeMsg], now: float) -> list[DraftTreeMsg]:
-        """The reference's two groups: strict alternation; a batch waits for its whole group
-        (or `group_wait_s` after the verifier became free)."""
-        turn = self._turn.get(verifier, 0)
-        if not self._members(verifier, turn):  # an empty group passes its turn
-            turn = 1 - turn
-        members = self._members(verifier, turn)
-        ready = sum(1 for s in members if s.in_flight)  # the verifier is free: in flight = queued
-        since = self._free_since.setdefault(verifier, now)
-        if ready < min(len(members), self.max_batch) and now - since < self.group_wait_s:
-            return []
-        batch = self._take(queue, turn)
-        if batch:
-            self._turn[verifier] = 1 - turn
-            return batch
-        return self._take(queue, 1 - turn)
-
-    def _ready_group(self, verifier: str, queue: deque[DraftTreeMsg], now: float) -> list[DraftTreeMsg]:
-        """Pipeline: the group with the oldest ready tree. It waits for the group's missing
-        drafts due soon (`_slack`), from the first ready tree."""
-        oldest = self.sessions.get(queue[0].session_id)
-        group = oldest.group if oldest is not None else 0
-        slack = self._slack(verifier, group, queue)
-        due = self._due(verifier, group, now)
-        if due is not None and due - now <= slack:
-            since = self._free_since.setdefault(verifier, now)
-            if now - since < slack:
-                return []
-        return self._take(queue, group)
-
-    IDLE_WAIT_PASSES = 0.5
-
-    def _slack(self, verifier: str, group: int, queue: deque[DraftTreeMsg]) -> float:
-        """How long a group's batch may wait for its missing drafts. With other groups' trees
-        ready, only while that is cheaper than verifying the late ones in a batch of their
-        own: one verification divided by the group's size. With nothing else to do, up to
-        `IDLE_WAIT_PASSES` of a verification: long enough to take in a draft due just after
-        the others, short enough that the ready trees do not wait out a pass of their own (on
-        this machine waiting up to two passes, as this policy once did, made a batch of four
-        edges 1–9% slower per token for 10–20% less server time: `docs/benchmarks.md`). A
-        later draft goes on in the next batch, so a slow edge never holds the others back."""
-        others = any((s := self.sessions.get(t.session_id)) is not None and s.group != group for t in queue)
-        if not others:
-            return self.IDLE_WAIT_PASSES * self._verify_estimate(verifier)
-        members = max(1, min(self.max_batch, len(self._members(verifier, group))))
-        return self._verify_estimate(verifier) / members
-
-    def _due(self, verifier: str, group: int, now: float) -> float | None:
-        """When the next missing draft of this group is expected, if any is."""
-        due = None
-        for state in self._members(verifier, group):
-            if state.in_flight or state.edge is None or state.waiting_since is None:
-                continue
-            timing = self.timings.get(state.edge)
-            if timing is None or timing.turnaround_s is None:
-                continue
-            expected = max(now, state.waiting_since + timing.turnaround_s)  # overdue: any moment now
-            due = expected if due is None else min(due, expected)
-        return due
 
     @property
     def queued(self) -> int:
@@ -649,15 +553,9 @@ class SchedulingPolicy:
         since = self._free_since.get(verifier)
         if since is None or not self._queues.get(verifier):
             return None
-        if self.strategy == "fifo":
-            return since + self.COHORT_WAIT_S
-        if self.strategy == "two-groups":
-            return since + self.group_wait_s
-        queue = self._queues[verifier]
-        oldest = self.sessions.get(queue[0].session_id)
-        return since + self._slack(verifier, oldest.group if oldest is not None else 0, queue)
+        return self.strategy.wake(verifier, since)
 
-    def _verify_estimate(self, verifier: str) -> float:
+    def verify_estimate(self, verifier: str) -> float:
         cost, worker = self.costs.get(verifier), self.verifiers.get(verifier)
         if cost is None or worker is None:
             return 0.05
@@ -669,8 +567,7 @@ class SchedulingPolicy:
     def verify_timed(self, verifier: str, nodes: int, seconds: float) -> None:
         """A batch of `nodes` tree nodes (roots included) took `seconds` on this verifier."""
         self.costs.setdefault(verifier, VerificationCost()).add(nodes, seconds)
-        if self.strategy == "pipeline":
-            self._choose_groups(verifier)
+        self.strategy.timed(verifier)
 
     def shape_for(self, session_id: str) -> tuple[int, int]:
         """(budget, depth) for the session's next tree (`_shape_for`), no larger than its
@@ -679,7 +576,7 @@ class SchedulingPolicy:
         budget, depth = self._shape_for(session_id)
         state = self.sessions.get(session_id)
         timing = self.timings.get(state.edge) if state is not None and state.edge is not None else None
-        if timing is not None and timing.verifications >= self.JUDGE_AFTER and timing.accepted_per_tree < 1 \
+        if timing is not None and timing.verifications >= self.tuning.judge_after and timing.accepted_per_tree < 1 \
                 and budget > self.min_budget:
             budget = max(self.min_budget, int(budget * timing.accepted_per_tree))
             depth = min(depth, budget)
@@ -687,43 +584,15 @@ class SchedulingPolicy:
         return budget, depth
 
     def _shape_for(self, session_id: str) -> tuple[int, int]:
-        """(budget, depth) fixed unless the strategy is `pipeline`: then the deepest tree
-        that arrives in time, and no more nodes than keep the batch's node cost within
-        `node_cost_share` of a verifier pass."""
+        """(budget, depth): a server-side drafter's fixed shape, else the strategy's."""
         state = self.sessions.get(session_id)
-        drafter = self.edges.get(state.edge) if state is not None and state.edge is not None else None
+        if state is None or state.edge is None:
+            return self.budget, self.depth
+        drafter = self.edges.get(state.edge)
         if drafter is not None and drafter.pool == "server":
             return self.server_budget, self.server_depth
-        if state is None or self.strategy != "pipeline" or state.edge is None:
-            return self.budget, self.depth
-        k, worker = self.groups(state.verifier), self.verifiers.get(state.verifier)
-        batch = max(1, min(self.max_batch, len(worker.sessions) // k if worker else 1))
-        cost = self.costs.get(state.verifier)
-        timing = self.timings.get(state.edge)
-        budget = self.budget
-        if cost is not None and cost.samples >= 4 and cost.per_node_s > 0 and \
-                self._saturated(k, cost.seconds(batch * (self.budget + 1)), timing):
-            affordable = self.node_cost_share * cost.base_s / cost.per_node_s / batch - 1
-            budget = max(self.min_budget, min(self.budget, int(affordable)))
-        verify_s = cost.seconds(batch * (budget + 1)) if cost is not None else 0.05
-        # With one group there is no other group's verification for a draft to be in time for:
-        # the edge drafts its deepest tree (on a proactive hit that costs no waiting at all).
-        depth = timing.best_depth(verify_s, (k - 1) * verify_s, self.depth) if timing is not None and k > 1 \
-            else self.depth
-        state.budget, state.depth = budget, min(depth, budget) if budget else depth
+        state.budget, state.depth = self.strategy.shape(state)
         return state.budget, state.depth
-
-    SATURATED = 0.9  # predicted busy share of the verifier from which trees shrink
-
-    def _saturated(self, groups: int, verify_s: float, timing: EdgeTiming | None) -> bool:
-        """Whether the verifier is under heavy load with full-size trees: busy for at least
-        `SATURATED` of a cycle, which lasts the longer of all groups' verification and one
-        verification plus this edge's turnaround (round trip and drafting). Only then do trees
-        shrink: a verifier with time to spare gains nothing from smaller trees."""
-        if timing is None or timing.turnaround_s is None:
-            return groups > 1
-        busy = groups * verify_s
-        return busy >= self.SATURATED * max(busy, verify_s + timing.turnaround_s)
 
     def verified(self, session_id: str, new_tokens: int | Sequence[int], now: float | None = None) -> None:
         """A result for the session's current cycle came back committing `new_tokens` (the
@@ -762,7 +631,7 @@ class SchedulingPolicy:
         if state is None:
             return True
         state.refusals += 1 if count else 0
-        if state.refusals >= self.MAX_REFUSALS:
+        if state.refusals >= self.tuning.max_refusals:
             return False
         self._queues[state.verifier].append(DraftTreeMsg(session_id=state.session_id, cycle=state.cycle,
                                                          committed_len=state.committed_len, tokens=[], parents=[]))

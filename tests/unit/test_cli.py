@@ -117,4 +117,4 @@ def test_the_schedulers_settings_take_the_policys_and_the_guards_defaults():
     settings = SchedulerSettings()
     assert settings.policy_config() == PolicyConfig()
     assert settings.guard_limits() == GuardLimits()
-    assert SchedulingPolicy().config == PolicyConfig() and SchedulingPolicy().strategy == "pipeline"
+    assert SchedulingPolicy().config == PolicyConfig() and SchedulingPolicy().strategy.name == "pipeline"

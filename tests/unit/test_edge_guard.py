@@ -3,7 +3,7 @@ and the policy's judgement of edges whose drafts are not accepted."""
 
 from specedge.protocol import DraftTreeMsg
 from specedge_scheduler.guard import EdgeGuard, GuardLimits, Verdict
-from specedge_scheduler.policy import Move, SchedulingPolicy
+from specedge_scheduler.policy import Move, SchedulingPolicy, Tuning
 
 LIMITS = GuardLimits(max_draft_bytes=100, drafts_per_s=10, drafts_per_s_per_session=10, burst_s=1,
                      announcements_per_s=2, offence_limit=5, window_s=10, suspend_s=60)
@@ -66,8 +66,8 @@ def test_an_edge_whose_trees_are_not_accepted_loses_its_sessions_at_a_cycle_boun
     p.draft_due("t", 0.0)
     assert p.sessions["t"].edge == "bad"
     p.edges["good"].capacity = 4
-    moves = [run_cycle(p, "t", "bad", accepted=0) for _ in range(SchedulingPolicy.JUDGE_AFTER)]
-    assert moves[:-1] == [None] * (SchedulingPolicy.JUDGE_AFTER - 1)  # judged only after JUDGE_AFTER trees
+    moves = [run_cycle(p, "t", "bad", accepted=0) for _ in range(Tuning().judge_after)]
+    assert moves[:-1] == [None] * (Tuning().judge_after - 1)  # judged only after JUDGE_AFTER trees
     assert moves[-1] == Move("t", "bad", "good", "useless_drafter")
     assert p.sessions["t"].edge == "good" and p.sessions["t"].in_flight  # until the new edge is told
     assert "t" not in p.edges["bad"].sessions and "t" in p.edges["good"].sessions
@@ -81,11 +81,11 @@ def test_trees_shrink_with_what_the_edge_accepts_and_a_session_waits_for_an_edge
     p.edges["good"].capacity = 0
     p.assign("t", 10)
     p.draft_due("t", 0.0)
-    for _ in range(SchedulingPolicy.JUDGE_AFTER - 1):
+    for _ in range(Tuning().judge_after - 1):
         run_cycle(p, "t", "bad", accepted=0)
     assert p.shape_for("t") == (32, 4)  # not judged yet
     timing = p.timings["bad"]
-    timing.accepted_per_tree, timing.verifications = 0.5, SchedulingPolicy.JUDGE_AFTER  # half a token per tree
+    timing.accepted_per_tree, timing.verifications = 0.5, Tuning().judge_after  # half a token per tree
     assert p.shape_for("t") == (16, 4)
     timing.accepted_per_tree = 0.1
     assert p.shape_for("t") == (4, 4)  # never below min_budget

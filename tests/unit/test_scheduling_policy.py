@@ -3,7 +3,7 @@
 import pytest
 
 from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg
-from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy
+from specedge_scheduler.policy import NoCapacityError, SchedulingPolicy, Tuning
 from specedge_scheduler.timing import EdgeTiming
 
 
@@ -187,7 +187,7 @@ def test_a_session_taken_over_keeps_its_verifier_and_goes_on_from_its_committed_
 def test_refusals_that_say_nothing_about_the_session_never_end_it():
     p = policy()
     opened(p, "s1", 10)
-    for _ in range(10 * SchedulingPolicy.MAX_REFUSALS):
+    for _ in range(10 * Tuning().max_refusals):
         assert p.refused(tree("s1"), count=False)
         p.next_batch("v1")
     assert p.sessions["s1"].refusals == 0
