@@ -29,7 +29,32 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from specedge.protocol import DraftTreeMsg
+from specedge import protocol, registry, subjects
+from specedge.protocol import (
+    TREE_BEAMS,
+    TREE_BRANCH,
+    DraftAssign,
+    DraftTreeMsg,
+    SamplingSpec,
+    SessionOpen,
+    VerifyBatchReply,
+    VerifyResult,
+)
+from specedge_scheduler.core import (
+    BatchVerified,
+    CreateSession,
+    Discovered,
+    DraftReceived,
+    Listen,
+    Listening,
+    OpenRequested,
+    Prefilled,
+    Publish,
+    SchedulerCore,
+    Tick,
+    Verify,
+)
+from specedge_scheduler.guard import EdgeGuard, GuardLimits
 from specedge_scheduler.policy import STRATEGIES, SchedulingPolicy, Strategy
 
 
@@ -164,26 +189,45 @@ class RunResult:
 
 
 class _Edge:
-    __slots__ = ("name", "sid", "sent_at", "last_result_at", "pending")
+    """One simulated edge: what it knows of its session from the scheduler's messages."""
 
-    def __init__(self, name: str, sid: str) -> None:
-        self.name, self.sid = name, sid
+    __slots__ = ("name", "sid", "sent_at", "last_result_at", "cycle", "committed_len", "budget", "depth")
+
+    def __init__(self, name: str) -> None:
+        self.name, self.sid = name, ""
         self.sent_at = 0.0
         self.last_result_at: float | None = None
-        self.pending: DraftTreeMsg | None = None
+        self.cycle = self.committed_len = self.budget = self.depth = 0
+
+    def follow(self, message: DraftAssign | VerifyResult) -> None:
+        """The next tree's cycle, prefix and shape, as a real edge takes them from the scheduler."""
+        if isinstance(message, DraftAssign):
+            self.sid, self.cycle, self.committed_len = message.session_id, message.cycle, len(message.tokens)
+            self.budget, self.depth = message.budget, message.depth
+        else:
+            self.cycle, self.committed_len = message.cycle + 1, message.committed_len + len(message.accepted) + 1
+            self.budget, self.depth = message.next_budget, message.next_depth
+
+
+PROMPT_TOKENS = 100
 
 
 def simulate_specedge(preset: Preset, strategy: Strategy, batch_size: int, edges: int | None = None,
                       sim_s: float = 20.0, seed: int = 0) -> RunResult:
-    """One verifier, `edges` edges (default 2 × batch size, as in the paper), one policy.
+    """One verifier, `edges` edges (default 2 × batch size, as in the paper), one scheduler core.
 
+    The core is the live scheduler's (`specedge_scheduler.core`): it gets the same events
+    (announcements, session opens, drafts as bytes, verification replies, ticks) and its
+    commands are carried out here by timing models instead of NATS, Redis and a verifier.
     Every strategy verifies at most `batch_size` trees at once (`max_batch`), so runs compare
     at the same batch size as server-only's."""
     rng = random.Random(seed)
     edges = edges or 2 * batch_size
     policy = SchedulingPolicy(max_batch=batch_size, strategy=strategy, budget=preset.budget, depth=preset.depth,
                               edge_timeout_s=1e9, verifier_timeout_s=1e9, draft_timeout_s=1e9)
-    policy.verifier_seen("v", capacity=edges, now=0.0)
+    scheduler = SchedulerCore("scheduler-sim", policy, {"budget": preset.budget, "depth": preset.depth,
+                                                        "branch": TREE_BRANCH, "beams": TREE_BEAMS},
+                              heartbeat_s=1e9, guard=EdgeGuard(GuardLimits(drafts_per_s=1e9)))
     events: list[tuple[float, int, str, object]] = []
     order = itertools.count()
 
@@ -193,88 +237,101 @@ def simulate_specedge(preset: Preset, strategy: Strategy, batch_size: int, edges
     def one_way() -> float:
         return preset.rtt_s / 2 * rng.lognormvariate(0, preset.rtt_jitter)
 
-    fleet: dict[str, _Edge] = {}
-    for i in range(edges):
-        name = f"e{i}"
-        policy.edge_seen(name, capacity=1, now=0.0)
-        sid = f"s{i}"
-        policy.assign(sid, 100)
-        policy.draft_due(sid, 0.0)
-        fleet[sid] = _Edge(name, sid)
+    fleet: dict[str, _Edge] = {f"e{i}": _Edge(f"e{i}") for i in range(edges)}  # by edge name
+    by_session: dict[str, _Edge] = {}
+    busy_s, warm_from = 0.0, 0.1 * sim_s
+    tokens_counted, accepted_samples, itls, batches, depths, budgets = 0, [], [], [], [], []
+    woken_at: float | None = None
+
+    def execute(commands: list, now: float) -> None:
+        """Carry out the core's commands: verifications take modelled time, messages to an
+        edge cross half a round trip; Redis writes and spans are nobody's business here."""
+        for command in commands:
+            if isinstance(command, Verify):
+                nodes = sum(len(t.tokens) + 1 for t in command.trees)
+                seconds = (preset.verify_base_s + preset.verify_per_node_s * nodes) * rng.lognormvariate(0, 0.03)
+                at(now + seconds, "verified", (command, now, seconds))
+            elif isinstance(command, Listen):
+                execute(scheduler.handle(Listening(command.edge, command.announcement), now), now)
+            elif isinstance(command, CreateSession):
+                execute(scheduler.handle(Prefilled(command.request.session_id, None), now), now)
+            elif isinstance(command, Publish) and isinstance(command.message, DraftAssign | VerifyResult):
+                edge = fleet[command.subject.split(".")[-2]]
+                at(now + one_way(), "assigned" if isinstance(command.message, DraftAssign) else "result",
+                   (edge, command.message))
+
+    def tick(now: float) -> None:
+        nonlocal woken_at
+        execute(scheduler.handle(Tick(), now), now)
+        if woken_at is None or woken_at <= now or scheduler.wake_at < woken_at:
+            woken_at = scheduler.wake_at
+            at(woken_at, "wake")
 
     def send_draft(edge: _Edge, now: float, elapsed_waiting: float, hit: bool) -> None:
-        budget, depth = policy.shape_for(edge.sid)
-        need = depth * preset.edge_pass_s
+        need = edge.depth * preset.edge_pass_s
         draft_s = max(0.0, need - elapsed_waiting) if hit else need
-        state = policy.sessions[edge.sid]
-        edge.pending = DraftTreeMsg(session_id=edge.sid, cycle=state.cycle, committed_len=state.committed_len,
-                                    tokens=[0] * budget, parents=[-1] * budget)
-        at(now + draft_s + one_way(), "draft", (edge, draft_s))
+        tree = DraftTreeMsg(session_id=edge.sid, cycle=edge.cycle, committed_len=edge.committed_len,
+                            tokens=[0] * edge.budget, parents=[-1] * edge.budget, draft_ms=draft_s * 1000)
+        at(now + draft_s + one_way(), "draft", (edge, protocol.encode(tree)))
 
-    for edge in fleet.values():  # staggered starts: prompts arrive over one verification
-        at(rng.uniform(0, preset.verify_base_s), "start", edge)
-
-    busy_s, verifying, warm_from = 0.0, False, 0.1 * sim_s
-    tokens_counted, accepted_samples, itls, batches, depths, budgets = 0, [], [], [], [], []
-    now = 0.0
-
-    def try_dispatch(now: float) -> None:
-        nonlocal verifying
-        if verifying:
-            return
-        batch = policy.next_batch("v", now)
-        if not batch:
-            wake = policy.next_wake("v", now)
-            if wake is not None:
-                at(max(wake, now + 1e-6), "wake")
-            return
-        nodes = sum(len(t.tokens) + 1 for t in batch)
-        seconds = (preset.verify_base_s + preset.verify_per_node_s * nodes) * rng.lognormvariate(0, 0.03)
-        verifying = True
-        at(now + seconds, "verified", (batch, now, seconds, nodes))
+    execute(scheduler.handle(Discovered(registry.announcement("verifier", instance_id="v",
+                                                              max_sessions=str(edges))), 0.0), 0.0)
+    for name in fleet:
+        execute(scheduler.handle(Discovered(registry.announcement(
+            "edge-agent", instance_id=name, max_sessions="1", pool="shared")), 0.0), 0.0)
+    for i in range(edges):  # staggered starts: prompts arrive over one verification
+        request = SessionOpen(session_id=f"s{i}", tokens=[0] * PROMPT_TOKENS, sampling=SamplingSpec(),
+                              max_new_tokens=10**9)
+        at(rng.uniform(0, preset.verify_base_s), "open", request)
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if now > sim_s:
             break
-        if kind == "start":
-            send_draft(payload, now, 0.0, hit=False)
+        if kind == "open":
+            execute(scheduler.handle(OpenRequested(protocol.encode(payload), ""), now), now)
+        elif kind == "assigned":
+            edge, message = payload
+            edge.follow(message)
+            by_session[message.session_id] = edge
+            send_draft(edge, now, 0.0, hit=False)
         elif kind == "draft":
-            edge, draft_s = payload
+            edge, data = payload
             edge.sent_at = now
-            if policy.draft_arrived(edge.pending, edge.name, now, draft_s) is None:
-                try_dispatch(now)
-        elif kind == "wake":
-            try_dispatch(now)
+            execute(scheduler.handle(DraftReceived(subjects.drafts(edge.name, scheduler.instance_id), data), now),
+                    now)
         elif kind == "verified":
-            batch, started, seconds, nodes = payload
-            verifying = False
-            policy.verify_timed("v", nodes, seconds)
+            command, started, seconds = payload
             if now > warm_from:
                 busy_s += now - max(started, warm_from)
-                batches.append(len(batch))
-            for tree in batch:
-                state = policy.sessions[tree.session_id]
-                depth = state.depth or preset.depth
+                batches.append(len(command.trees))
+            results = []
+            for tree in command.trees:
+                depth = by_session[tree.session_id].depth or preset.depth
                 alpha = _alpha(preset, len(tree.tokens), depth)
                 accepted = 0
                 while accepted < depth and rng.random() < alpha:
                     accepted += 1
-                policy.verified(tree.session_id, accepted + 1, now)
-                at(now + one_way(), "result", (fleet[tree.session_id], accepted + 1, depth, len(tree.tokens)))
-            try_dispatch(now)
+                results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
+                                            committed_len=tree.committed_len, accepted=[0] * accepted, bonus=0))
+            reply = VerifyBatchReply(batch_id="", results=results, forward_ms=seconds * 1000)
+            execute(scheduler.handle(BatchVerified(command.verifier, command.trees, reply), now), now)
         elif kind == "result":
-            edge, new_tokens, depth, budget = payload
+            edge, result = payload
+            new_tokens = len(result.accepted) + 1
             if now > warm_from:
                 tokens_counted += new_tokens
                 accepted_samples.append(new_tokens)
-                depths.append(depth)
-                budgets.append(budget)
+                depths.append(edge.depth)
+                budgets.append(edge.budget)
                 if edge.last_result_at is not None:
                     itls.append((now - edge.last_result_at) / new_tokens)
             edge.last_result_at = now
+            edge.follow(result)
             hit = rng.random() < preset.proactive_hit_rate
             send_draft(edge, now, now - edge.sent_at, hit)
+        if kind in ("open", "draft", "verified") or (kind == "wake" and now >= woken_at):
+            tick(now)
     window = sim_s - warm_from
     return _result("specedge", strategy, batch_size, edges, sim_s, busy_s / window, tokens_counted / window,
                    accepted_samples, itls, _cost(preset, window, edges, tokens_counted), batches, depths, budgets)

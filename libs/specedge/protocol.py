@@ -95,6 +95,16 @@ node, nodes added per draft pass (the scheduler asks edges for a shape; `engine.
 MAX_TREES_AHEAD = 2  # trees an edge may send ahead of a session's tree out (the scheduler holds no more)
 
 
+def tree_depths(parents: list[int]) -> list[int]:
+    """The level of each drafted node of a tree (`DraftTreeMsg`'s convention: `parents[i]` is
+    -1 for a child of the root, else an earlier index): the root's children are at level 1.
+    The one place a tree's depth is computed."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
 class DraftTreeMsg(Message, frozen=True, kw_only=True):
     """A draft tree from an edge: drafted tokens below the root and their parents.
 

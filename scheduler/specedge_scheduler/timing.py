@@ -46,7 +46,12 @@ class VerificationCost:
 class EdgeTiming:
     """One edge's measured turnaround, split into drafting (per tree level) and the rest."""
 
-    alpha: float = 0.2  # weight of the newest sample
+    alpha: float = 0.2  # weight of the newest timing sample
+    # Weight of the newest tree in `accepted_per_tree`: slow, because it judges an edge (a
+    # fast average of an honest edge's small trees, often accepting nothing, dips below
+    # `Tuning.useless_below` by chance within seconds; at 0.05 that takes ~28 empty trees
+    # in a row, while an edge that never helps is judged after `judge_after` trees as before).
+    acceptance_alpha: float = 0.05
     turnaround_s: float | None = None
     peak_s: float | None = None  # recent worst turnaround (decays 10% per sample): the draft deadline's base
     draft_s_per_level: float | None = None
@@ -70,7 +75,7 @@ class EdgeTiming:
         """A tree of `depth` levels gave `new_tokens` (accepted path + bonus)."""
         accepted = min(new_tokens - 1, depth)
         self.verifications += 1
-        weight = max(self.alpha, 1 / self.verifications)  # the plain mean until 1/alpha trees, then an EWMA
+        weight = max(self.acceptance_alpha, 1 / self.verifications)  # the plain mean, then an EWMA
         self.accepted_per_tree += weight * (new_tokens - 1 - self.accepted_per_tree)
         self.levels_tried = 0.98 * self.levels_tried + min(accepted + 1, depth)
         self.levels_accepted = 0.98 * self.levels_accepted + accepted

@@ -13,7 +13,7 @@ A batch that merges several sessions' trees is one span, a new trace linked to e
 cycle it serves, and each session's queueing span links back to it; a batch of one
 session is simply a child of that session's cycle.
 
-A session taken over from a scheduler that died (`SchedulerService._adopt`) goes on
+A session taken over from a scheduler that died (`core.SchedulerCore._orphan`) goes on
 under a new root `session` span (`specedge.adopted_from`: the dead scheduler), its cycles
 numbered on from the Redis record's; the dead scheduler's open spans are simply never
 ended (never exported).
@@ -24,16 +24,15 @@ none fails for a session whose spans are missing or already closed.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from specedge import telemetry
-from specedge.protocol import DraftTreeMsg, VerifyResult
+from specedge.protocol import DraftTreeMsg
 from specedge.telemetry import tracer
 
 
@@ -51,6 +50,7 @@ class SessionSpans:
         self.cycle = -1
         self.began_ns = 0  # when the current cycle began
         self.arrived: tuple[int, int] | None = None  # (cycle, when its draft arrived)
+        self._delivery: tuple[Span, Span, int, int, str | None] | None = None  # (deliver, its cycle, …)
         self.on = telemetry.enabled()  # a session opened untraced stays so
         if self.on and (adopted_from is not None
                         or not trace.get_current_span(parent).get_span_context().is_valid):
@@ -93,25 +93,33 @@ class SessionSpans:
             "specedge.server_step": not tree.tokens})
         span.end(end_time=now_ns)
 
-    @contextlib.contextmanager
-    def delivering(self, result: VerifyResult, committed: int, finish_reason: str | None) -> Iterator[Context | None]:
-        """The `deliver` span around publishing a result; the cycle ends with it. Inside,
-        `begin_cycle` may start the next cycle (whose context goes to the edge)."""
-        cycle = self.cycle_span
-        if cycle is None:
-            yield None
+    def start_delivery(self, accepted: int, committed: int, finish_reason: str | None) -> None:
+        """The `deliver` span around publishing a result begins; the cycle ends with it
+        (`end_delivery`). Meanwhile `begin_cycle` may start the next cycle (whose context
+        goes to the edge)."""
+        if self.cycle_span is None:
+            self._delivery = None
             return
         span = tracer.start_span("deliver", context=self.context, attributes={"specedge.tokens": committed})
-        try:
-            yield trace.set_span_in_context(span)
-        finally:
-            span.end()
-            cycle.set_attributes({"specedge.accepted_len": len(result.accepted), "specedge.tokens": committed})
-            if finish_reason is not None:
-                cycle.set_attribute("specedge.finish_reason", finish_reason)
-            cycle.end()
-            if self.cycle_span is cycle:
-                self.cycle_span = None
+        self._delivery = (span, self.cycle_span, accepted, committed, finish_reason)
+
+    @property
+    def delivery_context(self) -> Context | None:
+        """The context of the delivery under way (for the committed tokens); None when not traced."""
+        return trace.set_span_in_context(self._delivery[0]) if self._delivery is not None else None
+
+    def end_delivery(self) -> None:
+        if self._delivery is None:
+            return
+        span, cycle, accepted, committed, finish_reason = self._delivery
+        self._delivery = None
+        span.end()
+        cycle.set_attributes({"specedge.accepted_len": accepted, "specedge.tokens": committed})
+        if finish_reason is not None:
+            cycle.set_attribute("specedge.finish_reason", finish_reason)
+        cycle.end()
+        if self.cycle_span is cycle:
+            self.cycle_span = None
 
     def close(self, error: str | None = None) -> None:
         """The session ended: end what is open (with `error` as its status, if any)."""

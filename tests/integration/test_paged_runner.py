@@ -172,13 +172,13 @@ def test_batched_acceptance_equals_the_plain_rule_on_hostile_trees():
     gen = torch.Generator().manual_seed(11)
     trees, params, roots, logits = [], [], [], []
     for i in range(20):
-        n = int(torch.randint(1, 10, (1,), generator=gen))
-        parents = [-1] + [int(torch.randint(0, j, (1,), generator=gen)) for j in range(1, n)]
+        n = int(torch.randint(0, 9, (1,), generator=gen))
+        parents = [int(torch.randint(-1, j, (1,), generator=gen)) for j in range(n)]
         tokens = torch.randint(0, 6, (n,), generator=gen).tolist()  # a tiny vocabulary: repeats and hits
         trees.append((tokens, parents))
         params.append(SamplingSpec() if i % 3 == 0 else SamplingSpec(temperature=1.3, top_k=i % 4, seed=i))
         roots.append(50 + i)
-        logits.append(torch.randn(n, 6, generator=gen) * 3)
+        logits.append(torch.randn(1 + n, 6, generator=gen) * 3)
     batched = accept_batch(trees, torch.cat(logits), params, roots)
     plain = [accept(t, p, x, sp, r) for (t, p), x, sp, r in zip(trees, logits, params, roots, strict=True)]
     assert batched == plain

@@ -11,7 +11,7 @@ from specedge.engine.parties import Drafter, StaleMessageError, Verifier, _first
 from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import DraftTree, TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled
-from specedge.protocol import DraftTreeMsg, tree_temperature
+from specedge.protocol import DraftTreeMsg, tree_depths, tree_temperature
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_trees_scored_at_the_greedy_temperature_are_deeper_and_accept_more(model
         out, per_verify, depth = [], [], []
         while len(out) < 96:
             tree = drafter.draft("s")
-            depth.append(max(tree.parents and DraftTree(tokens=tree.tokens, parents=tree.parents).depths()))
+            depth.append(max(tree_depths(tree.parents), default=0))
             result = verifier.verify([tree])[0]
             drafter.on_result(result)
             out += [*result.accepted, result.bonus]

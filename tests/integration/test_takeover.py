@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from specedge.protocol import SamplingSpec
 from specedge.state import SessionStore, session_key
+from specedge_scheduler import core
 from specedge_scheduler.policy import SchedulingPolicy
 from specedge_scheduler.service import SchedulerService
 
@@ -40,6 +41,12 @@ class StoreLosingRedisOnce(SessionStore):
         await super().assign(session_id, **owners)
 
 
+async def scan(svc: SchedulerService) -> None:
+    """One scan for orphans, as the core asks for it (only this scheduler is alive)."""
+    await svc._scan(core.ScanOrphans(frozenset(svc.policy.sessions), frozenset({svc.instance_id}),
+                                     tuple(svc.core._claimed.items()), svc.policy.verifier_timeout_s))
+
+
 def test_a_session_claimed_but_not_adopted_is_adopted_at_the_next_scan(redis_url, caplog):
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_url)
@@ -52,19 +59,19 @@ def test_a_session_claimed_but_not_adopted_is_adopted_at_the_next_scan(redis_url
         bus = RecordingBus()
         svc = SchedulerService(bus, "sched-2", store, policy, draft_shape={"budget": 8, "depth": 3})
 
-        await svc._take_over(time.monotonic())  # claimed, then Redis fails: let go, in memory
+        await scan(svc)  # claimed, then Redis fails: let go, in memory
         record = await store.load("orphan-1")
         assert record.scheduler == "sched-2"  # the claim stands in Redis
-        assert "orphan-1" not in policy.sessions and "orphan-1" not in svc._outputs
+        assert "orphan-1" not in policy.sessions and "orphan-1" not in svc.core.outputs
         assert not any(s.endswith(".tokens") for s in bus.sent)
 
-        await svc._take_over(time.monotonic())  # the next scan adopts it, although it names us
-        assert "orphan-1" in policy.sessions and "orphan-1" in svc._outputs
+        await scan(svc)  # the next scan adopts it, although it names us
+        assert "orphan-1" in policy.sessions and "orphan-1" in svc.core.outputs
         assert policy.sessions["orphan-1"].verifier == "v1"
         assert (await store.load("orphan-1")).verifier == "v1"
-        assert svc._claimed == {}
+        assert svc.core._claimed == {}
 
-        await svc._take_over(time.monotonic())  # held now: not adopted twice
+        await scan(svc)  # held now: not adopted twice
         assert len([s for s in policy.sessions if s == "orphan-1"]) == 1
         await store.end("orphan-1")
         await client.aclose()

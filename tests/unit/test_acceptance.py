@@ -19,19 +19,19 @@ def one_hot_logits(argmaxes: list[int]) -> torch.Tensor:
     return logits
 
 
-# tree: root(0) -> 1:a=3 -> 2:b=4 -> 3:c=5 ; root -> 4:d=6
-TOKENS = [1, 3, 4, 5, 6]
-PARENTS = [-1, 0, 1, 2, 0]
+# tree: root -> 0:a=3 -> 1:b=4 -> 2:c=5 ; root -> 3:d=6 (logits rows: the root's, then each node's)
+TOKENS = [3, 4, 5, 6]
+PARENTS = [-1, 0, 1, -1]
 
 
 @pytest.mark.parametrize(
     ("name", "tokens", "parents", "target_argmax", "path", "bonus"),
     [
-        ("full accept", TOKENS, PARENTS, [3, 4, 5, 7, 0], [1, 2, 3], 7),
-        ("early reject", TOKENS, PARENTS, [3, 2, 5, 7, 0], [1], 2),
+        ("full accept", TOKENS, PARENTS, [3, 4, 5, 7, 0], [0, 1, 2], 7),
+        ("early reject", TOKENS, PARENTS, [3, 2, 5, 7, 0], [0], 2),
         ("reject at root", TOKENS, PARENTS, [1, 4, 5, 7, 0], [], 1),
-        ("other branch", TOKENS, PARENTS, [6, 4, 5, 7, 2], [4], 2),
-        ("empty tree", [1], [-1], [6], [], 6),
+        ("other branch", TOKENS, PARENTS, [6, 4, 5, 7, 2], [3], 2),
+        ("empty tree", [], [], [6], [], 6),
     ],
 )
 def test_greedy_table(name, tokens, parents, target_argmax, path, bonus):
@@ -40,14 +40,14 @@ def test_greedy_table(name, tokens, parents, target_argmax, path, bonus):
 
 def reference_accept(tokens, parents, logits, params, root_position):
     """Slow, obviously-correct version: draw lazily, walk, per node in pure Python."""
-    def depth(i):
-        return 0 if i == 0 else depth(parents[i]) + 1
+    def depth(i):  # node i's level; the root (-1) is level 0
+        return 0 if i < 0 else depth(parents[i]) + 1
 
     def draw(i):
-        row = logits[i].tolist()
+        row = logits[i + 1].tolist()
         if params.greedy:
             return max(range(len(row)), key=lambda t: (row[t], -t))
-        probs = filtered_probs(logits[i : i + 1], params)[0].tolist()
+        probs = filtered_probs(logits[i + 1 : i + 2], params)[0].tolist()
         u = uniform(params.seed, root_position + depth(i) + 1)
         acc = 0.0
         total = sum(probs)
@@ -57,10 +57,10 @@ def reference_accept(tokens, parents, logits, params, root_position):
                 return t
         return len(probs) - 1
 
-    node, path = 0, []
+    node, path = -1, []
     while True:
         token = draw(node)
-        kids = [i for i in range(1, len(tokens)) if parents[i] == node and tokens[i] == token]
+        kids = [i for i in range(len(tokens)) if parents[i] == node and tokens[i] == token]
         if not kids:
             return path, token
         node = kids[0]
@@ -68,10 +68,10 @@ def reference_accept(tokens, parents, logits, params, root_position):
 
 
 def random_tree(rng: random.Random, n: int):
-    tokens, parents = [rng.randrange(V)], [-1]
-    for i in range(1, n):
+    tokens, parents = [], []
+    for i in range(n):
         tokens.append(rng.randrange(V))
-        parents.append(rng.randrange(i))
+        parents.append(rng.randrange(-1, i))
     return tokens, parents
 
 
@@ -80,8 +80,8 @@ def random_tree(rng: random.Random, n: int):
 def test_equals_slow_reference_on_random_trees(params):
     rng = random.Random(0)
     for trial in range(300):
-        tokens, parents = random_tree(rng, rng.randrange(1, 24))
-        logits = torch.randn(len(tokens), V, generator=torch.Generator().manual_seed(trial)) * 2
+        tokens, parents = random_tree(rng, rng.randrange(0, 23))
+        logits = torch.randn(1 + len(tokens), V, generator=torch.Generator().manual_seed(trial)) * 2
         # Make acceptance likely: often let the target agree with some child.
         assert accept(tokens, parents, logits, params, 100 + trial) == \
             reference_accept(tokens, parents, logits, params, 100 + trial)
@@ -95,7 +95,7 @@ def test_sampled_tokens_follow_the_target_distribution():
     n = 20000
     counts = torch.zeros(V)
     for position in range(n):
-        _, bonus = accept([0], [-1], logits, params, root_position=position)
+        _, bonus = accept([], [], logits, params, root_position=position)
         counts[bonus] += 1
     support = expected > 0
     assert counts[~support].sum() == 0  # filtered tokens are never drawn
@@ -108,10 +108,10 @@ def test_draft_is_irrelevant_to_the_output_distribution():
     """Whatever the tree proposes, the token committed at each position is the same draw."""
     params = SamplingSpec(temperature=1.0, seed=7)
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(1))
-    alone = accept([0], [-1], logits, params, root_position=41)[1]
+    alone = accept([], [], logits, params, root_position=41)[1]
     tree_logits = logits.repeat(3, 1)
     for child_token in range(V):
-        path, bonus = accept([0, child_token, 2], [-1, 0, 1], tree_logits, params, root_position=41)
+        path, bonus = accept([child_token, 2], [-1, 0], tree_logits, params, root_position=41)
         first = [child_token] if path else [bonus]
         assert first == [alone]
 
@@ -133,16 +133,17 @@ def test_a_tree_commits_what_decoding_one_token_at_a_time_commits():
             for k in range(8):
                 row = toy_logits(context + tuple(sequential))[None]
                 sequential.append(int(sample(row, params, [root_position + 1 + k])[0]))
-            tokens, parents, prefixes = [context[-1]], [-1], [context]
-            for i in range(1, rng.randrange(2, 16)):
-                parent = rng.randrange(i)
-                depth = len(prefixes[parent]) - len(context)
+            tokens, parents, prefixes = [], [], [context]  # prefixes: the root's, then each node's
+            for i in range(rng.randrange(1, 15)):
+                parent = rng.randrange(-1, i)
+                above = prefixes[parent + 1]
+                depth = len(above) - len(context)
                 # often the token plain decoding takes there, so that paths get accepted
-                on_track = prefixes[parent][len(context):] == tuple(sequential[:depth]) and depth < 8
+                on_track = above[len(context):] == tuple(sequential[:depth]) and depth < 8
                 token = sequential[depth] if on_track and rng.random() < 0.7 else rng.randrange(V)
                 tokens.append(token)
                 parents.append(parent)
-                prefixes.append(prefixes[parent] + (token,))
+                prefixes.append(above + (token,))
             logits = torch.stack([toy_logits(p) for p in prefixes])
             path, bonus = accept(tokens, parents, logits, params, root_position)
             committed = [tokens[i] for i in path] + [bonus]

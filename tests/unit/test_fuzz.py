@@ -73,10 +73,10 @@ def test_the_tree_check_admits_exactly_the_well_formed_trees(tokens, parents):
 
 @st.composite
 def trees(draw, vocab=8):
-    """Well-formed trees (root first) with arbitrary — possibly repeated — sibling tokens."""
+    """Well-formed trees (as on the wire: -1 is the root) with arbitrary — possibly repeated — sibling tokens."""
     n = draw(st.integers(0, 20))
-    parents = [-1] + [draw(st.integers(0, i)) for i in range(n)]  # node i+1's parent is an earlier node
-    tokens = [draw(st.integers(0, vocab - 1)) for _ in range(n + 1)]
+    parents = [draw(st.integers(-1, i - 1)) for i in range(n)]  # the root or an earlier node
+    tokens = [draw(st.integers(0, vocab - 1)) for _ in range(n)]
     return tokens, parents
 
 
@@ -108,23 +108,23 @@ def test_acceptance_on_any_tree_commits_what_target_only_decoding_would(tree, co
     """Greedy and seeded sampling, on arbitrary (even hostile: repeated siblings, chains,
     stars) trees whose every node carries its own prefix's logits: the committed tokens are
     the first tokens of one-at-a-time decoding, and the batched rule agrees with the plain one."""
-    tokens, parents = tree
+    tokens, parents = list(tree[0]), tree[1]
     expected = decode_one_at_a_time(context, params, root_position, 22)
-    tokens = [context[-1], *tokens[1:]]
-    prefixes = [context]
-    for i in range(1, len(tokens)):  # some nodes follow target-only decoding, so paths get accepted
-        depth = len(prefixes[parents[i]]) - len(context)
-        if on_track[i - 1] and prefixes[parents[i]][len(context):] == tuple(expected[:depth]):
+    prefixes = [context]  # the root's, then each node's
+    for i in range(len(tokens)):  # some nodes follow target-only decoding, so paths get accepted
+        above = prefixes[parents[i] + 1]
+        depth = len(above) - len(context)
+        if on_track[i] and above[len(context):] == tuple(expected[:depth]):
             tokens[i] = expected[depth]
-        prefixes.append(prefixes[parents[i]] + (tokens[i],))
+        prefixes.append(above + (tokens[i],))
     logits = torch.stack([toy_logits(p) for p in prefixes])
     path, bonus = accept(tokens, parents, logits, params, root_position)
     committed = [tokens[i] for i in path] + [bonus]
     assert committed == expected[: len(committed)]
-    node = 0
+    node = -1
     for child in path:  # each accepted node is a child of the one before
         assert parents[child] == node
         node = child
     # the walk stopped because no child of the last node carries the target's next token
-    assert all(not (parents[i] == node and tokens[i] == bonus) for i in range(1, len(tokens)))
+    assert all(not (parents[i] == node and tokens[i] == bonus) for i in range(len(tokens)))
     assert accept_batch([(tokens, parents)], logits, [params], [root_position]) == [(path, bonus)]

@@ -1,4 +1,4 @@
-"""The scheduler's spans, driven through `SchedulerService` with a fake bus and an in-memory
+"""The scheduler's spans, driven through `SchedulerService` (and its core) with a fake bus and an in-memory
 exporter: a batch merging several sessions' trees is one span linked to each session's
 cycle; a session taken over from a dead scheduler goes on under a root `session` span of
 its own; sessions without span state are served without tracing and without failing."""
@@ -15,10 +15,20 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from specedge import protocol, telemetry
-from specedge.protocol import DraftTreeMsg, SamplingSpec, TokenEvent, VerifyBatchReply, VerifyBatchRequest, VerifyResult
+from specedge.protocol import (
+    CloseSession,
+    DraftTreeMsg,
+    SamplingSpec,
+    TokenEvent,
+    VerifyBatchReply,
+    VerifyBatchRequest,
+    VerifyResult,
+)
+from specedge_scheduler import core
 from specedge_scheduler import tracing as scheduler_tracing
+from specedge_scheduler.core import SessionOutput
 from specedge_scheduler.policy import SchedulingPolicy
-from specedge_scheduler.service import SchedulerService, _Output
+from specedge_scheduler.service import SchedulerService
 from specedge_scheduler.tracing import SessionSpans
 
 EOS = 99
@@ -75,10 +85,14 @@ def open_session(svc: SchedulerService, sid: str, parent) -> SessionSpans:
     """A session as `_open` leaves it: assigned, prefilled, cycle 0 begun (no edge: server steps)."""
     svc.policy.assign(sid, 3, mode="autoregressive")
     svc.policy.draft_due(sid, 0.0)
-    spans = SessionSpans(sid, parent)
-    svc._outputs[sid] = _Output(8, {EOS}, spans)
+    spans = svc.spans[sid] = SessionSpans(sid, parent)
+    svc.core.outputs[sid] = SessionOutput(8, frozenset({EOS}))
     spans.begin_cycle(0)
     return spans
+
+
+async def close(svc: SchedulerService, sid: str) -> None:
+    await svc.feed(core.CloseRequested(protocol.encode(CloseSession(session_id=sid))))
 
 
 def answer_all(payload: bytes) -> bytes:
@@ -105,7 +119,7 @@ def test_a_batch_of_several_sessions_is_one_span_linked_to_each_cycle(exported):
     for sid, span in requests.items():
         open_session(svc, sid, trace.set_span_in_context(span))
 
-    asyncio.run(svc._verify("v1", [tree("a"), tree("b")]))
+    asyncio.run(svc._verify(core.Verify("v1", (tree("a"), tree("b")))))
 
     spans = exported.get_finished_spans()
     (batch,) = [s for s in spans if s.name == "verify batch"]
@@ -131,13 +145,13 @@ def test_a_batch_of_several_sessions_is_one_span_linked_to_each_cycle(exported):
     assert set(nc.parent_of(".tokens")) == delivered
     assert nc.parent_of(".verify") == [f"{batch.context.span_id:016x}"]  # the verifier's spans go under it
     for sid in ("a", "b"):  # the next cycle has begun
-        spans_of = svc._outputs[sid].spans
+        spans_of = svc.spans[sid]
         assert spans_of.cycle == 1 and spans_of.cycle_span is not None
 
     # A batch of one session is simply a child of that session's cycle.
     exported.clear()
-    asyncio.run(svc._verify("v1", [DraftTreeMsg(session_id="a", cycle=1, committed_len=5, tokens=[5],
-                                                parents=[-1])]))
+    asyncio.run(svc._verify(core.Verify("v1", (DraftTreeMsg(session_id="a", cycle=1, committed_len=5, tokens=[5],
+                                                            parents=[-1]),))))
     spans = exported.get_finished_spans()
     (batch,) = [s for s in spans if s.name == "verify batch"]
     (cycle,) = [s for s in spans if s.name == "cycle"]
@@ -151,17 +165,17 @@ def test_an_adopted_session_goes_on_under_a_session_span_of_its_own(exported):
     svc = service(nc)
     record = types.SimpleNamespace(session_id="s", max_new_tokens=8, eos_ids=[EOS], tokens=[1, 2, 3, 4, 5],
                                    mode="autoregressive", user="", verifier="v1", cycle=2, scheduler="dead-1",
-                                   edge="", output=[4, 5], sampling=SamplingSpec())
-    asyncio.run(svc._adopt(record))
+                                   edge="", output=[4, 5], sampling=SamplingSpec(), idle_s=10.0)
+    asyncio.run(svc.feed(core.OrphanClaimed(record, "dead-1")))
 
-    spans = svc._outputs["s"].spans
+    spans = svc.spans["s"]
     assert spans.own is not None and spans.cycle == 2 and spans.cycle_span is not None
     root = spans.own.get_span_context()
     # the committed output re-sent from index 0, in the new trace
     (subject, headers, payload) = next(m for m in nc.sent if m[0].endswith(".tokens"))
     assert protocol.decode(payload, TokenEvent).tokens == [4, 5]
     assert trace.get_current_span(propagate.extract(headers)).get_span_context().trace_id == root.trace_id
-    asyncio.run(svc._end("s"))
+    asyncio.run(close(svc, "s"))
     ended = exported.get_finished_spans()
     (session,) = [s for s in ended if s.name == "session"]
     assert session.parent is None and session.attributes["specedge.adopted_from"] == "dead-1"
@@ -178,9 +192,9 @@ def test_sessions_without_span_state_are_served_and_not_traced(exported):
         open_session(svc, "b", None)
     finally:
         telemetry._provider = provider  # on again
-    asyncio.run(svc._verify("v1", [tree("a"), tree("b")]))
-    asyncio.run(svc._end("a", error="whatever"))
-    asyncio.run(svc._end("b"))
+    asyncio.run(svc._verify(core.Verify("v1", (tree("a"), tree("b")))))
+    asyncio.run(close(svc, "a"))
+    asyncio.run(close(svc, "b"))
     events = [protocol.decode(p, TokenEvent) for s, _, p in nc.sent if s.endswith(".tokens")]
     assert sorted(e.session_id for e in events) == ["a", "b"] and all(e.tokens == [5, 7] for e in events)
     assert not exported.get_finished_spans()

@@ -14,9 +14,11 @@ probabilities are never needed.
 logits' device, with one device→host transfer for the whole pass; `accept` is the same
 rule for one tree, written plainly (the reference the batched one is tested against).
 
-Vocabulary: the *tree* is node 0 (the root: the last committed token) plus the drafted
-nodes; `parents[i] < i` for every drafted node. *Accepted* nodes are drafted nodes on the
-path the walk took; the *bonus* is the final draw.
+Vocabulary: a *tree* is the drafted nodes below the *root* (the last committed token) in
+the wire's form (`protocol.DraftTreeMsg`): `tokens[i]`, and `parents[i]` = -1 for a child of
+the root, else an earlier index. The target's logits come one row for the root, then one
+per drafted node. *Accepted* nodes are drafted nodes (their indices) on the path the walk
+took; the *bonus* is the final draw.
 """
 
 from __future__ import annotations
@@ -24,60 +26,58 @@ from __future__ import annotations
 import torch
 
 from specedge.engine.sampling import SamplingSpec, sample, sample_rows
+from specedge.protocol import tree_depths
 
 
-def tree_depths(parents: list[int]) -> list[int]:
-    """Depth of each node (root 0); `parents[0]` is ignored, others must point earlier."""
-    depths = [0] * len(parents)
-    for i in range(1, len(parents)):
-        depths[i] = depths[parents[i]] + 1
-    return depths
+def positions(parents: list[int], root_position: int) -> list[int]:
+    """The absolute position of the token each logits row predicts: the root's row, then each node's."""
+    return [root_position + 1, *(root_position + d + 1 for d in tree_depths(parents))]
 
 
 def accept(
-    tokens: list[int],      # [N] node tokens; tokens[0] is the root (last committed token)
-    parents: list[int],     # [N] parent of each node; parents[0] = -1
-    logits: torch.Tensor,   # [N, V] target logits at each node (predicting the next token)
+    tokens: list[int],      # [N] drafted tokens
+    parents: list[int],     # [N] parent of each: -1 the root, else an earlier index
+    logits: torch.Tensor,   # [1 + N, V] target logits at the root, then at each node (predicting the next token)
     params: SamplingSpec,
     root_position: int,     # absolute position of the root token
 ) -> tuple[list[int], int]:
     """Returns (accepted drafted node indices in path order, bonus token)."""
-    depths = tree_depths(parents)
-    drawn = sample(logits, params, [root_position + d + 1 for d in depths]).tolist()
+    drawn = sample(logits, params, positions(parents, root_position)).tolist()
     children: dict[tuple[int, int], int] = {}
-    for i in range(len(tokens) - 1, 0, -1):  # first child wins if a (hostile) tree repeats a token
+    for i in range(len(tokens) - 1, -1, -1):  # first child wins if a (hostile) tree repeats a token
         children[(parents[i], tokens[i])] = i
-    path, node = [], 0
-    while (child := children.get((node, drawn[node]))) is not None:
+    path, node = [], -1
+    while (child := children.get((node, drawn[node + 1]))) is not None:
         path.append(child)
         node = child
-    return path, drawn[node]
+    return path, drawn[node + 1]
 
 
 def accept_batch(
     trees: list[tuple[list[int], list[int]]],  # per tree: (tokens, parents) as in `accept`
-    logits: torch.Tensor,                       # [sum of tree sizes, V] target logits, trees in order
+    logits: torch.Tensor,                       # [sum of (1 + tree size), V] target logits, trees in order
     params: list[SamplingSpec],               # per tree
     root_positions: list[int],                  # per tree
 ) -> list[tuple[list[int], int]]:
     """`accept` for every tree of a pass; draws and the walk run on the logits' device and
     only the outcome (which nodes were accepted, and the draws) comes back, in one transfer."""
-    tokens, parent_rows, positions, row_params, depth_of = [], [], [], [], []
+    tokens, parent_rows, row_positions, row_params, depth_of = [], [], [], [], []
     offset = 0
     for (tree_tokens, parents), p, root in zip(trees, params, root_positions, strict=True):
-        depths = tree_depths(parents)
         seen: set[tuple[int, int]] = set()
-        for i, (token, parent) in enumerate(zip(tree_tokens, parents, strict=True)):
-            first = i == 0 or (parent, token) not in seen  # first child wins if a (hostile) tree repeats a token
+        tokens.append(-1)  # the root's row: never a match
+        parent_rows.append(offset)
+        for token, parent in zip(tree_tokens, parents, strict=True):
+            first = (parent, token) not in seen  # first child wins if a (hostile) tree repeats a token
             seen.add((parent, token))
             tokens.append(token if first else -1)  # a repeat never matches a draw
-            parent_rows.append(offset + parent if i else offset + i)
-        positions += [root + d + 1 for d in depths]
-        row_params += [p] * len(parents)
-        depth_of += depths
-        offset += len(parents)
+            parent_rows.append(offset + parent + 1)
+        row_positions += positions(parents, root)
+        row_params += [p] * (1 + len(parents))
+        depth_of += [0, *tree_depths(parents)]
+        offset += 1 + len(parents)
     dev = logits.device
-    drawn = sample_rows(logits, row_params, positions)
+    drawn = sample_rows(logits, row_params, row_positions)
     parent_t = torch.tensor(parent_rows, device=dev)
     match = torch.tensor(tokens, device=dev) == drawn[parent_t]
     roots = torch.tensor([d == 0 for d in depth_of], device=dev)
@@ -87,9 +87,9 @@ def accept_batch(
     outcome = torch.stack([ok.long(), drawn]).tolist()  # the pass's one device->host transfer
     results, offset = [], 0
     for tree_tokens, _ in trees:
-        n = len(tree_tokens)
+        n = 1 + len(tree_tokens)
         accepted, draws = outcome[0][offset : offset + n], outcome[1][offset : offset + n]
-        path = sorted((i for i in range(1, n) if accepted[i]), key=lambda i: depth_of[offset + i])
-        results.append((path, draws[path[-1] if path else 0]))
+        path = sorted((i - 1 for i in range(1, n) if accepted[i]), key=lambda i: depth_of[offset + i + 1])
+        results.append((path, draws[path[-1] + 1 if path else 0]))
         offset += n
     return results

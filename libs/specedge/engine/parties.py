@@ -154,12 +154,12 @@ class Verifier:
         if not requests:
             return []
         sessions = [self.sessions[t.session_id] for t in trees]
-        outcomes = accept_batch([(r.tokens, r.parents) for r in requests], logits, [s.params for s in sessions],
+        outcomes = accept_batch([(t.tokens, t.parents) for t in trees], logits, [s.params for s in sessions],
                                 [len(s.committed) - 1 for s in sessions])
         results = []
-        for tree, request, session, (path, bonus) in zip(trees, requests, sessions, outcomes, strict=True):
-            self.runner.commit(tree.session_id, [0, *path])
-            accepted = [request.tokens[i] for i in path]
+        for tree, session, (path, bonus) in zip(trees, sessions, outcomes, strict=True):
+            self.runner.commit(tree.session_id, [0, *(i + 1 for i in path)])  # scratch: the root, then the nodes
+            accepted = [tree.tokens[i] for i in path]
             results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
                                         committed_len=len(session.committed), accepted=accepted, bonus=bonus))
             session.committed += [*accepted, bonus]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge.engine.runner import ForwardRequest, ModelRunner
-from specedge.protocol import TREE_BEAMS, TREE_BRANCH, TREE_BUDGET, TREE_DEPTH
+from specedge.protocol import TREE_BEAMS, TREE_BRANCH, TREE_BUDGET, TREE_DEPTH, tree_depths
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,7 @@ class DraftTree:
         return len(self.tokens)
 
     def depths(self) -> list[int]:
-        out: list[int] = []
-        for p in self.parents:
-            out.append(0 if p < 0 else out[p] + 1)
-        return [d + 1 for d in out]
+        return tree_depths(self.parents)
 
     def likely_path(self) -> list[int]:
         """The draft's best guess at what the target accepts: follow the best-scored child."""
