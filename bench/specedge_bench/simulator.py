@@ -40,7 +40,8 @@ from specedge.protocol import (
     VerifyBatchReply,
     VerifyResult,
 )
-from specedge_scheduler.core import (
+from specedge_scheduler.core import SchedulerCore
+from specedge_scheduler.events import (
     BatchVerified,
     CreateSession,
     Discovered,
@@ -50,7 +51,6 @@ from specedge_scheduler.core import (
     OpenRequested,
     Prefilled,
     Publish,
-    SchedulerCore,
     Tick,
     Verify,
 )

@@ -34,13 +34,9 @@ from specedge import bus, protocol, registry, subjects, telemetry
 from specedge.metrics import SchedulerMetrics
 from specedge.protocol import PrefillReply, PrefillRequest, SessionOpened, VerifyBatchReply, VerifyBatchRequest
 from specedge.state import SessionStore
-from specedge_scheduler import core
-from specedge_scheduler.core import (
-    BatchVerified,
-    Command,
-    Event,
-    SchedulerCore,
-)
+from specedge_scheduler import core, events
+from specedge_scheduler.core import SchedulerCore
+from specedge_scheduler.events import BatchVerified, Command, Event
 from specedge_scheduler.guard import EdgeGuard
 from specedge_scheduler.policy import SchedulingPolicy
 from specedge_scheduler.tracing import SessionSpans, batch_span
@@ -73,12 +69,12 @@ class SchedulerService:
     async def subscribe(self) -> None:
         nc = self.nc
         await bus.subscribe(nc, subjects.REGISTRY_ANNOUNCE_ALL,
-                            cb=lambda msg: self.feed(core.Announced(msg.subject, msg.data)))
-        await bus.subscribe(nc, subjects.REGISTRY_LEAVE_ALL, cb=lambda msg: self.feed(core.Left(msg.data)))
+                            cb=lambda msg: self.feed(events.Announced(msg.subject, msg.data)))
+        await bus.subscribe(nc, subjects.REGISTRY_LEAVE_ALL, cb=lambda msg: self.feed(events.Left(msg.data)))
         await bus.subscribe(nc, subjects.SESSIONS_OPEN, queue="schedulers", cb=self.on_open)
-        await bus.subscribe(nc, subjects.SESSIONS_CLOSE, cb=lambda msg: self.feed(core.CloseRequested(msg.data)))
+        await bus.subscribe(nc, subjects.SESSIONS_CLOSE, cb=lambda msg: self.feed(events.CloseRequested(msg.data)))
         await bus.subscribe(nc, subjects.stats("scheduler", self.instance_id),
-                            cb=lambda msg: self.feed(core.StatsRequested(msg.reply)))
+                            cb=lambda msg: self.feed(events.StatsRequested(msg.reply)))
         await nc.flush()
 
     async def refresh(self) -> None:
@@ -86,10 +82,10 @@ class SchedulerService:
         service announces itself on its own subject, which its credentials bind to its role
         and id (`registry.discover` believes nothing else)."""
         for ann in await registry.discover(self.nc, wait_s=0.3):
-            await self.feed(core.Discovered(ann))
+            await self.feed(events.Discovered(ann))
 
     async def on_open(self, msg: Msg) -> None:
-        event = core.OpenRequested(msg.data, msg.reply, otel_context.get_current())  # the opener's span
+        event = events.OpenRequested(msg.data, msg.reply, otel_context.get_current())  # the opener's span
         if not telemetry.enabled():
             await self.feed(event)
             return
@@ -99,7 +95,7 @@ class SchedulerService:
     async def feed(self, event: Event) -> None:
         """Hand an event to the core and carry out what it answers."""
         commands = self.core.handle(event, time.monotonic())
-        if not isinstance(event, core.Tick):
+        if not isinstance(event, events.Tick):
             self._wake.set()
         for command in commands:
             try:
@@ -113,24 +109,24 @@ class SchedulerService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, self.core.wake_at - time.monotonic()))
             self._wake.clear()
-            await self.feed(core.Tick())
+            await self.feed(events.Tick())
 
     # -- carrying out commands ------------------------------------------------------------
 
     async def execute(self, command: Command) -> None:
         match command:
-            case core.Publish():
+            case events.Publish():
                 await self._publish(command)
-            case core.Verify():
+            case events.Verify():
                 self._spawn(self._verify(command))
-            case core.CreateSession():
-                await self.feed(core.Prefilled(command.request.session_id, await self._create(command)))
-            case core.EndSession():
+            case events.CreateSession():
+                await self.feed(events.Prefilled(command.request.session_id, await self._create(command)))
+            case events.EndSession():
                 try:
                     await self.store.end(command.session_id)
                 except Exception as exc:  # the keys expire on their own
                     log.warning("could not delete session %s from Redis: %r", command.session_id[:16], exc)
-            case core.RecordAssignment():
+            case events.RecordAssignment():
                 owners = {"edge": command.edge} | ({"verifier": command.verifier} if command.verifier else {})
                 try:
                     await self.store.assign(command.session_id, **owners)
@@ -139,35 +135,35 @@ class SchedulerService:
                     log.warning("could not record session %s's owners in Redis: %r", command.session_id[:16], exc)
                     ok = False
                 if command.confirm:
-                    await self.feed(core.Recorded(command.session_id, ok))
-            case core.LoadRecord():
+                    await self.feed(events.Recorded(command.session_id, ok))
+            case events.LoadRecord():
                 try:
                     record = await self.store.load(command.session_id)
                 except Exception as exc:
                     log.warning("cannot read session %s from Redis: %r", command.session_id[:16], exc)
                     record = None
-                await self.feed(core.RecordLoaded(command.session_id, command.purpose, record, command.tree,
+                await self.feed(events.RecordLoaded(command.session_id, command.purpose, record, command.tree,
                                                   command.move))
-            case core.Listen():
+            case events.Listen():
                 await self._listen(command)
-            case core.StopListening():
+            case events.StopListening():
                 if (sub := self._draft_subs.pop(command.edge, None)) is not None:
                     # (in a task of its own: this may run inside that subscription's callback)
                     self._spawn(self._unsubscribe(sub))
-            case core.SuspendEdge():
+            case events.SuspendEdge():
                 try:
                     await self.store.suspend_edge(command.edge, command.seconds)
                 except Exception as exc:
                     log.warning("cannot record edge %s's suspension in Redis: %r", command.edge, exc)
-            case core.Rediscover():
+            case events.Rediscover():
                 await self.refresh()
                 await self.feed(command.then)
-            case core.ScanOrphans():
+            case events.ScanOrphans():
                 self._spawn(self._scan(command))
             case _:
                 self._trace(command)
 
-    async def _publish(self, command: core.Publish) -> None:
+    async def _publish(self, command: events.Publish) -> None:
         if not command.subject:
             return  # a request sent without a reply subject
         if isinstance(command.message, SessionOpened) and command.message.error and telemetry.enabled():
@@ -179,7 +175,7 @@ class SchedulerService:
                        "delivery": spans.delivery_context}[command.trace]
         await bus.publish(self.nc, command.subject, protocol.encode(command.message), context=context)
 
-    async def _create(self, command: core.CreateSession) -> str | None:
+    async def _create(self, command: events.CreateSession) -> str | None:
         """Record a new session in Redis and prefill it on its verifier; the error, if any."""
         request = command.request
         if telemetry.enabled():
@@ -198,7 +194,7 @@ class SchedulerService:
         except Exception as exc:
             return f"prefill failed: {exc!r}"
 
-    async def _verify(self, command: core.Verify) -> None:
+    async def _verify(self, command: events.Verify) -> None:
         verifier, trees = command.verifier, command.trees
         request = VerifyBatchRequest(batch_id=uuid.uuid4().hex[:12], trees=list(trees))
         span = batch_span(request.batch_id, verifier, trees, [self.spans.get(t.session_id) for t in trees])
@@ -219,7 +215,7 @@ class SchedulerService:
             span.end()
         await self.feed(BatchVerified(verifier, trees, reply))
 
-    async def _listen(self, command: core.Listen) -> None:
+    async def _listen(self, command: events.Listen) -> None:
         """Subscribe to a newly seen edge's drafts to us, unless Redis says it is cut off."""
         edge = command.edge
         left = 0.0
@@ -231,10 +227,10 @@ class SchedulerService:
             if left <= 0 and edge not in self._draft_subs:  # (another announcement may have subscribed meanwhile)
                 self._draft_subs[edge] = await bus.subscribe(
                     self.nc, subjects.drafts(edge, self.instance_id),
-                    cb=lambda msg: self.feed(core.DraftReceived(msg.subject, msg.data)))
-        await self.feed(core.Listening(edge, command.announcement, left))
+                    cb=lambda msg: self.feed(events.DraftReceived(msg.subject, msg.data)))
+        await self.feed(events.Listening(edge, command.announcement, left))
 
-    async def _scan(self, command: core.ScanOrphans) -> None:
+    async def _scan(self, command: events.ScanOrphans) -> None:
         """Claim each orphaned session in Redis (`core.orphaned`) and hand it to the core."""
         claimed = dict(command.claimed)
         try:
@@ -243,7 +239,7 @@ class SchedulerService:
                     continue
                 record = await self.store.load(sid)
                 if record is None:
-                    await self.feed(core.OrphanGone(sid))
+                    await self.feed(events.OrphanGone(sid))
                     continue
                 if (dead := claimed.get(sid)) is None:  # (else claimed at an earlier scan, not adopted)
                     if not core.orphaned(record, command.live, command.timeout_s):
@@ -251,32 +247,32 @@ class SchedulerService:
                     if not await self.store.claim(sid, record.scheduler, self.instance_id):
                         continue  # another scheduler was quicker
                     dead = record.scheduler
-                await self.feed(core.OrphanClaimed(record, dead))
+                await self.feed(events.OrphanClaimed(record, dead))
         except Exception as exc:  # Redis down: try again at the next scan
             log.warning("could not look for orphaned sessions: %r", exc)
         finally:
-            await self.feed(core.ScanDone())
+            await self.feed(events.ScanDone())
 
     def _trace(self, command: Command) -> None:
         match command:
-            case core.TraceSession():
+            case events.TraceSession():
                 self.spans[command.session_id] = SessionSpans(command.session_id, command.parent,
                                                               command.adopted_from)
                 return
-            case core.TraceEnd():
+            case events.TraceEnd():
                 if (spans := self.spans.pop(command.session_id, None)) is not None:
                     spans.close(command.error)
                 return
         if (spans := self.spans.get(command.session_id)) is None:
             return
         match command:
-            case core.TraceCycle():
+            case events.TraceCycle():
                 spans.begin_cycle(command.cycle)
-            case core.TraceDraft():
+            case events.TraceDraft():
                 spans.draft_arrived(command.cycle)
-            case core.TraceDelivery():
+            case events.TraceDelivery():
                 spans.start_delivery(command.accepted, command.committed, command.finish_reason)
-            case core.TraceDelivered():
+            case events.TraceDelivered():
                 spans.end_delivery()
             case _:
                 raise TypeError(f"not a scheduler command: {command!r}")

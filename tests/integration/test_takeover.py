@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from specedge.protocol import SamplingSpec
 from specedge.state import SessionStore, session_key
-from specedge_scheduler import core
+from specedge_scheduler import events
 from specedge_scheduler.policy import SchedulingPolicy
 from specedge_scheduler.service import SchedulerService
 
@@ -43,7 +43,7 @@ class StoreLosingRedisOnce(SessionStore):
 
 async def scan(svc: SchedulerService) -> None:
     """One scan for orphans, as the core asks for it (only this scheduler is alive)."""
-    await svc._scan(core.ScanOrphans(frozenset(svc.policy.sessions), frozenset({svc.instance_id}),
+    await svc._scan(events.ScanOrphans(frozenset(svc.policy.sessions), frozenset({svc.instance_id}),
                                      tuple(svc.core._claimed.items()), svc.policy.verifier_timeout_s))
 
 

@@ -24,7 +24,7 @@ from specedge.protocol import (
     VerifyBatchRequest,
     VerifyResult,
 )
-from specedge_scheduler import core
+from specedge_scheduler import events
 from specedge_scheduler import tracing as scheduler_tracing
 from specedge_scheduler.core import SessionOutput
 from specedge_scheduler.policy import SchedulingPolicy
@@ -92,7 +92,7 @@ def open_session(svc: SchedulerService, sid: str, parent) -> SessionSpans:
 
 
 async def close(svc: SchedulerService, sid: str) -> None:
-    await svc.feed(core.CloseRequested(protocol.encode(CloseSession(session_id=sid))))
+    await svc.feed(events.CloseRequested(protocol.encode(CloseSession(session_id=sid))))
 
 
 def answer_all(payload: bytes) -> bytes:
@@ -119,7 +119,7 @@ def test_a_batch_of_several_sessions_is_one_span_linked_to_each_cycle(exported):
     for sid, span in requests.items():
         open_session(svc, sid, trace.set_span_in_context(span))
 
-    asyncio.run(svc._verify(core.Verify("v1", (tree("a"), tree("b")))))
+    asyncio.run(svc._verify(events.Verify("v1", (tree("a"), tree("b")))))
 
     spans = exported.get_finished_spans()
     (batch,) = [s for s in spans if s.name == "verify batch"]
@@ -150,7 +150,7 @@ def test_a_batch_of_several_sessions_is_one_span_linked_to_each_cycle(exported):
 
     # A batch of one session is simply a child of that session's cycle.
     exported.clear()
-    asyncio.run(svc._verify(core.Verify("v1", (DraftTreeMsg(session_id="a", cycle=1, committed_len=5, tokens=[5],
+    asyncio.run(svc._verify(events.Verify("v1", (DraftTreeMsg(session_id="a", cycle=1, committed_len=5, tokens=[5],
                                                             parents=[-1]),))))
     spans = exported.get_finished_spans()
     (batch,) = [s for s in spans if s.name == "verify batch"]
@@ -166,7 +166,7 @@ def test_an_adopted_session_goes_on_under_a_session_span_of_its_own(exported):
     record = types.SimpleNamespace(session_id="s", max_new_tokens=8, eos_ids=[EOS], tokens=[1, 2, 3, 4, 5],
                                    mode="autoregressive", user="", verifier="v1", cycle=2, scheduler="dead-1",
                                    edge="", output=[4, 5], sampling=SamplingSpec(), idle_s=10.0)
-    asyncio.run(svc.feed(core.OrphanClaimed(record, "dead-1")))
+    asyncio.run(svc.feed(events.OrphanClaimed(record, "dead-1")))
 
     spans = svc.spans["s"]
     assert spans.own is not None and spans.cycle == 2 and spans.cycle_span is not None
@@ -192,9 +192,9 @@ def test_sessions_without_span_state_are_served_and_not_traced(exported):
         open_session(svc, "b", None)
     finally:
         telemetry._provider = provider  # on again
-    asyncio.run(svc._verify(core.Verify("v1", (tree("a"), tree("b")))))
+    asyncio.run(svc._verify(events.Verify("v1", (tree("a"), tree("b")))))
     asyncio.run(close(svc, "a"))
     asyncio.run(close(svc, "b"))
-    events = [protocol.decode(p, TokenEvent) for s, _, p in nc.sent if s.endswith(".tokens")]
-    assert sorted(e.session_id for e in events) == ["a", "b"] and all(e.tokens == [5, 7] for e in events)
+    sent = [protocol.decode(p, TokenEvent) for s, _, p in nc.sent if s.endswith(".tokens")]
+    assert sorted(e.session_id for e in sent) == ["a", "b"] and all(e.tokens == [5, 7] for e in sent)
     assert not exported.get_finished_spans()
