@@ -168,9 +168,9 @@ def specedge_up(*args: str, env: dict[str, str] | None = None) -> Iterator[Stack
 
 
 def start_on_accounts(secured: dict, redis_url: str, metrics_port: int, tmp_path, env: dict[str, str],
-                      ) -> dict[str, subprocess.Popen]:
-    """A verifier, a scheduler (metrics on `metrics_port`) and alice's edge, each logging in
-    with its own account of `secured` (the `secured` fixture)."""
+                      edge: bool = True) -> dict[str, subprocess.Popen]:
+    """A verifier, a scheduler (metrics on `metrics_port`) and (`edge`) alice's edge, each
+    logging in with its own account of `secured` (the `secured` fixture)."""
     from specedge.nats_auth import service_identity
 
     auth, url = secured["auth"], secured["url"]
@@ -178,13 +178,15 @@ def start_on_accounts(secured: dict, redis_url: str, metrics_port: int, tmp_path
     def account(identity) -> list[str]:
         return ["--nats-url", url, "--credentials", str(auth.credentials_path(identity.nats_user))]
 
-    return {
+    procs = {
         "verifier": start_cli(["verifier", *account(service_identity("verifier")), "--redis-url", redis_url,
                                "--max-len", "1024"], env, tmp_path / "verifier.log"),
         "scheduler": start_cli(["scheduler", *account(service_identity("scheduler")), "--redis-url", redis_url,
                                 "--metrics-port", str(metrics_port)], env, tmp_path / "scheduler.log"),
-        "edge-agent": start_cli(["edge-agent", *account(secured["alice"])], env, tmp_path / "edge.log"),
     }
+    if edge:
+        procs["edge-agent"] = start_cli(["edge-agent", *account(secured["alice"])], env, tmp_path / "edge.log")
+    return procs
 
 
 def stop_all(procs: dict[str, subprocess.Popen], logs) -> None:

@@ -28,6 +28,10 @@ from specedge.protocol import MAX_TREES_AHEAD
 def command(
     nats_url: NatsUrl = default(EdgeAgentSettings, "nats_url"),
     credentials: Credentials = default(EdgeAgentSettings, "credentials"),
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="SPECEDGE_API_KEY", show_default=False,
+        help="Join with a user's API key or an edge token (`specedge keys create [--edge]`), through the "
+             "deployment's auth callout: no account file needed.")] = default(EdgeAgentSettings, "api_key"),
     draft: Annotated[str | None, typer.Option(
         "--draft", envvar="SPECEDGE_DRAFT",
         help="Draft model: a local path or a hub id (default: the bundled tiny draft).")] = None,
@@ -71,7 +75,7 @@ def command(
     if credentials:  # the account says whom this edge drafts for; the flags may only repeat it
         identity = _identity(credentials)
         user, server_side = user or identity.user, server_side or identity.pool == "server"
-    settings = build(EdgeAgentSettings, nats_url=nats_url, credentials=credentials,
+    settings = build(EdgeAgentSettings, nats_url=nats_url, credentials=credentials, api_key=api_key,
                      draft=draft or bundled(BUNDLED_DRAFT),
                      device=device, dtype=dtype, max_sessions=max_sessions, max_len=max_len,
                      attention=attention_backend(attention, exact),

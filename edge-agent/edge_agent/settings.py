@@ -16,6 +16,7 @@ class EdgeAgentSettings(ServiceSettings):
     max_len: int = Field(default=4096, ge=16)  # most tokens (prompt + output) per session
     attention: str = Field(default="exact", pattern=ATTENTION_PATTERN)  # the runner's backend
     user: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.@-]*$")  # owner; "" joins a pool
+    api_key: str | None = Field(default=None, repr=False)  # join through the auth callout with a user's key
     server_side: bool = False  # a drafter the operator runs beside the verifiers (mode server-only)
     proactive: bool | None = None  # draft ahead while a tree is out (default: yes, unless server-side)
     send_ahead: bool = True  # send a proactive tree finished before its result came (with proactive)
@@ -29,6 +30,9 @@ class EdgeAgentSettings(ServiceSettings):
     def _one_pool(self) -> EdgeAgentSettings:
         if self.user and self.server_side:
             raise ValueError("a server-side drafter belongs to no user: use --user or --server-side, not both")
+        if self.api_key and (self.credentials or self.server_side):
+            raise ValueError("an edge joins with --api-key or with --credentials, not both; a server-side "
+                             "drafter has an account of its own")
         return self
 
     @property

@@ -64,22 +64,26 @@ def without_login(url: str) -> str:
 
 @contextlib.asynccontextmanager
 async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0,
-                  credentials: str | None = None) -> AsyncIterator[Client]:
+                  credentials: str | None = None, login: tuple[str, str] | None = None) -> AsyncIterator[Client]:
     """Connect (retrying until `initial_timeout_s`, or forever if None), yield, then drain.
 
     `url`: one server or a comma-separated list (a cluster's nodes): the client connects to
     one of them and, when it is lost, reconnects to a survivor. `credentials`: a
-    credentials file from `specedge nats-auth` (its user and password).
+    credentials file from `specedge nats-auth` (its user and password); `login`: a user and
+    password of another kind (an edge's id and its user's key, for the auth callout).
     """
-    login = {}
-    if credentials:
+    if login is not None:
+        auth = {"user": login[0], "password": login[1]}
+    elif credentials:
         from specedge.nats_auth import Credentials  # noqa: PLC0415 - bcrypt only where auth is used
 
         creds = Credentials.load(credentials)
-        login = {"user": creds.nats_user, "password": creds.password}
+        auth = {"user": creds.nats_user, "password": creds.password}
     elif (first := urllib.parse.urlsplit(servers(url)[0])).password is not None:
         # the login in the URL, for every node: the servers a cluster gossips carry none
-        login = {"user": urllib.parse.unquote(first.username or ""), "password": urllib.parse.unquote(first.password)}
+        auth = {"user": urllib.parse.unquote(first.username or ""), "password": urllib.parse.unquote(first.password)}
+    else:
+        auth = {}
     shown = redact(url)
     closing = asyncio.Event()
     refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -110,7 +114,7 @@ async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
         error_cb=on_error,
-        **login,
+        **auth,
     ))
     try:
         await asyncio.wait({connecting, refused}, timeout=initial_timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -122,7 +126,7 @@ async def connect(url: str, name: str, initial_timeout_s: float | None = 30.0,
             connecting.cancel()
     if nc is None:
         if refused.done():
-            raise ConnectionError(f"NATS at {shown} refused the credentials of {login.get('user') or name}")
+            raise ConnectionError(f"NATS at {shown} refused the credentials of {auth.get('user') or name}")
         raise ConnectionError(f"cannot reach NATS at {shown} (waited {initial_timeout_s}s)")
     log.info("nats: connected to %s as %s", shown, name)
     try:

@@ -18,6 +18,7 @@ import typer
 from specedge import keys_cli, nats_auth_cli
 from specedge.config import (
     DEFAULT_NATS_URL,
+    DEFAULT_REDIS_URL,
     Attention,
     Credentials,
     Device,
@@ -25,6 +26,7 @@ from specedge.config import (
     Exact,
     LogLevelOpt,
     NatsUrl,
+    RedisUrl,
     UpSettings,
     attention_backend,
     default,
@@ -156,6 +158,32 @@ def generate(
     except ModelLoadError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
+
+
+@app.command("auth-callout")
+def auth_callout(
+    issuer: str = typer.Option(..., "--issuer", envvar="SPECEDGE_ISSUER",
+                               help="The issuer's seed file (issuer.nk from `specedge nats-auth init --callout`)."),
+    system_credentials: str | None = typer.Option(
+        None, "--system-credentials", envvar="SPECEDGE_SYSTEM_CREDENTIALS",
+        help="A system-account login (specedge-system): disconnects edges whose key is revoked."),
+    check_s: float = typer.Option(1.0, "--check-s", min=0.05, envvar="SPECEDGE_CHECK_S",
+                                  help="How often the keys of joined edges are checked again (seconds)."),
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
+    credentials: Credentials = None,
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    log_level: LogLevelOpt = "info",
+) -> None:
+    """Run the NATS auth callout: edges join with a user's API key or an edge token, no reload."""
+    import functools  # noqa: PLC0415
+
+    from specedge.auth_callout import AuthCalloutSettings, serve  # noqa: PLC0415
+    from specedge.config import build  # noqa: PLC0415
+    from specedge.service import run  # noqa: PLC0415
+
+    settings = build(AuthCalloutSettings, nats_url=nats_url, credentials=credentials, redis_url=redis_url,
+                     issuer=issuer, system_credentials=system_credentials, check_s=check_s, log_level=log_level)
+    run(functools.partial(serve, settings), settings.log_level)
 
 
 def _add_role_commands() -> None:

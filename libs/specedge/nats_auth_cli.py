@@ -38,10 +38,20 @@ def _created(auth: AuthDir, created: list[Credentials]) -> None:
 
 
 @app.command()
-def init(directory: Dir = "nats-auth") -> None:
+def init(
+    directory: Dir = "nats-auth",
+    callout: Annotated[bool, typer.Option(
+        "--callout", help="Also let edges join with a user's key through `specedge auth-callout` (an issuer key, "
+                          "its login and a system-account login).")] = False,
+) -> None:
     """Create the server side's accounts (admin, gateway, scheduler, verifier) if missing, and auth.conf."""
     auth = AuthDir(directory)
     _created(auth, _checked(auth.init))
+    if callout:
+        _created(auth, _checked(auth.enable_callout))
+        typer.echo(f"auth callout issuer: {auth.issuer_path} (run `specedge auth-callout --issuer "
+                   f"{auth.issuer_path} --credentials {auth.credentials_path('specedge-auth-callout')} "
+                   f"--system-credentials {auth.credentials_path('specedge-system')}`)")
     typer.echo(f"nats-server configuration: include {auth.config_path.resolve()}")
 
 

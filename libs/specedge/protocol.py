@@ -82,6 +82,14 @@ class ServiceAnnouncement(Message, frozen=True, kw_only=True):
     details: dict[str, str] = {}
 
 
+class EdgeIdentity(Message, frozen=True, kw_only=True):
+    """What an edge that joined with a key is bound to (the auth callout's answer to it)."""
+
+    edge_id: str
+    pool: str  # "user" (drafts for `user` only) or "shared"
+    user: str = ""
+
+
 class ServiceLeave(Message, frozen=True, kw_only=True):
     """A service is leaving cleanly (drain on shutdown)."""
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 PREFIX = "specedge"
 DEFAULT_SESSION_TTL_S = 3600
 API_KEY_PREFIX = "sk-specedge-"
+EDGE_TOKEN_PREFIX = "se-edge-"
 
 
 def session_key(session_id: str) -> str:
@@ -279,6 +280,11 @@ class ApiKeyInfo:
     user: str
     label: str
     created: float
+    edge: bool = False  # an edge token: joins edges (`specedge edge-agent --api-key`), not API calls
+
+
+def edge_owner_key(edge_id: str) -> str:
+    return f"{PREFIX}:edge:{edge_id}:owner"
 
 
 class ApiKeys:
@@ -287,29 +293,44 @@ class ApiKeys:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
 
-    async def create(self, user: str, label: str = "", key: str | None = None) -> str:
-        """Store a key for `user` and return it (a fresh random one unless `key` is given)."""
-        if not user or len(user) > 64:
+    async def create(self, user: str, label: str = "", key: str | None = None, edge: bool = False) -> str:
+        """Store a key for `user` and return it (a fresh random one unless `key` is given).
+        `edge`: an edge token — it joins edges to NATS (the user's own, or with no user the
+        shared pool's) and is refused by the gateway."""
+        if len(user) > 64 or not (user or edge):
             raise ValueError("a user name is 1 to 64 characters")
-        key = key or API_KEY_PREFIX + secrets.token_urlsafe(24)
+        key = key or (EDGE_TOKEN_PREFIX if edge else API_KEY_PREFIX) + secrets.token_urlsafe(24)
         if len(key) < 16:
             raise ValueError("an API key is at least 16 characters")
-        await self.client.hset(api_key_key(hash_api_key(key)),
-                               mapping={"user": user, "label": label, "created": time.time()})
+        await self.client.hset(api_key_key(hash_api_key(key)), mapping={
+            "user": user, "label": label, "created": time.time(), "kind": "edge" if edge else "api"})
         return key
 
     async def user_of(self, key: str) -> str | None:
-        """The user a key belongs to, or None if it is unknown or revoked."""
-        user = await self.client.hget(api_key_key(hash_api_key(key)), "user")
-        return user.decode() if user is not None else None
+        """The user an API key belongs to, or None if it is unknown, revoked or an edge token."""
+        user, kind = await self.client.hmget(api_key_key(hash_api_key(key)), ["user", "kind"])
+        return user.decode() if user is not None and kind != b"edge" else None
+
+    async def holder(self, key: str) -> ApiKeyInfo | None:
+        """Whose key (an API key or an edge token) this is; None if unknown or revoked."""
+        key_hash = hash_api_key(key)
+        fields = await self.client.hgetall(api_key_key(key_hash))
+        return self._info(key_hash, fields) if fields else None
+
+    async def exists(self, key_hash: str) -> bool:
+        return bool(await self.client.exists(api_key_key(key_hash)))
+
+    @staticmethod
+    def _info(key_hash: str, fields: dict[bytes, bytes]) -> ApiKeyInfo:
+        return ApiKeyInfo(key_hash, fields[b"user"].decode(), fields.get(b"label", b"").decode(),
+                          float(fields[b"created"]), fields.get(b"kind") == b"edge")
 
     async def list(self) -> list[ApiKeyInfo]:
         found = []
         async for name in self.client.scan_iter(match=api_key_key("*"), count=500):
             fields = await self.client.hgetall(name)
             if fields:
-                found.append(ApiKeyInfo(name.decode().rsplit(":", 1)[-1], fields[b"user"].decode(),
-                                        fields.get(b"label", b"").decode(), float(fields[b"created"])))
+                found.append(self._info(name.decode().rsplit(":", 1)[-1], fields))
         return sorted(found, key=lambda k: k.created)
 
     async def revoke(self, key_or_hash_prefix: str) -> int:

@@ -91,6 +91,32 @@ def edge_refused(instance_id: str) -> str:
     return f"{PREFIX}.edge.{_token(instance_id)}.refused"
 
 
+def edge_identity(instance_id: str) -> str:
+    """To one edge agent that joined with a key: who it is (`EdgeIdentity`, from the auth callout)."""
+    return f"{PREFIX}.edge.{_token(instance_id)}.identity"
+
+
+def auth_whoami(edge_id: str) -> str:
+    """From an edge agent that joined with a key: ask the auth callout for its identity
+    (answered on `edge_identity`; the edge's permissions bind the subject to it)."""
+    return f"{PREFIX}.auth.whoami.{_token(edge_id)}"
+
+
+AUTH_WHOAMI_ALL = f"{PREFIX}.auth.whoami.*"
+AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
+"""Where nats-server asks the auth callout about a connection (in the callout's account)."""
+
+
+def server_kick(server_id: str) -> str:
+    """System account request to one nats-server: disconnect a client (`{"cid": N}`)."""
+    return f"$SYS.REQ.SERVER.{server_id}.KICK"
+
+
+def account_disconnects(account: str) -> str:
+    """System account events: a client of `account` disconnected."""
+    return f"$SYS.ACCOUNT.{account}.DISCONNECT"
+
+
 def drafts(edge_id: str, scheduler_id: str) -> str:
     """From one edge agent to the scheduler that owns the session: a draft tree (`DraftTreeMsg`).
 
