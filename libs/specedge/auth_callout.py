@@ -84,8 +84,9 @@ class AuthCallout:
         self.joined: dict[tuple[str, int], Joined] = {}  # (server id, client id) -> the edge
 
     async def subscribe(self) -> None:
-        await self.nc.subscribe(subjects.AUTH_CALLOUT, cb=self.on_request)
-        await self.nc.subscribe(subjects.AUTH_WHOAMI_ALL, cb=self.on_whoami)
+        # (a queue group: replicas share the requests, each answered once)
+        await self.nc.subscribe(subjects.AUTH_CALLOUT, queue="auth-callout", cb=self.on_request)
+        await self.nc.subscribe(subjects.AUTH_WHOAMI_ALL, queue="auth-callout", cb=self.on_whoami)
         if self.system is not None:
             await self.system.subscribe(subjects.account_disconnects(ACCOUNT), cb=self.on_disconnect)
             await self.system.flush()

@@ -12,6 +12,10 @@ user — by subject permissions:
 - it may subscribe only to what is addressed to it (`edge.<edge>.>`, its stats subject)
   and to discovery requests.
 
+The gateway and the verifiers get narrow accounts too (`_SERVICE_PERMISSIONS`): the
+gateway opens and closes sessions, reads their tokens and asks for stats; a verifier reads
+its own requests and answers them. Neither can publish drafts, assignments or tokens.
+
 So an edge can neither read another edge's assignments (prompts) or any session's
 tokens, nor publish as another edge or claim another user. The server side re-checks the
 rest (`scheduler`, `verifier`).
@@ -105,8 +109,33 @@ def edge_identity(edge_id: str, user: str = "", server_side: bool = False, key_j
     return Identity(nats_user=f"edge-{edge_id}", role="edge-agent", edge_id=edge_id, pool=pool, user=user)
 
 
+def _role_subjects(role: str) -> list[str]:
+    """A server-side role's own registry subjects (any instance of it: instance ids are chosen at start)."""
+    return [f"{subjects.PREFIX}.registry.announce.{role}.*", f"{subjects.PREFIX}.registry.leave.{role}.*"]
+
+
+# What the gateway and the verifiers may do: only their own part of the protocol.
+_SERVICE_PERMISSIONS: dict[str, dict] = {
+    "gateway": {
+        "publish": {"allow": [subjects.SESSIONS_OPEN, subjects.SESSIONS_CLOSE, f"{subjects.PREFIX}.stats.*.*",
+                              subjects.REGISTRY_DISCOVER, *_role_subjects("gateway")]},
+        "subscribe": {"allow": [f"{subjects.PREFIX}.session.*.tokens", subjects.REGISTRY_ANNOUNCE_ALL,
+                                subjects.REGISTRY_DISCOVER, "_INBOX.>"]},
+    },
+    "verifier": {
+        "publish": {"allow": [*_role_subjects("verifier")]},
+        "subscribe": {"allow": [f"{subjects.PREFIX}.verifier.*.>", f"{subjects.PREFIX}.stats.verifier.*",
+                                subjects.REGISTRY_DISCOVER]},
+        "allow_responses": True,  # answers to prefill, verify and stats requests
+    },
+}
+
+
 def permissions(identity: Identity) -> dict | None:
-    """The nats-server `permissions` of an account (None: everything, for the server side)."""
+    """The nats-server `permissions` of an account (None: everything — the scheduler, which
+    talks to every party, the admin and the auth callout)."""
+    if identity.role in _SERVICE_PERMISSIONS:
+        return _SERVICE_PERMISSIONS[identity.role]
     if identity.role != "edge-agent":
         return None
     edge = identity.edge_id

@@ -181,3 +181,28 @@ async def test_an_edge_agent_joins_with_an_api_key_and_drafts_its_users_session(
         await client.aclose()
     for log in tmp_path.glob("*.log"):
         assert key not in log.read_text()
+
+
+def test_nats_auth_init_callout_writes_an_issuer_and_the_callout_block(tmp_path, cli_env):
+    import json
+    import subprocess
+
+    from tests.conftest import SPECEDGE
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*SPECEDGE, "nats-auth", *args, "--dir", str(tmp_path)], env=cli_env,
+                              capture_output=True, text=True, timeout=60)
+
+    done = run("init", "--callout")
+    assert done.returncode == 0, done.stderr
+    assert "specedge auth-callout --issuer" in done.stdout
+    issuer = tmp_path / "issuer.nk"
+    assert oct(issuer.stat().st_mode & 0o777) == "0o600" and issuer.read_text().startswith("SA")
+    config = (tmp_path / "auth.conf").read_text()
+    block = json.loads(config.split("authorization: ", 1)[1])["auth_callout"]
+    assert block["account"] == "SPECEDGE" and block["issuer"].startswith("A")
+    assert {"specedge-auth-callout", "specedge-system", "specedge-gateway"} <= set(block["auth_users"])
+    assert issuer.read_text().strip() not in config  # only the public key
+    assert run("add-edge", "key-mine").returncode == 2  # the key-joined namespace is the callout's
+    assert run("add-edge", "alice-pc", "--user", "alice").returncode == 0  # edges with accounts still work
+    assert "auth_callout" in (tmp_path / "auth.conf").read_text()

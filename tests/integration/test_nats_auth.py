@@ -187,3 +187,46 @@ def test_nats_auth_command_creates_lists_and_revokes_accounts(tmp_path, cli_env)
     assert run("revoke", "edge-carol-pc").returncode == 0
     assert not creds_file.exists() and "edge-carol-pc" not in run("list").stdout
     assert run("revoke", "edge-carol-pc").returncode == 1
+
+
+async def test_the_gateway_and_verifier_accounts_reach_only_their_own_subjects(secured):
+    from specedge.nats_auth import service_identity
+
+    admin = await nats.connect(secured["admin"])
+    logins = {role: Credentials.load(secured["auth"].credentials_path(service_identity(role).nats_user))
+              for role in ("gateway", "verifier")}
+    errors: dict[str, list[str]] = {role: [] for role in logins}
+    conns = {role: await login(secured["url"], creds, errors[role]) for role, creds in logins.items()}
+    try:
+        seen = await admin.subscribe(f"{PREFIX}.>")
+        spied = {
+            "gateway": [await conns["gateway"].subscribe(s) for s in (f"{PREFIX}.edge.>", f"{PREFIX}.drafts.>",
+                                                                        f"{PREFIX}.verifier.*.verify")],
+            "verifier": [await conns["verifier"].subscribe(s) for s in (f"{PREFIX}.edge.>", f"{PREFIX}.session.>")],
+        }
+        allowed = await conns["gateway"].subscribe(subjects.session_tokens("s1"))
+        for nc in (admin, *conns.values()):
+            await nc.flush()
+        await conns["gateway"].publish(subjects.drafts("alice-laptop", "sched-1"), b"forged draft")
+        await conns["gateway"].publish(subjects.edge_assign("alice-laptop"), b"forged assignment")
+        await conns["verifier"].publish(subjects.session_tokens("s1"), b"forged tokens")
+        await conns["verifier"].publish(subjects.SESSIONS_OPEN, b"forged request")
+        await conns["gateway"].publish(subjects.SESSIONS_CLOSE, b"a close")  # its own part of the protocol
+        await admin.publish(subjects.edge_assign("alice-laptop"), b"a prompt")
+        await admin.publish(subjects.verifier_verify("v1"), b"a batch")
+        await admin.publish(subjects.session_tokens("s1"), b"tokens")
+        for nc in (admin, *conns.values()):
+            await nc.flush()
+        assert (await allowed.next_msg(timeout=2)).data == b"tokens"
+        await asyncio.sleep(0.3)
+        heard = []
+        while seen.pending_msgs:
+            heard.append((await seen.next_msg(timeout=1)).data)
+        assert b"a close" in heard and not {b"forged draft", b"forged assignment", b"forged tokens",
+                                            b"forged request"} & set(heard)
+        for role, subs in spied.items():
+            assert all(s.pending_msgs == 0 for s in subs), role
+            assert any("permissions violation" in e.lower() for e in errors[role]), (role, errors[role])
+    finally:
+        for nc in (admin, *conns.values()):
+            await nc.close()

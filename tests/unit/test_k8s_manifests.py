@@ -114,3 +114,18 @@ def test_kustomize_builds_it():
     rendered = [d for d in yaml.safe_load_all(built) if d]
     assert len(rendered) == len(objects()) and all(d["metadata"].get("namespace", "specedge") == "specedge"
                                                    for d in rendered)
+
+
+def test_edges_join_with_a_key_through_the_auth_callout():
+    callout = one("Deployment", "auth-callout")
+    (container,) = callout["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["specedge", "auth-callout"] and "--issuer" in container["command"]
+    (auth,) = [v for v in callout["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth"]
+    assert auth["secret"]["secretName"] == "nats-auth"
+    assert {i["key"] for i in auth["secret"]["items"]} == {
+        "specedge-auth-callout.creds.json", "specedge-system.creds.json", "issuer.nk"}
+    assert callout["spec"]["replicas"] >= 2  # a queue group: either answers
+    (edge,) = [d for d in documents(K8S / "examples" / "edge-agent.yaml") if d["kind"] == "Deployment"]
+    env = {e["name"]: e for e in edge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPECEDGE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "edge-key"
+    assert "SPECEDGE_CREDENTIALS" not in env
