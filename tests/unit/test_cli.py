@@ -38,7 +38,7 @@ def test_top_level_lists_every_role_and_up():
                      "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--attention", "--exact", "--kv-cache-memory", "--plan", "--memory-gib", "--metrics-port",
                       "--name", "--log-level"]),
-        ("edge-agent", ["--nats-url", "--credentials",
+        ("edge-agent", ["--nats-url", "--credentials", "--api-key",
                      "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--attention", "--exact",
                         "--user", "--server-side", "--proactive", "--send-ahead", "--trees-ahead",
                         "--name", "--log-level"]),
