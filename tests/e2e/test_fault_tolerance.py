@@ -11,6 +11,7 @@ printed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -89,6 +90,7 @@ async def test_a_nats_node_the_redis_primary_and_a_verifier_lost_while_sixteen_c
             clients = [openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{p}/v1", api_key=key, max_retries=0,
                                           timeout=300) for p in ports]
             streams = [Stream() for _ in range(16)]
+            progressed = asyncio.Event()  # a chunk arrived on some stream
 
             async def generate(i: int) -> None:
                 stream = streams[i]
@@ -100,9 +102,11 @@ async def test_a_nats_node_the_redis_primary_and_a_verifier_lost_while_sixteen_c
                         if chunk.choices and chunk.choices[0].delta.content:
                             stream.pieces.append(chunk.choices[0].delta.content)
                             stream.times.append(time.monotonic())
+                            progressed.set()
                 except Exception as exc:  # reported below
                     stream.error = exc
                 stream.done = True
+                progressed.set()
 
             faults: list[tuple[str, float]] = []
 
@@ -112,7 +116,9 @@ async def test_a_nats_node_the_redis_primary_and_a_verifier_lost_while_sixteen_c
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline and not all(
                         s.done or len(s.times) >= m + chunks for s, m in zip(streams, marks, strict=True)):
-                    await asyncio.sleep(0.05)
+                    progressed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(progressed.wait(), timeout=0.5)
 
             async def inject() -> None:
                 await progress(2)
@@ -153,5 +159,7 @@ async def test_a_nats_node_the_redis_primary_and_a_verifier_lost_while_sixteen_c
             assert not alive, alive
             assert replica.alive()
         finally:
-            procs.pop("verifier-0").wait(timeout=10)
+            killed = procs.pop("verifier-0")
+            killed.kill()
+            killed.wait(timeout=30)
             stop_all(procs, tmp_path)
