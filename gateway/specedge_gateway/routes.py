@@ -35,6 +35,7 @@ from specedge_gateway.openai_api import (
     CompletionRequest,
     GenerationSpec,
     OpenAIError,
+    check_fields,
     to_generation,
 )
 from specedge_gateway.responses import (
@@ -155,6 +156,7 @@ ops = APIRouter()
                                                                    "`chat.completion.chunk` events"}})
 async def chat_completions(body: ChatCompletionRequest, gw: GatewayDep, user: UserDep
                            ) -> ChatCompletion | StreamingResponse:
+    _check(body, gw)
     return await _respond(gw, to_generation(body), chat=True, user=user)
 
 
@@ -162,7 +164,13 @@ async def chat_completions(body: ChatCompletionRequest, gw: GatewayDep, user: Us
           responses={200: {"model": Completion, "description": "The reply; with `stream`, server-sent "
                                                                "`text_completion` events"}})
 async def completions(body: CompletionRequest, gw: GatewayDep, user: UserDep) -> Completion | StreamingResponse:
+    _check(body, gw)
     return await _respond(gw, to_generation(body), chat=False, user=user)
+
+
+def _check(body: ChatCompletionRequest | CompletionRequest, gw: Gateway) -> None:
+    if ignored := check_fields(body, gw.settings.lenient):
+        log.warning("ignored request field(s) nobody knows: %s", ", ".join(ignored))
 
 
 @api.get("/v1/models")
