@@ -30,7 +30,7 @@ def command(
     credentials: Credentials = default(EdgeAgentSettings, "credentials"),
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="SPECEDGE_API_KEY", show_default=False,
-        help="Join with a user's API key or an edge token (`specedge keys create [--edge]`), through the "
+        help="Join with a user's API key or an edge token (see `specedge keys create`), through the "
              "deployment's auth callout: no account file needed.")] = default(EdgeAgentSettings, "api_key"),
     draft: Annotated[str | None, typer.Option(
         "--draft", envvar="SPECEDGE_DRAFT",

@@ -198,3 +198,21 @@ def test_vllms_sampling_fields_are_served_exactly_and_unserved_fields_refused(ga
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=extra)
         assert err.value.body["code"] == code and err.value.body["param"] == next(iter(extra))
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(gateway):
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    reply = httpx.post(f"{gateway.url}/tokenize", json={"model": MODEL, "prompt": "def f(x): return x"},
+                       headers=headers, timeout=30).json()
+    assert reply["tokens"] == tok("def f(x): return x", add_special_tokens=False)["input_ids"]
+    assert reply["count"] == len(reply["tokens"]) and reply["max_model_len"] > 0
+    chat = httpx.post(f"{gateway.url}/tokenize", headers=headers, timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+    text = httpx.post(f"{gateway.url}/detokenize", json={"tokens": reply["tokens"]}, headers=headers, timeout=30)
+    assert text.json() == {"prompt": "def f(x): return x"}
+    bad = httpx.post(f"{gateway.url}/detokenize", json={"tokens": [10**9]}, headers=headers, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(f"{gateway.url}/tokenize", json={"prompt": "x"}, timeout=30).status_code == 401
