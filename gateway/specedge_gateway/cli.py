@@ -37,6 +37,11 @@ def command(
         "--max-concurrent-per-key", envvar="SPECEDGE_MAX_CONCURRENT_PER_KEY",
         help="Requests one API key's user may have generating at once; more get 429.")]
     = default(GatewaySettings, "max_concurrent_per_key"),
+    lenient: Annotated[bool, typer.Option(
+        "--lenient/--strict", envvar="SPECEDGE_LENIENT",
+        help="Ignore request fields nobody knows, with a warning (vLLM's behaviour); by default they get 400 as "
+             "OpenAI's API answers. Fields SpecEdge knows but does not serve are a 400 either way.")]
+    = default(GatewaySettings, "lenient"),
     dashboard: Annotated[bool, typer.Option(
         "--dashboard/--no-dashboard", envvar="SPECEDGE_DASHBOARD",
         help="Serve the live view at /dashboard (no API key needed; it shows timings, not prompts).")]
@@ -51,5 +56,6 @@ def command(
                redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context, max_body_mib=max_body_mib,
                require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,
+               lenient=lenient,
                name=name,
                log_level=log_level))

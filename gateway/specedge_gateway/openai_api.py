@@ -7,6 +7,13 @@ internal `GenerationSpec`. It knows nothing about sessions, NATS or tokenizers.
 
 SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (with the
 `openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
+
+Fields: what the schema declares is served (vLLM's `top_k`, `stop_token_ids` and
+`ignore_eos` at the top level of the body, as vLLM takes them); a field of OpenAI's or
+vLLM's API that SpecEdge does not serve (`UNSUPPORTED`) is a 400 naming it — unless its
+value asks for nothing (`logprobs: false`, a penalty of 0); a field nobody knows is a 400 as
+OpenAI's own API answers, or, with the gateway's `--lenient`, ignored with a warning
+(vLLM's behaviour). `check_fields` decides, after the schema's own checks.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ class SpecEdgeOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
 
@@ -103,10 +110,54 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class _SamplingFields(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored, as most servers do."""
+# Fields of OpenAI's and vLLM's APIs that SpecEdge does not serve: refused (400) unless their
+# value asks for nothing (`_asks_nothing`).
+UNSUPPORTED = frozenset({
+    "logprobs", "top_logprobs", "echo", "prompt_logprobs", "response_format", "tools", "tool_choice", "functions",
+    "function_call", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "logit_bias", "min_p", "min_tokens", "best_of", "suffix", "use_beam_search", "length_penalty",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "chat_template",
+    "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "reasoning_effort", "modalities",
+    "audio", "prediction", "web_search_options", "include_stop_str_in_output", "skip_special_tokens",
+    "spaces_between_special_tokens", "truncate_prompt_tokens", "bad_words", "allowed_token_ids",
+})
+# Fields that change nothing about the output: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "priority", "request_id"})
 
-    model_config = ConfigDict(extra="ignore")
+
+def _asks_nothing(name: str, value: object) -> bool:
+    """Whether a value of an unsupported field leaves the output as it is without it."""
+    if value is None or value is False or value == 0 or value == [] or value == {} or value == "":
+        return True
+    neutral = {"repetition_penalty": 1, "length_penalty": 1, "skip_special_tokens": True,
+               "spaces_between_special_tokens": True, "add_generation_prompt": True, "tool_choice": "none",
+               "best_of": 1, "response_format": {"type": "text"}}
+    return name in neutral and value == neutral[name]
+
+
+def check_fields(request: BaseModel, lenient: bool = False) -> list[str]:
+    """Refuse what the request asks for and SpecEdge does not serve; returns the unknown
+    fields ignored under `lenient` (the caller warns)."""
+    ignored = []
+    for name, value in sorted((request.model_extra or {}).items()):
+        if name in IGNORED:
+            continue
+        if name in UNSUPPORTED:
+            if not _asks_nothing(name, value):
+                raise OpenAIError(400, f"{name} is not supported by SpecEdge", param=name, code="unsupported_parameter")
+        elif lenient:
+            ignored.append(name)
+        else:
+            raise OpenAIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                              code="unknown_parameter")
+    return ignored
+
+
+class _SamplingFields(BaseModel):
+    """Fields both endpoints share. Others are kept aside for `check_fields` (and the
+    published schema forbids them)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     model: str = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -117,6 +168,9 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's: -1 or 0 is no limit
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None  # vLLM's
+    ignore_eos: bool = False  # vLLM's: generate up to max_tokens whatever the model's end-of-turn
     specedge: SpecEdgeOptions = Field(default_factory=SpecEdgeOptions)
 
     @field_validator("n")
@@ -165,6 +219,31 @@ class CompletionRequest(_SamplingFields):
         return value
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: a prompt, or chat messages (through the chat template)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `/detokenize`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """A request in the gateway's own terms (what the session machinery needs)."""
@@ -180,6 +259,9 @@ class GenerationSpec:
     stream: bool
     include_usage: bool
     mode: Mode
+    top_k: int = 0  # 0: no limit
+    stop_token_ids: tuple[int, ...] = ()  # end the output like the end-of-turn tokens do
+    ignore_eos: bool = False
 
 
 def to_generation(request: ChatCompletionRequest | CompletionRequest) -> GenerationSpec:
@@ -202,6 +284,9 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         stream=request.stream,
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         mode=request.specedge.mode,
+        top_k=max(0, request.top_k or 0),
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        ignore_eos=request.ignore_eos,
     )
 
 

@@ -33,8 +33,11 @@ from specedge_gateway.openai_api import (
     MAX_CHARS_PER_TOKEN,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerationSpec,
     OpenAIError,
+    TokenizeRequest,
+    check_fields,
     to_generation,
 )
 from specedge_gateway.responses import (
@@ -155,6 +158,7 @@ ops = APIRouter()
                                                                    "`chat.completion.chunk` events"}})
 async def chat_completions(body: ChatCompletionRequest, gw: GatewayDep, user: UserDep
                            ) -> ChatCompletion | StreamingResponse:
+    _check(body, gw)
     return await _respond(gw, to_generation(body), chat=True, user=user)
 
 
@@ -162,7 +166,47 @@ async def chat_completions(body: ChatCompletionRequest, gw: GatewayDep, user: Us
           responses={200: {"model": Completion, "description": "The reply; with `stream`, server-sent "
                                                                "`text_completion` events"}})
 async def completions(body: CompletionRequest, gw: GatewayDep, user: UserDep) -> Completion | StreamingResponse:
+    _check(body, gw)
     return await _respond(gw, to_generation(body), chat=False, user=user)
+
+
+def _check(body: ChatCompletionRequest | CompletionRequest, gw: Gateway) -> None:
+    if ignored := check_fields(body, gw.settings.lenient):
+        log.warning("ignored request field(s) nobody knows: %s", ", ".join(ignored))
+
+
+@api.post("/tokenize")
+async def tokenize(body: TokenizeRequest, gw: GatewayDep, user: UserDep) -> dict:
+    """vLLM's: the ids of a prompt, or of chat messages through the chat template."""
+    _served(gw, body.model)
+    if body.messages is not None:
+        try:
+            prompt = gw.codec.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="messages", code="invalid_messages") from None
+    else:
+        prompt = body.prompt
+    if len(prompt) > gw.settings.max_context * MAX_CHARS_PER_TOKEN:
+        raise OpenAIError(400, "the prompt cannot fit in the context", param="prompt", code="context_length_exceeded")
+    ids = await asyncio.to_thread(gw.codec.encode, prompt)
+    return {"count": len(ids), "max_model_len": gw.settings.max_context, "tokens": ids}
+
+
+@api.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, gw: GatewayDep, user: UserDep) -> dict:
+    """vLLM's: the text of token ids."""
+    _served(gw, body.model)
+    vocab = gw.codec.tokenizer.get_vocab_size()
+    if any(t >= vocab for t in body.tokens):
+        raise OpenAIError(400, f"token ids must be below the vocabulary size {vocab}", param="tokens",
+                          code="invalid_value")
+    return {"prompt": await asyncio.to_thread(gw.codec.decode, body.tokens)}
+
+
+def _served(gw: Gateway, model: str | None) -> None:
+    if model is not None and model != gw.served_model:
+        raise OpenAIError(404, f"model {model!r} does not exist; this server serves {gw.served_model!r}",
+                          "not_found_error", "model", "model_not_found")
 
 
 @api.get("/v1/models")

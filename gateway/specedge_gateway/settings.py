@@ -16,4 +16,5 @@ class GatewaySettings(RedisServiceSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     require_api_key: bool = True  # False: anyone may call (a private, single-user setup)
     max_concurrent_per_key: int = Field(default=16, ge=1)  # requests of one user at once (429 beyond)
+    lenient: bool = False  # ignore (with a warning) request fields nobody knows, as vLLM does; else 400
     dashboard: bool = True  # serve the live view at /dashboard (open, like /metrics: no prompt content)

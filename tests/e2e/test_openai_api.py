@@ -161,3 +161,58 @@ def test_api_keys_are_required_created_listed_and_revoked(gateway, cli_env):
     with pytest.raises(openai.AuthenticationError):
         gateway.client(bob).chat.completions.create(**ask)
     assert keys("revoke", bob).returncode == 1  # already gone
+
+
+def test_vllms_sampling_fields_are_served_exactly_and_unserved_fields_refused(gateway, reference):
+    client = gateway.client()
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    messages = [{"role": "user", "content": "Name three colors."}]
+    ask = {"model": MODEL, "messages": messages, "temperature": 0.9, "seed": 11, "max_tokens": 24}
+
+    def text(extra: dict, **change) -> tuple[str, object]:
+        reply = client.chat.completions.create(**{**ask, **change}, extra_body=extra)
+        return reply.choices[0].message.content, reply
+
+    # top_k: speculation draws exactly what the target alone draws (mode autoregressive)
+    spec, _ = text({"top_k": 5})
+    alone, _ = text({"top_k": 5, "specedge": {"mode": "autoregressive"}})
+    assert spec == alone
+    assert text({"top_k": 1})[0] == reference(messages, 24)  # one candidate: greedy
+    # stop_token_ids end the output where that token would come, like the end of a turn
+    greedy = reference(messages, 24)
+    ids = tok(greedy, add_special_tokens=False)["input_ids"]
+    cut, reply = text({"stop_token_ids": [ids[4]]}, temperature=0)
+    assert cut == tok.decode(ids[:4]) and reply.choices[0].finish_reason == "stop"
+    # ignore_eos: a reply that would end early runs to max_tokens — exactly as the target alone runs on
+    short = [{"role": "user", "content": "Say yes."}]
+    natural = client.chat.completions.create(model=MODEL, messages=short, temperature=0, max_tokens=48)
+    assert natural.usage.completion_tokens < 48
+    long_spec = client.chat.completions.create(model=MODEL, messages=short, temperature=0, max_tokens=48,
+                                               extra_body={"ignore_eos": True})
+    long_alone = client.chat.completions.create(model=MODEL, messages=short, temperature=0, max_tokens=48,
+                                                extra_body={"ignore_eos": True, "specedge": {"mode": "autoregressive"}})
+    assert long_spec.usage.completion_tokens == 48 and long_spec.choices[0].finish_reason == "length"
+    assert long_spec.choices[0].message.content == long_alone.choices[0].message.content
+    # what SpecEdge does not serve, and what nobody knows: a 400 naming the field
+    for extra, code in (({"logprobs": True}, "unsupported_parameter"), ({"frobnicate": 1}, "unknown_parameter")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=extra)
+        assert err.value.body["code"] == code and err.value.body["param"] == next(iter(extra))
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(gateway):
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    reply = httpx.post(f"{gateway.url}/tokenize", json={"model": MODEL, "prompt": "def f(x): return x"},
+                       headers=headers, timeout=30).json()
+    assert reply["tokens"] == tok("def f(x): return x", add_special_tokens=False)["input_ids"]
+    assert reply["count"] == len(reply["tokens"]) and reply["max_model_len"] > 0
+    chat = httpx.post(f"{gateway.url}/tokenize", headers=headers, timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+    text = httpx.post(f"{gateway.url}/detokenize", json={"tokens": reply["tokens"]}, headers=headers, timeout=30)
+    assert text.json() == {"prompt": "def f(x): return x"}
+    bad = httpx.post(f"{gateway.url}/detokenize", json={"tokens": [10**9]}, headers=headers, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(f"{gateway.url}/tokenize", json={"prompt": "x"}, timeout=30).status_code == 401

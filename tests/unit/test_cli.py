@@ -28,7 +28,7 @@ def test_top_level_lists_every_role_and_up():
     [
         ("gateway", ["--nats-url", "--credentials", "--redis-url", "--host", "--port", "--tokenizer",
                      "--max-context", "--max-body-mib", "--require-api-key", "--max-concurrent-per-key", "--dashboard",
-                     "--name",
+                     "--lenient", "--name",
                      "--log-level"]),
         ("scheduler", ["--nats-url", "--credentials", "--redis-url", "--max-batch", "--edge-timeout",
                        "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",
@@ -36,7 +36,8 @@ def test_top_level_lists_every_role_and_up():
                        "--edge-suspend", "--metrics-port", "--name", "--log-level"]),
         ("verifier", ["--nats-url", "--credentials",
                      "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
-                      "--attention", "--exact", "--kv-cache-memory", "--plan", "--memory-gib", "--metrics-port",
+                      "--attention", "--exact", "--kv-cache-memory", "--plan", "--memory-gib", "--tensor-parallel",
+                      "--metrics-port",
                       "--name", "--log-level"]),
         ("edge-agent", ["--nats-url", "--credentials", "--api-key",
                      "--draft", "--device", "--dtype", "--max-sessions", "--max-len", "--attention", "--exact",
@@ -54,7 +55,7 @@ def test_each_flag_is_documented_with_its_env_var(role, flags):
         assert env in text, env
     options = set(re.findall(r"(--[a-z][a-z-]+)", text)) - {"--help", "--no-api-key", "--no-server-drafter",
                                                                "--no-redis-ha", "--no-proactive", "--no-send-ahead",
-                                                               "--no-dashboard", "--fast"}
+                                                               "--no-dashboard", "--fast", "--strict"}
     assert options == set(flags), f"--help lists options the test does not know: {options ^ set(flags)}"
 
 

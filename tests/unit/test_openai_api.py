@@ -173,3 +173,49 @@ def test_chat_templates_render_as_the_tokenizers_own_apply_chat_template(tmp_pat
     assert strict.chat_prompt([{"role": "user", "content": "x"}]).endswith("x")
     with pytest.raises(ValueError, match="the first message must be the user"):
         strict.chat_prompt(messages)
+
+
+@pytest.mark.parametrize(("extra", "status", "code"), [
+    ({"logprobs": True}, 400, "unsupported_parameter"),
+    ({"response_format": {"type": "json_object"}}, 400, "unsupported_parameter"),
+    ({"presence_penalty": 0.5}, 400, "unsupported_parameter"),
+    ({"min_p": 0.1}, 400, "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
+    ({"frobnicate": 1}, 400, "unknown_parameter"),
+    ({"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+      "response_format": {"type": "text"}, "tools": [], "user": "u-1", "logit_bias": {}}, 200, None),
+])
+def test_fields_not_served_get_a_400_naming_them_unless_they_ask_for_nothing(extra, status, code):
+    from specedge_gateway.openai_api import check_fields
+
+    app = make_app()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> dict:
+        check_fields(body)
+        return {"ok": True}
+
+    reply = TestClient(app).post("/v1/chat/completions", json={**CHAT, **extra})
+    assert reply.status_code == status, reply.text
+    if code:
+        error = reply.json()["error"]
+        assert error["code"] == code and error["param"] == next(iter(extra)) and error["param"] in error["message"]
+
+
+def test_lenient_ignores_unknown_fields_but_still_refuses_unserved_ones():
+    from specedge_gateway.openai_api import check_fields
+
+    body = ChatCompletionRequest(**CHAT, frobnicate=1, another={"x": 1})
+    assert check_fields(body, lenient=True) == ["another", "frobnicate"]
+    with pytest.raises(OpenAIError, match="logprobs is not supported"):
+        check_fields(ChatCompletionRequest(**CHAT, frobnicate=1, logprobs=True), lenient=True)
+
+
+def test_vllms_sampling_fields_are_taken_at_the_top_level():
+    spec = to_generation(ChatCompletionRequest(**CHAT, top_k=5, stop_token_ids=[7, 9], ignore_eos=True))
+    assert (spec.top_k, spec.stop_token_ids, spec.ignore_eos) == (5, (7, 9), True)
+    assert to_generation(ChatCompletionRequest(**CHAT, top_k=-1)).top_k == 0  # vLLM's "no limit"
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(**CHAT, top_k=-2)
+    schema = ChatCompletionRequest.model_json_schema()
+    assert schema["additionalProperties"] is False and "top_k" in schema["properties"]

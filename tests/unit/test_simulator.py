@@ -74,3 +74,17 @@ def test_runs_are_reproducible_for_a_seed():
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         SchedulingPolicy(strategy="random")
+
+
+def test_the_fleet_scales_with_verifiers_through_several_live_scheduler_cores():
+    from specedge_bench.fleet import simulate_fleet
+
+    preset = sim.PRESETS["paper-14b-0.6b"]
+    one = simulate_fleet(preset, verifiers=1, schedulers=2, edges=60, sim_s=4)
+    four = simulate_fleet(preset, verifiers=4, schedulers=2, edges=240, sim_s=4)
+    assert one.throughput_tok_s > 0 and one.verifier_utilization > 0.8
+    assert four.throughput_tok_s >= 0.9 * 4 * one.throughput_tok_s
+    assert 0 < four.scheduler_utilization < 0.5 and four.core_cpu_per_draft_us > 0
+    # a scheduler that costs too much per draft becomes the bottleneck, as a live one would
+    slow = simulate_fleet(preset, verifiers=4, schedulers=1, edges=240, sim_s=4, cpu_per_draft_s=0.01)
+    assert slow.scheduler_utilization > 0.9 and slow.throughput_tok_s < 0.7 * four.throughput_tok_s

@@ -54,6 +54,11 @@ def command(
     memory_gib: Annotated[float | None, typer.Option(
         "--memory-gib", envvar="SPECEDGE_MEMORY_GIB",
         help="With --plan: the device memory to plan for (default: this device's).")] = None,
+    tensor_parallel: Annotated[int, typer.Option(
+        "--tensor-parallel", envvar="SPECEDGE_TENSOR_PARALLEL", min=1,
+        help="Spread the target over this many ranks (GPUs of this machine, cuda:0…; on CPU, processes) with "
+             "torch.distributed; verifies bit for bit as one (exact engine).")]
+    = default(VerifierSettings, "tensor_parallel"),
     metrics_port: MetricsPort = default(VerifierSettings, "metrics_port"),
     name: Name = default(VerifierSettings, "name"),
     log_level: LogLevelOpt = default(VerifierSettings, "log_level"),
@@ -71,5 +76,5 @@ def command(
                      redis_url=redis_url, metrics_port=metrics_port, name=name,
                      log_level=log_level, target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
                      max_sessions=max_sessions, max_len=max_len, attention=attention_backend(attention, exact),
-                     kv_cache_memory=kv_cache_memory)
+                     kv_cache_memory=kv_cache_memory, tensor_parallel=tensor_parallel)
     run(functools.partial(serve, settings), settings.log_level)

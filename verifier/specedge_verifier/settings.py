@@ -17,3 +17,4 @@ class VerifierSettings(RedisServiceSettings):
     max_sessions: int = Field(default=8, ge=1, le=4096)
     max_len: int = Field(default=4096, ge=16)  # most committed tokens per session
     metrics_port: int = Field(default=0, ge=0, le=65535)  # /metrics on this port (0: off)
+    tensor_parallel: int = Field(default=1, ge=1, le=64)  # ranks (GPUs of this machine) the target spans

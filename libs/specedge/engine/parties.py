@@ -42,6 +42,26 @@ class _TargetSession:
     to_prefill: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not in the cache yet
 
 
+def verifier_runner(model: PreTrainedModel, max_sessions: int, max_len: int, max_tree_nodes: int, attention: str,
+                    kv_tokens: int | None):
+    """The target's runner for sessions of up to `max_len` committed tokens and trees of
+    `max_tree_nodes` (room for the tree beyond `max_len`)."""
+    scratch = max(max_tree_nodes + 1, 256)
+    return make_runner(model, attention=attention, max_sessions=max_sessions, max_len=max_len + scratch,
+                       max_scratch=scratch, kv_tokens=kv_tokens)
+
+
+def follow_verifier(model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096, max_tree_nodes: int = 256,
+                    attention: str = DEFAULT_ATTENTION, kv_tokens: int | None = None) -> int:
+    """A rank other than 0 of a tensor-parallel verifier: the same runner, sharded, making
+    every call rank 0's `Verifier` makes, until it stops (`Verifier.stop_followers`)."""
+    from specedge.engine import tensor_parallel as tp  # noqa: PLC0415
+
+    runner = verifier_runner(model, max_sessions, max_len, max_tree_nodes, attention, kv_tokens)
+    tp.parallelize(runner, model)
+    return tp.follow(runner)
+
+
 class Verifier:
     """Target-side: prefill, batched tree verification, acceptance, cache compaction.
 
@@ -51,12 +71,18 @@ class Verifier:
     holds up other sessions' verifications by more than one chunk."""
 
     def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
-                 max_tree_nodes: int = 256, attention: str = DEFAULT_ATTENTION, kv_tokens: int | None = None) -> None:
+                 max_tree_nodes: int = 256, attention: str = DEFAULT_ATTENTION, kv_tokens: int | None = None,
+                 tensor_parallel: bool = False) -> None:
         """`max_len`: the most committed tokens (prompt + output) a session may reach;
-        `attention` and `kv_tokens`: the runner (`backends.make_runner`)."""
-        scratch = max(max_tree_nodes + 1, 256)
-        self.runner = make_runner(model, attention=attention, max_sessions=max_sessions, max_len=max_len + scratch,
-                                  max_scratch=scratch, kv_tokens=kv_tokens)
+        `attention` and `kv_tokens`: the runner (`backends.make_runner`). `tensor_parallel`:
+        this is rank 0 of a `torch.distributed` group whose other ranks run
+        `follow_verifier` with the same arguments (`tensor_parallel`)."""
+        self.runner = verifier_runner(model, max_sessions, max_len, max_tree_nodes, attention, kv_tokens)
+        if tensor_parallel:
+            from specedge.engine import tensor_parallel as tp  # noqa: PLC0415
+
+            tp.parallelize(self.runner, model)
+            self.runner = tp.LeaderRunner(self.runner)
         self.vocab_size = model.config.vocab_size
         self.max_tree_nodes = max_tree_nodes
         self.prefill_chunk = self.runner.prefill_chunk
@@ -98,6 +124,11 @@ class Verifier:
     def close(self, session_id: str) -> None:
         self.runner.evict(session_id)
         self.sessions.pop(session_id, None)
+
+    def stop_followers(self) -> None:
+        """Tensor parallel: let the other ranks' `follow_verifier` return."""
+        if hasattr(self.runner, "stop_followers"):
+            self.runner.stop_followers()
 
     @property
     def free_tokens(self) -> int:
