@@ -260,8 +260,14 @@ class GenerationSpec:
     include_usage: bool
     mode: Mode
     top_k: int = 0  # 0: no limit
-    stop_token_ids: tuple[int, ...] = ()  # end the output like the end-of-turn tokens do
+    stop_token_ids: tuple[int, ...] = ()  # end the output like the end-of-turn tokens do (it holds the
+    # stop token unless that is a special token, as vLLM documents)
     ignore_eos: bool = False
+
+    def end_ids(self, eos_ids: list[int]) -> list[int]:
+        """The tokens that end the output: the model's end-of-turn ids (none with
+        `ignore_eos`) and the request's `stop_token_ids` (which `ignore_eos` spares, as in vLLM)."""
+        return [*([] if self.ignore_eos else eos_ids), *self.stop_token_ids]
 
 
 def to_generation(request: ChatCompletionRequest | CompletionRequest) -> GenerationSpec:

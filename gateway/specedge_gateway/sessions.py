@@ -63,9 +63,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
     sub = await bus.subscribe(nc, subjects.session_tokens(sid))
     span = _request_span(spec, sid, len(prompt_ids), max_new_tokens)  # ended below, whatever happens
     context = telemetry.context_of(span)
-    eos_ids = [] if spec.ignore_eos else [*codec.eos_ids, *spec.stop_token_ids]
     request = SessionOpen(
-        session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+        session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=spec.end_ids(codec.eos_ids),
         sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed),
         mode=spec.mode, user=user)
     finished = False

@@ -214,6 +214,8 @@ def test_lenient_ignores_unknown_fields_but_still_refuses_unserved_ones():
 def test_vllms_sampling_fields_are_taken_at_the_top_level():
     spec = to_generation(ChatCompletionRequest(**CHAT, top_k=5, stop_token_ids=[7, 9], ignore_eos=True))
     assert (spec.top_k, spec.stop_token_ids, spec.ignore_eos) == (5, (7, 9), True)
+    assert spec.end_ids([2, 0]) == [7, 9]  # ignore_eos drops the model's end of turn, not stop_token_ids
+    assert to_generation(ChatCompletionRequest(**CHAT, stop_token_ids=[7])).end_ids([2, 0]) == [2, 0, 7]
     assert to_generation(ChatCompletionRequest(**CHAT, top_k=-1)).top_k == 0  # vLLM's "no limit"
     with pytest.raises(ValidationError):
         ChatCompletionRequest(**CHAT, top_k=-2)
