@@ -18,6 +18,7 @@ OpenAI's own API answers, or, with the gateway's `--lenient`, ignored with a war
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from specedge.protocol import Mode
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n, and prompts × n on /v1/completions
 MAX_STOP_CHARS = 256  # each stop sequence is matched against the text as it streams
 MAX_CHARS_PER_TOKEN = 64  # a prompt longer than max_context × this cannot fit: refused before tokenizing
 
@@ -167,18 +169,11 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # parallel sessions, the i-th seeded seed + i
     top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's: -1 or 0 is no limit
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None  # vLLM's
     ignore_eos: bool = False  # vLLM's: generate up to max_tokens whatever the model's end-of-turn
     specedge: SpecEdgeOptions = Field(default_factory=SpecEdgeOptions)
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -207,16 +202,13 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("exactly one prompt is supported")
-            value = value[0]
-        return value
+    @model_validator(mode="after")
+    def _few_choices(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and len(self.prompt) * self.n > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts × n) per request")
+        return self
 
 
 class TokenizeRequest(BaseModel):
@@ -250,7 +242,7 @@ class GenerationSpec:
 
     model: str
     messages: list[dict[str, str]] | None   # chat: apply the chat template
-    prompt: str | None                      # completions: the raw prompt
+    prompt: str | None                      # completions: the raw prompt (of the first choice)
     max_tokens: int | None                  # None: up to the context limit
     temperature: float
     top_p: float
@@ -263,6 +255,17 @@ class GenerationSpec:
     stop_token_ids: tuple[int, ...] = ()  # end the output like the end-of-turn tokens do (it holds the
     # stop token unless that is a special token, as vLLM documents)
     ignore_eos: bool = False
+
+    n: int = 1  # choices per prompt
+    more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
+
+    def choices(self) -> list[GenerationSpec]:
+        """One spec per choice, in the order of their `index`: prompt by prompt, `n` each, the
+        i-th of a prompt's seeded `seed + i` (so a seeded request is reproducible choice by choice)."""
+        prompts = [self.prompt, *self.more_prompts] if self.prompt is not None else [None]
+        return [dataclasses.replace(self, prompt=prompt, more_prompts=(), n=1,
+                                    seed=(self.seed + i + 2**63) % 2**64 - 2**63)
+                for prompt in prompts for i in range(self.n)]
 
     def end_ids(self, eos_ids: list[int]) -> list[int]:
         """The tokens that end the output: the model's end-of-turn ids (none with
@@ -277,7 +280,8 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         prompt = None
         max_tokens = request.max_completion_tokens or request.max_tokens
     else:
-        messages, prompt, max_tokens = None, request.prompt, request.max_tokens
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        messages, prompt, max_tokens = None, prompts[0], request.max_tokens
     return GenerationSpec(
         model=request.model,
         messages=messages,
@@ -293,6 +297,8 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         top_k=max(0, request.top_k or 0),
         stop_token_ids=tuple(request.stop_token_ids or ()),
         ignore_eos=request.ignore_eos,
+        n=request.n,
+        more_prompts=tuple(prompts[1:]) if messages is None else (),
     )
 
 

@@ -50,11 +50,13 @@ class Head(BaseModel):
     model: str
     system_fingerprint: str | None = None
 
-    def chat_chunk(self, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**self.model_dump(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
+    def chat_chunk(self, delta: ChatDelta, finish: str | None = None, index: int = 0) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.model_dump(), choices=[ChatChunkChoice(index=index, delta=delta,
+                                                                                 finish_reason=finish)])
 
-    def text_chunk(self, text: str, finish: str | None = None) -> CompletionChunk:
-        return CompletionChunk(**self.model_dump(), choices=[CompletionChoice(text=text, finish_reason=finish)])
+    def text_chunk(self, text: str, finish: str | None = None, index: int = 0) -> CompletionChunk:
+        return CompletionChunk(**self.model_dump(), choices=[CompletionChoice(index=index, text=text,
+                                                                              finish_reason=finish)])
 
 
 class ChatCompletion(Head):

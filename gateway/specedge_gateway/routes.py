@@ -218,59 +218,107 @@ async def models(gw: GatewayDep, user: UserDep) -> dict:
 
 async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
                    user: str) -> ChatCompletion | Completion | StreamingResponse:
+    """One reply of `spec.choices()`: each choice its own session, all generating at once."""
     head = Head(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
                 model=gw.served_model)
+    specs = spec.choices()
     if not spec.stream:
+        done = await _complete_all(gw, specs, user)
+        head.system_fingerprint = done[0].run.stats.system_fingerprint
+        usage = Usage.of(sum(d.run.prompt_tokens for d in done[::spec.n]), sum(d.last.completion_tokens for d in done))
+        stats = done[0].run.stats.as_dict() if len(done) == 1 else \
+            {**done[0].run.stats.as_dict(), "choices": [d.run.stats.as_dict() for d in done]}
+        if chat:
+            return ChatCompletion(**head.model_dump(), usage=usage, specedge=stats, choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=d.text), finish_reason=d.last.finish_reason)
+                for i, d in enumerate(done)])
+        return Completion(**head.model_dump(), usage=usage, specedge=stats, choices=[
+            CompletionChoice(index=i, text=d.text, finish_reason=d.last.finish_reason) for i, d in enumerate(done)])
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        runs = [await stack.enter_async_context(gw.generation(s, user)) for s in specs]
+        # errors before the first token are still plain HTTP errors
+        firsts = await asyncio.gather(*(anext(run.pieces) for run in runs))
+        head.system_fingerprint = runs[0].stats.system_fingerprint
+        owned = stack.pop_all()  # from here the stream closes the generations
+    return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec.include_usage, spec.n),
+                             media_type="text/event-stream")
+
+
+@dataclasses.dataclass
+class _Done:
+    run: Generation
+    text: str
+    last: Piece
+
+
+async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str) -> list[_Done]:
+    async def one(spec: GenerationSpec) -> _Done:
         async with gw.generation(spec, user) as run:
             text, last = [], None
             async for piece in run.pieces:
                 text.append(piece.text)
                 last = piece
-        head.system_fingerprint = run.stats.system_fingerprint
-        content, usage = "".join(text), Usage.of(run.prompt_tokens, last.completion_tokens)
-        if chat:
-            return ChatCompletion(**head.model_dump(), usage=usage, specedge=run.stats.as_dict(), choices=[
-                ChatChoice(message=AssistantMessage(content=content), finish_reason=last.finish_reason)])
-        return Completion(**head.model_dump(), usage=usage, specedge=run.stats.as_dict(), choices=[
-            CompletionChoice(text=content, finish_reason=last.finish_reason)])
-    stack = contextlib.AsyncExitStack()
-    async with stack:
-        run = await stack.enter_async_context(gw.generation(spec, user))
-        first = await anext(run.pieces)  # errors before the first token are still plain HTTP errors
-        head.system_fingerprint = run.stats.system_fingerprint
-        owned = stack.pop_all()  # from here the stream closes the generation
-    return StreamingResponse(_stream(owned, run, first, head, chat, spec.include_usage),
-                             media_type="text/event-stream")
+        return _Done(run, "".join(text), last)
+
+    if len(specs) == 1:
+        return [await one(specs[0])]
+    try:
+        async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
+            tasks = [group.create_task(one(spec)) for spec in specs]
+    except* OpenAIError as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
-async def _stream(owned: contextlib.AsyncExitStack, run: Generation, first: Piece, head: Head, chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firsts: list[Piece], head: Head,
+                  chat: bool, include_usage: bool, n: int) -> AsyncIterator[str]:
+    def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False) -> str:
         if chat:
             delta = ChatDelta(role="assistant") if role else ChatDelta(content=text or None)
-            return sse(head.chat_chunk(delta, finish), include_usage)
-        return sse(head.text_chunk(text or "", finish), include_usage)
+            return sse(head.chat_chunk(delta, finish, index), include_usage)
+        return sse(head.text_chunk(text or "", finish, index), include_usage)
 
-    async with owned:  # a client that went away closes its session
-        if chat:
-            yield chunk(None, role=True)
-        last = piece = first
+    pieces: asyncio.Queue[tuple[int, Piece | OpenAIError]] = asyncio.Queue()
+
+    async def pump(index: int, run: Generation, piece: Piece) -> None:
         try:
             while True:
-                if piece.text:
-                    yield chunk(piece.text)
-                last = piece
+                await pieces.put((index, piece))
                 if piece.finish_reason is not None:
-                    break
+                    return
                 piece = await anext(run.pieces)
         except OpenAIError as exc:
-            error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
-            yield f"data: {json.dumps({'error': error})}\n\n"
-            return
-    yield chunk(None, last.finish_reason)
+            await pieces.put((index, exc))
+
+    lasts: dict[int, Piece] = {}
+    async with owned:  # a client that went away closes its sessions
+        if chat:
+            for index in range(len(runs)):
+                yield chunk(index, None, role=True)
+        pumps = [asyncio.create_task(pump(i, run, first)) for i, (run, first) in enumerate(zip(runs, firsts,
+                                                                                                 strict=True))]
+        try:
+            while len(lasts) < len(runs):
+                index, piece = await pieces.get()
+                if isinstance(piece, OpenAIError):
+                    error = {"message": piece.message, "type": piece.type, "param": piece.param, "code": piece.code}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                if piece.text:
+                    yield chunk(index, piece.text)
+                if piece.finish_reason is not None:
+                    lasts[index] = piece
+                    yield chunk(index, None, piece.finish_reason)
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
     if include_usage:
         final = head.chat_chunk(ChatDelta()) if chat else head.text_chunk("")
-        final.choices, final.usage = [], Usage.of(run.prompt_tokens, last.completion_tokens)
+        final.choices = []
+        final.usage = Usage.of(sum(run.prompt_tokens for run in runs[::n]),
+                               sum(last.completion_tokens for last in lasts.values()))
         yield sse(final, include_usage=True)
     yield "data: [DONE]\n\n"
 

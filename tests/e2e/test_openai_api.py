@@ -113,7 +113,7 @@ def test_eight_concurrent_streaming_clients(gateway, reference):
 
 @pytest.mark.parametrize(
     ("change", "status"),
-    [({"n": 2}, 400), ({"temperature": 9}, 400), ({"model": "gpt-9"}, 404), ({"messages": []}, 400),
+    [({"n": 17}, 400), ({"temperature": 9}, 400), ({"model": "gpt-9"}, 404), ({"messages": []}, 400),
      ({"seed": 2**64}, 400), ({"stop": ["x" * 1000]}, 400),
      ({"messages": [{"role": "user", "content": "x" * 300_000}]}, 400),  # cannot fit: refused untokenized
      ({"messages": [{"role": "user", "content": "x" * 5_000_000}]}, 413)],  # over --max-body-mib (4)
@@ -217,3 +217,36 @@ def test_tokenize_and_detokenize_as_vllm_has_them(gateway):
     bad = httpx.post(f"{gateway.url}/detokenize", json={"tokens": [10**9]}, headers=headers, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert httpx.post(f"{gateway.url}/tokenize", json={"prompt": "x"}, timeout=30).status_code == 401
+
+
+def test_n_choices_and_prompt_lists_are_parallel_sessions_each_exact(gateway, reference):
+    client = gateway.client()
+    messages = [{"role": "user", "content": "Name three colors."}]
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=16, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert {c.message.content for c in greedy.choices} == {reference(messages, 16)}
+    assert greedy.usage.completion_tokens == 3 * 16 and greedy.usage.prompt_tokens < 3 * 16
+    # seeded: choice i is the request with seed + i
+    sampled = client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, seed=40, max_tokens=16,
+                                             n=2)
+    alone = [client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, seed=40 + i,
+                                            max_tokens=16).choices[0].message.content for i in range(2)]
+    assert [c.message.content for c in sampled.choices] == alone
+    # streamed: every chunk names its choice; each choice's text is the same as the unstreamed one
+    stream = client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, seed=40, max_tokens=16,
+                                            n=2, stream=True, stream_options={"include_usage": True})
+    texts, finished, usage = ["", ""], set(), None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert texts == alone and finished == {0, 1} and usage.completion_tokens == 32
+    # completions: a list of prompts, n each, index = prompt × n + i
+    listed = client.completions.create(model=MODEL, prompt=["def add(a, b):", "import os"], temperature=0,
+                                       max_tokens=8, n=2)
+    assert [c.index for c in listed.choices] == [0, 1, 2, 3]
+    one = [client.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=8).choices[0].text
+           for p in ("def add(a, b):", "import os")]
+    assert [c.text for c in listed.choices] == [one[0], one[0], one[1], one[1]]

@@ -48,16 +48,24 @@ def test_max_completion_tokens_wins_and_parts_are_joined():
     assert spec.messages[0]["content"] == "ab"
 
 
-def test_completion_request_takes_one_prompt():
+def test_choices_are_prompts_times_n_seeded_one_after_another():
     assert to_generation(CompletionRequest(model="m", prompt=["x"], temperature=0)).prompt == "x"
-    with pytest.raises(ValidationError, match="exactly one prompt"):
-        CompletionRequest(model="m", prompt=["x", "y"])
+    spec = to_generation(CompletionRequest(model="m", prompt=["x", "y"], n=3, seed=2**63 - 2))
+    choices = spec.choices()
+    assert [c.prompt for c in choices] == ["x", "x", "x", "y", "y", "y"]
+    assert [c.seed for c in choices] == [2**63 - 2, 2**63 - 1, -(2**63)] * 2  # seed + i, wrapping as 64 bits do
+    assert all(c.n == 1 and not c.more_prompts for c in choices)
+    chat = to_generation(ChatCompletionRequest(**CHAT, n=2, seed=5)).choices()
+    assert [c.seed for c in chat] == [5, 6] and all(c.messages == chat[0].messages for c in chat)
+    with pytest.raises(ValidationError, match="at most 16 choices"):
+        CompletionRequest(model="m", prompt=["x"] * 5, n=4)
 
 
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
         ({"temperature": 3}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
