@@ -8,8 +8,9 @@ internal `GenerationSpec`. It knows nothing about sessions, NATS or tokenizers.
 SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (with the
 `openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
 
-Fields: what the schema declares is served (vLLM's `top_k`, `stop_token_ids` and
-`ignore_eos` at the top level of the body, as vLLM takes them); a field of OpenAI's or
+Fields: what the schema declares is served (`logprobs`/`top_logprobs`: the target's raw
+log-probabilities; vLLM's `top_k`, `stop_token_ids` and `ignore_eos` at the top level of
+the body, as vLLM takes them); a field of OpenAI's or
 vLLM's API that SpecEdge does not serve (`UNSUPPORTED`) is a 400 naming it — unless its
 value asks for nothing (`logprobs: false`, a penalty of 0); a field nobody knows is a 400 as
 OpenAI's own API answers, or, with the gateway's `--lenient`, ignored with a warning
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from specedge.protocol import Mode
+from specedge.protocol import MAX_LOGPROBS, Mode
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # n, and prompts × n on /v1/completions
@@ -115,7 +116,7 @@ class ChatMessage(BaseModel):
 # Fields of OpenAI's and vLLM's APIs that SpecEdge does not serve: refused (400) unless their
 # value asks for nothing (`_asks_nothing`).
 UNSUPPORTED = frozenset({
-    "logprobs", "top_logprobs", "echo", "prompt_logprobs", "response_format", "tools", "tool_choice", "functions",
+    "echo", "prompt_logprobs", "response_format", "tools", "tool_choice", "functions",
     "function_call", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "logit_bias", "min_p", "min_tokens", "best_of", "suffix", "use_beam_search", "length_penalty",
     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "chat_template",
@@ -199,10 +200,19 @@ class _SamplingFields(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False  # each token's raw logprob (the target's, before temperature)
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # each token's, and this many alternatives
 
     @model_validator(mode="after")
     def _few_choices(self) -> CompletionRequest:
@@ -256,6 +266,7 @@ class GenerationSpec:
     # stop token unless that is a special token, as vLLM documents)
     ignore_eos: bool = False
 
+    logprobs: int = -1  # -1: none; k >= 0: each token's logprob and its k best alternatives
     n: int = 1  # choices per prompt
     more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
 
@@ -299,7 +310,14 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         ignore_eos=request.ignore_eos,
         n=request.n,
         more_prompts=tuple(prompts[1:]) if messages is None else (),
+        logprobs=_logprobs(request),
     )
+
+
+def _logprobs(request: ChatCompletionRequest | CompletionRequest) -> int:
+    if isinstance(request, ChatCompletionRequest):
+        return (request.top_logprobs or 0) if request.logprobs else -1
+    return -1 if request.logprobs is None else request.logprobs
 
 
 class BodyLimit:

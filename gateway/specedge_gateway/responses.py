@@ -8,9 +8,12 @@ non-streaming replies. The routes fill them; nothing here knows about sessions.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel
+
+from specedge.protocol import TokenLogprob
 
 
 class Usage(BaseModel):
@@ -24,6 +27,52 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float | None  # None: not known (a token read back from Redis after a lost event)
+    bytes: list[int]
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's `logprobs`: each token's, with its best alternatives."""
+
+    content: list[ContentLogprob]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], text_of: Callable[[int], str]) -> ChatLogprobs:
+        def one(token: int, logprob: float | None) -> TopLogprob:
+            text = text_of(token)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        return cls(content=[ContentLogprob(**one(e.token, e.logprob).model_dump(),
+                                           top_logprobs=[one(t, lp) for t, lp in e.top]) for e in entries])
+
+
+class CompletionLogprobs(BaseModel):
+    """A completion choice's `logprobs` (the legacy shape): tokens, their logprobs, the best
+    alternatives of each and each token's offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], text_of: Callable[[int], str], top: int,
+           offset: int = 0) -> CompletionLogprobs:
+        tokens = [text_of(e.token) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return cls(tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
+                   top_logprobs=[{text_of(t): lp for t, lp in e.top} for e in entries] if top else None)
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -33,13 +82,14 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Head(BaseModel):
@@ -50,13 +100,15 @@ class Head(BaseModel):
     model: str
     system_fingerprint: str | None = None
 
-    def chat_chunk(self, delta: ChatDelta, finish: str | None = None, index: int = 0) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**self.model_dump(), choices=[ChatChunkChoice(index=index, delta=delta,
-                                                                                 finish_reason=finish)])
+    def chat_chunk(self, delta: ChatDelta, finish: str | None = None, index: int = 0,
+                   logprobs: ChatLogprobs | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**self.model_dump(), choices=[ChatChunkChoice(
+            index=index, delta=delta, finish_reason=finish, logprobs=logprobs)])
 
-    def text_chunk(self, text: str, finish: str | None = None, index: int = 0) -> CompletionChunk:
-        return CompletionChunk(**self.model_dump(), choices=[CompletionChoice(index=index, text=text,
-                                                                              finish_reason=finish)])
+    def text_chunk(self, text: str, finish: str | None = None, index: int = 0,
+                   logprobs: CompletionLogprobs | None = None) -> CompletionChunk:
+        return CompletionChunk(**self.model_dump(), choices=[CompletionChoice(
+            index=index, text=text, finish_reason=finish, logprobs=logprobs)])
 
 
 class ChatCompletion(Head):
@@ -82,6 +134,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(Head):

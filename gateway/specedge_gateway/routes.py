@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from specedge import registry
 from specedge.metrics import GatewayMetrics
-from specedge.protocol import ServiceAnnouncement
+from specedge.protocol import ServiceAnnouncement, TokenLogprob
 from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import (
     MAX_CHARS_PER_TOKEN,
@@ -45,8 +45,10 @@ from specedge_gateway.responses import (
     ChatChoice,
     ChatCompletion,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     Head,
     Usage,
     sse,
@@ -228,12 +230,16 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
         usage = Usage.of(sum(d.run.prompt_tokens for d in done[::spec.n]), sum(d.last.completion_tokens for d in done))
         stats = done[0].run.stats.as_dict() if len(done) == 1 else \
             {**done[0].run.stats.as_dict(), "choices": [d.run.stats.as_dict() for d in done]}
+        wanted, text_of = spec.logprobs >= 0, gw.codec.token_text
         if chat:
             return ChatCompletion(**head.model_dump(), usage=usage, specedge=stats, choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=d.text), finish_reason=d.last.finish_reason)
+                ChatChoice(index=i, message=AssistantMessage(content=d.text), finish_reason=d.last.finish_reason,
+                           logprobs=ChatLogprobs.of(d.logprobs, text_of) if wanted else None)
                 for i, d in enumerate(done)])
         return Completion(**head.model_dump(), usage=usage, specedge=stats, choices=[
-            CompletionChoice(index=i, text=d.text, finish_reason=d.last.finish_reason) for i, d in enumerate(done)])
+            CompletionChoice(index=i, text=d.text, finish_reason=d.last.finish_reason,
+                             logprobs=CompletionLogprobs.of(d.logprobs, text_of, spec.logprobs) if wanted else None)
+            for i, d in enumerate(done)])
     stack = contextlib.AsyncExitStack()
     async with stack:
         runs = [await stack.enter_async_context(gw.generation(s, user)) for s in specs]
@@ -241,7 +247,7 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
         firsts = await asyncio.gather(*(anext(run.pieces) for run in runs))
         head.system_fingerprint = runs[0].stats.system_fingerprint
         owned = stack.pop_all()  # from here the stream closes the generations
-    return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec.include_usage, spec.n),
+    return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec, gw.codec.token_text),
                              media_type="text/event-stream")
 
 
@@ -250,16 +256,18 @@ class _Done:
     run: Generation
     text: str
     last: Piece
+    logprobs: list[TokenLogprob]
 
 
 async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str) -> list[_Done]:
     async def one(spec: GenerationSpec) -> _Done:
         async with gw.generation(spec, user) as run:
-            text, last = [], None
+            text, last, logprobs = [], None, []
             async for piece in run.pieces:
                 text.append(piece.text)
+                logprobs += piece.logprobs
                 last = piece
-        return _Done(run, "".join(text), last)
+        return _Done(run, "".join(text), last, logprobs)
 
     if len(specs) == 1:
         return [await one(specs[0])]
@@ -272,12 +280,19 @@ async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str) -> 
 
 
 async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firsts: list[Piece], head: Head,
-                  chat: bool, include_usage: bool, n: int) -> AsyncIterator[str]:
-    def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False) -> str:
+                  chat: bool, spec: GenerationSpec, text_of: Callable[[int], str]) -> AsyncIterator[str]:
+    include_usage, n = spec.include_usage, spec.n
+    offsets = [0] * len(runs)  # per choice: where its next text starts (completions' text_offset)
+
+    def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False,
+              logprobs: list[TokenLogprob] | None = None) -> str:
         if chat:
             delta = ChatDelta(role="assistant") if role else ChatDelta(content=text or None)
-            return sse(head.chat_chunk(delta, finish, index), include_usage)
-        return sse(head.text_chunk(text or "", finish, index), include_usage)
+            chat_lp = ChatLogprobs.of(logprobs, text_of) if logprobs else None
+            return sse(head.chat_chunk(delta, finish, index, chat_lp), include_usage)
+        text_lp = CompletionLogprobs.of(logprobs, text_of, spec.logprobs, offsets[index]) if logprobs else None
+        offsets[index] += len(text or "")
+        return sse(head.text_chunk(text or "", finish, index, text_lp), include_usage)
 
     pieces: asyncio.Queue[tuple[int, Piece | OpenAIError]] = asyncio.Queue()
 
@@ -305,8 +320,8 @@ async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firs
                     error = {"message": piece.message, "type": piece.type, "param": piece.param, "code": piece.code}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     return
-                if piece.text:
-                    yield chunk(index, piece.text)
+                if piece.text or piece.logprobs:
+                    yield chunk(index, piece.text, logprobs=piece.logprobs)
                 if piece.finish_reason is not None:
                     lasts[index] = piece
                     yield chunk(index, None, piece.finish_reason)

@@ -18,6 +18,7 @@ or nothing comes for `token_timeout_s`, the request fails with a clear error ins
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,7 +32,16 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from specedge import bus, protocol, subjects, telemetry
 from specedge.metrics import GatewayMetrics
-from specedge.protocol import CloseSession, Reason, SamplingSpec, SessionOpen, SessionOpened, TokenEvent, cut_output
+from specedge.protocol import (
+    CloseSession,
+    Reason,
+    SamplingSpec,
+    SessionOpen,
+    SessionOpened,
+    TokenEvent,
+    TokenLogprob,
+    cut_output,
+)
 from specedge.state import SessionStore
 from specedge_gateway.live import LiveStats, RequestStats
 from specedge_gateway.openai_api import GenerationSpec, OpenAIError
@@ -45,6 +55,7 @@ class Piece:
     text: str
     finish_reason: str | None = None  # set on the last piece
     completion_tokens: int = 0        # tokens committed so far
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # of the tokens since the last piece
 
 
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
@@ -65,7 +76,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
     context = telemetry.context_of(span)
     request = SessionOpen(
         session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=spec.end_ids(codec.eos_ids),
-        sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed),
+        sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed,
+                              logprobs=spec.logprobs),
         mode=spec.mode, user=user)
     finished = False
     count, reason = 0, None
@@ -87,6 +99,7 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
         if stats is not None:
             stats.engine = opened.engine
         text = IncrementalText(codec, spec.stop)
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not gone out yet
         resync = _Resync(store, sid, request, span)
         quiet_since = time.monotonic()
         while True:
@@ -97,7 +110,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                     skip = count - event.index
                     if skip >= len(event.tokens) and not (event.finished or event.error):
                         continue
-                    event = msgspec.structs.replace(event, index=count, tokens=event.tokens[skip:])
+                    event = msgspec.structs.replace(event, index=count, tokens=event.tokens[skip:],
+                                                    logprobs=event.logprobs[skip:])
                 if event.error:
                     finished = True  # the scheduler has ended it already
                     raise OpenAIError(503, f"the generation failed: {event.error}", "server_error",
@@ -109,19 +123,23 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                 timing.tokens(event)
                 if stats is not None and event.tokens:
                     stats.cycle(event.drafted, event.accepted)
+                if spec.logprobs >= 0:  # (tokens read back from Redis have none: unknown)
+                    pending += event.logprobs if len(event.logprobs) == len(event.tokens) else \
+                        [TokenLogprob(t, None) for t in event.tokens]
                 piece = text.add(event.tokens)
                 if text.stopped:
                     reason = "stop"
                     timing.finish(reason, count)
-                    yield Piece(piece, reason, count)
+                    yield Piece(piece, reason, count, pending)
                     return
                 if event.finished:
                     finished, reason = True, event.finish_reason or "stop"
                     timing.finish(reason, count)
-                    yield Piece(piece + text.flush(), reason, count)
+                    yield Piece(piece + text.flush(), reason, count, pending)
                     return
                 if piece:
-                    yield Piece(piece, None, count)
+                    yield Piece(piece, None, count, pending)
+                    pending = []
     except Exception as exc:
         if span is not None:
             failed = isinstance(exc, OpenAIError)

@@ -55,6 +55,10 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token as text, special tokens included (what logprobs name)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
 
 @dataclass
 class IncrementalText:

@@ -146,14 +146,29 @@ class DraftTreeMsg(Message, frozen=True, kw_only=True):
         return None
 
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """The target's own log-probability of a committed token — raw: the log-softmax of its
+    logits, before temperature or any filter — and of its `top` alternatives, best first.
+    `logprob` is None where it is not known (tokens read back from Redis after a lost event)."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = []
+
+
 class VerifyResult(Message, frozen=True, kw_only=True):
-    """The target's verdict on one tree: the accepted drafted tokens, in order, and the bonus."""
+    """The target's verdict on one tree: the accepted drafted tokens, in order, and the bonus
+    (and, when the session asks, each one's `TokenLogprob`)."""
 
     session_id: str
     cycle: int
     committed_len: int  # before this result
     accepted: list[int]
     bonus: int
+    logprobs: list[TokenLogprob] = []  # accepted, then bonus (empty unless `SamplingSpec.logprobs` >= 0)
     verify_ms: float = 0.0  # the verifier's forward pass for the batch this tree was in
     next_budget: int = 0  # the scheduler's shape for the next tree (0: keep the current one)
     next_depth: int = 0
@@ -182,8 +197,11 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    logprobs: int = -1  # -1: none; k >= 0: each committed token's logprob and its top k alternatives
 
     def __post_init__(self) -> None:
+        if not -1 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [-1, {MAX_LOGPROBS}]")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -297,6 +315,7 @@ class TokenEvent(Message, frozen=True, kw_only=True):
     error: str | None = None
     drafted: int = 0
     accepted: int = 0
+    logprobs: list[TokenLogprob] = []  # one per token of `tokens` when the session asked for them
 
 
 class EdgeRefused(Message, frozen=True, kw_only=True):

@@ -47,6 +47,7 @@ from specedge.protocol import (
     SessionOpen,
     SessionOpened,
     TokenEvent,
+    TokenLogprob,
     VerifyResult,
     cut_output,
 )
@@ -580,7 +581,8 @@ class SchedulerCore:
             self.metrics.drafts_ahead.labels("used" if ahead is not None else "missed").inc()
         move = self.policy.rehome(sid) if reason is None and not held else None
         commands: list[Command] = [TraceDelivery(sid, len(result.accepted), len(keep), reason),
-                                   *self._emit(sid, output, keep, reason, drafted, len(result.accepted), "delivery")]
+                                   *self._emit(sid, output, keep, reason, drafted, len(result.accepted), "delivery",
+                                               result.logprobs[:len(keep)])]
         if reason is None:
             commands.append(TraceCycle(sid, result.cycle + 1))
             if ahead is not None:
@@ -625,13 +627,15 @@ class SchedulerCore:
                     **self._shape(sid)), sid, "cycle")]
 
     def _emit(self, sid: str, output: SessionOutput, keep: list[int], reason: str | None, drafted: int = 0,
-              accepted: int = 0, trace: TraceOf | None = None) -> list[Command]:
+              accepted: int = 0, trace: TraceOf | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> list[Command]:
         """Newly committed tokens (already cut by `cut_output`) as a `TokenEvent`, with the
-        cycle's drafted and accepted counts. Ending a finished session is the caller's."""
+        cycle's drafted and accepted counts and (when asked) their logprobs. Ending a
+        finished session is the caller's."""
         if not keep and reason is None:
             return []
         event = TokenEvent(session_id=sid, index=output.generated, tokens=keep, finished=reason is not None,
-                           finish_reason=reason, drafted=drafted, accepted=accepted)
+                           finish_reason=reason, drafted=drafted, accepted=accepted, logprobs=logprobs or [])
         output.generated += len(keep)
         return [Publish(subjects.session_tokens(sid), event, sid, trace)]
 

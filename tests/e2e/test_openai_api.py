@@ -195,7 +195,7 @@ def test_vllms_sampling_fields_are_served_exactly_and_unserved_fields_refused(ga
     assert long_spec.usage.completion_tokens == 48 and long_spec.choices[0].finish_reason == "length"
     assert long_spec.choices[0].message.content == long_alone.choices[0].message.content
     # what SpecEdge does not serve, and what nobody knows: a 400 naming the field
-    for extra, code in (({"logprobs": True}, "unsupported_parameter"), ({"frobnicate": 1}, "unknown_parameter")):
+    for extra, code in (({"echo": True}, "unsupported_parameter"), ({"frobnicate": 1}, "unknown_parameter")):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=extra)
         assert err.value.body["code"] == code and err.value.body["param"] == next(iter(extra))
@@ -250,3 +250,38 @@ def test_n_choices_and_prompt_lists_are_parallel_sessions_each_exact(gateway, re
     one = [client.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=8).choices[0].text
            for p in ("def add(a, b):", "import os")]
     assert [c.text for c in listed.choices] == [one[0], one[0], one[1], one[1]]
+
+
+@pytest.mark.parametrize("mode", ["specedge", "server-only", "autoregressive"])
+def test_logprobs_are_the_targets_own_in_every_mode_streamed_or_not(gateway, mode):
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    question = "Explain what a hash map is."
+    prompt, ids, _ = prompt_and_reference(question, 16)
+    with torch.no_grad():  # the target alone, one pass over prompt and output: its raw log-softmax
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+    expected = torch.log_softmax(logits, -1)
+    client = gateway.client()
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 16,
+           "logprobs": True, "top_logprobs": 3, "extra_body": {"specedge": {"mode": mode}}}
+    reply = client.chat.completions.create(**ask)
+    content = reply.choices[0].logprobs.content
+    assert [c.token for c in content] == [tok.decode([i]) for i in ids]
+    for k, (entry, token) in enumerate(zip(content, ids, strict=True)):
+        assert abs(entry.logprob - expected[k, token].item()) < 1e-4, k
+        best = expected[k].topk(3)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in best.indices.tolist()]
+        assert all(abs(t.logprob - v) < 1e-4 for t, v in zip(entry.top_logprobs, best.values.tolist(), strict=True))
+    streamed = [c for chunk in client.chat.completions.create(**ask, stream=True) for choice in chunk.choices
+                if choice.logprobs for c in choice.logprobs.content]
+    assert [(c.token, round(c.logprob, 4)) for c in streamed] == [(c.token, round(c.logprob, 4)) for c in content]
+    if mode == "specedge":  # the legacy shape on /v1/completions
+        text = tok.decode(prompt)
+        completion = client.completions.create(model=MODEL, prompt=text, temperature=0, max_tokens=16, logprobs=2)
+        lp = completion.choices[0].logprobs
+        assert lp.tokens == [tok.decode([i]) for i in ids] and len(lp.top_logprobs[0]) == 2
+        assert all(abs(a - expected[k, t].item()) < 1e-4 for k, (a, t) in enumerate(zip(lp.token_logprobs, ids,
+                                                                                          strict=True)))
+        assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    plain = client.chat.completions.create(model=MODEL, messages=ask["messages"], temperature=0, max_tokens=4)
+    assert plain.choices[0].logprobs is None

@@ -197,3 +197,33 @@ def test_sessions_of_one_shape_draft_together_whatever_their_temperature(models)
     alone = [drafter_with([i]).draft(f"s{i}") for i in (0, 1)]
     assert [(t.tokens, t.parents) for t in trees] == [(t.tokens, t.parents) for t in alone]
     assert together.tree_params("s1").temperature == 1.0 and together.tree_params("s0").temperature == 0.5
+
+
+def test_logprobs_of_committed_tokens_are_the_targets_own_raw_ones(models):
+    """Each committed token's logprob (and its best alternatives) is the log-softmax of the
+    target's logits at its position, whatever tree it came through, greedy or sampled."""
+    target, draft = models
+    drafter = Drafter(draft, TreeParams(budget=12, depth=3, branch=4, beams=6))
+    for params in (SamplingSpec(logprobs=3), SamplingSpec(temperature=0.9, seed=4, logprobs=0)):
+        verifier = Verifier(target)
+        ids = prompts(1)[0]
+        drafter.open("s", ids)
+        verifier.open("s", ids, params)
+        committed = list(ids)
+        for _ in range(4):
+            result = verifier.verify([drafter.draft("s")])[0]
+            drafter.on_result(result)
+            new = [*result.accepted, result.bonus]
+            assert [e.token for e in result.logprobs] == new
+            with torch.no_grad():
+                logits = target(torch.tensor([committed + new])).logits[0, len(committed) - 1:-1].float()
+            expected = torch.log_softmax(logits, -1)
+            for k, entry in enumerate(result.logprobs):
+                assert abs(entry.logprob - expected[k, entry.token].item()) < 1e-4
+                assert [t for t, _ in entry.top] == expected[k].topk(params.logprobs).indices.tolist()
+            committed += new
+        drafter.close("s")
+    plain = Verifier(target)
+    plain.open("p", prompts(1)[0], SamplingSpec())
+    tree = DraftTreeMsg(session_id="p", cycle=0, committed_len=5, tokens=[7], parents=[-1])
+    assert plain.verify([tree])[0].logprobs == []  # not asked: not computed

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel
 
 from specedge.engine.acceptance import accept_batch
@@ -27,7 +28,7 @@ from specedge.engine.backends import DEFAULT_ATTENTION, make_runner
 from specedge.engine.runner import CacheFullError, ForwardRequest, SessionTooLongError
 from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
-from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, Reason, VerifyResult
+from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, Reason, TokenLogprob, VerifyResult
 
 
 class StaleMessageError(ValueError):
@@ -40,6 +41,19 @@ class _TargetSession:
     params: SamplingSpec
     cycle: int = 0
     to_prefill: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not in the cache yet
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Raw log-probabilities (log-softmax of the logits, in float32) of `tokens`, one per row
+    of `logits`, each with its row's `top` most likely tokens — one transfer to the host."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs[torch.arange(len(tokens), device=logits.device), torch.tensor(tokens, device=logits.device)]
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)
+        chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+        return [TokenLogprob(t, c, list(zip(i, v, strict=True)))
+                for t, c, i, v in zip(tokens, chosen, ids, values, strict=True)]
+    return [TokenLogprob(t, c) for t, c in zip(tokens, chosen.tolist(), strict=True)]
 
 
 def verifier_runner(model: PreTrainedModel, max_sessions: int, max_len: int, max_tree_nodes: int, attention: str,
@@ -187,12 +201,18 @@ class Verifier:
         sessions = [self.sessions[t.session_id] for t in trees]
         outcomes = accept_batch([(t.tokens, t.parents) for t in trees], logits, [s.params for s in sessions],
                                 [len(s.committed) - 1 for s in sessions])
-        results = []
+        results, first_row = [], 0
         for tree, session, (path, bonus) in zip(trees, sessions, outcomes, strict=True):
             self.runner.commit(tree.session_id, [0, *(i + 1 for i in path)])  # scratch: the root, then the nodes
             accepted = [tree.tokens[i] for i in path]
+            logprobs = []
+            if session.params.logprobs >= 0:  # each token was drawn from its parent's row: the root's, then the path's
+                rows = [first_row, *(first_row + i + 1 for i in path)]
+                logprobs = token_logprobs(logits[rows], [*accepted, bonus], session.params.logprobs)
+            first_row += 1 + len(tree.tokens)
             results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
-                                        committed_len=len(session.committed), accepted=accepted, bonus=bonus))
+                                        committed_len=len(session.committed), accepted=accepted, bonus=bonus,
+                                        logprobs=logprobs))
             session.committed += [*accepted, bonus]
             session.cycle += 1
         self.busy_s += time.perf_counter() - started
