@@ -9,8 +9,10 @@ SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (w
 `openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
 
 Fields: what the schema declares is served (`logprobs`/`top_logprobs`: the target's raw
-log-probabilities; vLLM's `top_k`, `stop_token_ids` and `ignore_eos` at the top level of
-the body, as vLLM takes them); a field of OpenAI's or
+log-probabilities; `presence_penalty`, `frequency_penalty`, `logit_bias`; vLLM's `top_k`,
+`min_p`, `repetition_penalty`, `stop_token_ids` and `ignore_eos` at the top level of the
+body, as vLLM takes them — each penalty over a tree node's own path, so speculation
+changes nothing); a field of OpenAI's or
 vLLM's API that SpecEdge does not serve (`UNSUPPORTED`) is a 400 naming it — unless its
 value asks for nothing (`logprobs: false`, a penalty of 0); a field nobody knows is a 400 as
 OpenAI's own API answers, or, with the gateway's `--lenient`, ignored with a warning
@@ -117,8 +119,7 @@ class ChatMessage(BaseModel):
 # value asks for nothing (`_asks_nothing`).
 UNSUPPORTED = frozenset({
     "echo", "prompt_logprobs", "response_format", "tools", "tool_choice", "functions",
-    "function_call", "parallel_tool_calls", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "logit_bias", "min_p", "min_tokens", "best_of", "suffix", "use_beam_search", "length_penalty",
+    "function_call", "parallel_tool_calls", "min_tokens", "best_of", "suffix", "use_beam_search", "length_penalty",
     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "chat_template",
     "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "reasoning_effort", "modalities",
     "audio", "prediction", "web_search_options", "include_stop_str_in_output", "skip_special_tokens",
@@ -172,6 +173,11 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # parallel sessions, the i-th seeded seed + i
     top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's: -1 or 0 is no limit
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0  # vLLM's
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0  # vLLM's
+    logit_bias: Annotated[dict[int, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None  # vLLM's
     ignore_eos: bool = False  # vLLM's: generate up to max_tokens whatever the model's end-of-turn
     specedge: SpecEdgeOptions = Field(default_factory=SpecEdgeOptions)
@@ -268,6 +274,11 @@ class GenerationSpec:
 
     logprobs: int = -1  # -1: none; k >= 0: each token's logprob and its k best alternatives
     n: int = 1  # choices per prompt
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
 
     def choices(self) -> list[GenerationSpec]:
@@ -311,6 +322,8 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         n=request.n,
         more_prompts=tuple(prompts[1:]) if messages is None else (),
         logprobs=_logprobs(request),
+        min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
     )
 
 

@@ -77,7 +77,9 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
     request = SessionOpen(
         session_id=sid, tokens=prompt_ids, max_new_tokens=max_new_tokens, eos_ids=spec.end_ids(codec.eos_ids),
         sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed,
-                              logprobs=spec.logprobs),
+                              logprobs=spec.logprobs, min_p=spec.min_p, presence_penalty=spec.presence_penalty,
+                              frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
+                              logit_bias=dict(spec.logit_bias)),
         mode=spec.mode, user=user)
     finished = False
     count, reason = 0, None

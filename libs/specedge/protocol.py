@@ -198,16 +198,37 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 0
     seed: int = 0
     logprobs: int = -1  # -1: none; k >= 0: each committed token's logprob and its top k alternatives
+    min_p: float = 0.0  # drop tokens less likely than this × the most likely one
+    # vLLM's penalties, over each tree node's own path: presence and frequency over the output,
+    # repetition over prompt and output (`engine.sampling.adjust_rows`); added to chosen logits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
 
     def __post_init__(self) -> None:
-        if not -1 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [-1, {MAX_LOGPROBS}]")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not -1 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [-1, {MAX_LOGPROBS}]")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence and frequency penalties must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError("repetition_penalty must be in (0, 10]")
+        if len(self.logit_bias) > 300 or any(not -100 <= b <= 100 or t < 0 for t, b in self.logit_bias.items()):
+            raise ValueError("logit_bias: at most 300 token ids, each biased within [-100, 100]")
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether a row's logits change with its path (penalties) or by a bias before drawing."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -285,3 +285,37 @@ def test_logprobs_are_the_targets_own_in_every_mode_streamed_or_not(gateway, mod
         assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
     plain = client.chat.completions.create(model=MODEL, messages=ask["messages"], temperature=0, max_tokens=4)
     assert plain.choices[0].logprobs is None
+
+
+def test_penalties_and_bias_are_applied_per_path_and_stay_exact(gateway):
+    import collections
+
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    question = "Explain what a hash map is."
+    prompt, plain, _ = prompt_and_reference(question, 24)
+    rep, freq, pres, bias = 1.3, 0.4, 0.3, {plain[0]: -3.0}
+
+    out: list[int] = []  # the target alone, with vLLM's rules written out here
+    with torch.no_grad():
+        for _ in range(24):
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].float()
+            for t, b in bias.items():
+                logits[t] += b
+            for t in sorted({*prompt, *out}):
+                logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+            for t, c in collections.Counter(out).items():
+                logits[t] -= freq * c + pres
+            out.append(int(logits.argmax()))
+    assert out != plain  # the penalties change the output
+    client = gateway.client()
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 24,
+           "presence_penalty": pres, "frequency_penalty": freq, "logit_bias": {str(t): b for t, b in bias.items()}}
+    for mode in ("specedge", "server-only", "autoregressive"):
+        reply = client.chat.completions.create(**ask, temperature=0, extra_body={
+            "repetition_penalty": rep, "specedge": {"mode": mode}})
+        assert reply.choices[0].message.content == tok.decode(out, skip_special_tokens=True), mode
+    sampled = {mode: client.chat.completions.create(**ask, temperature=0.9, seed=3, extra_body={
+        "repetition_penalty": rep, "min_p": 0.05, "specedge": {"mode": mode}}).choices[0].message.content
+        for mode in ("specedge", "autoregressive")}
+    assert sampled["specedge"] == sampled["autoregressive"]

@@ -128,3 +128,44 @@ def test_acceptance_on_any_tree_commits_what_target_only_decoding_would(tree, co
     # the walk stopped because no child of the last node carries the target's next token
     assert all(not (parents[i] == node and tokens[i] == bonus) for i in range(len(tokens)))
     assert accept_batch([(tokens, parents)], logits, [params], [root_position]) == [(path, bonus)]
+
+
+penalties = st.builds(SamplingSpec, temperature=st.sampled_from([0.0, 0.8, 1.3]), seed=st.integers(0, 2**63 - 1),
+                      presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
+                      repetition_penalty=st.floats(0.5, 3), min_p=st.floats(0, 0.5),
+                      logit_bias=st.dictionaries(st.integers(0, 7), st.floats(-5, 5), max_size=3))
+
+
+@FAST
+@given(tree=trees(), context=st.tuples(st.integers(0, 7), st.integers(0, 7)), params=penalties,
+       root_position=st.integers(0, 10_000), on_track=st.lists(st.booleans(), min_size=21, max_size=21),
+       done=st.lists(st.integers(0, 7), max_size=3))
+def test_penalties_over_each_nodes_own_path_commit_what_target_only_decoding_would(tree, context, params,
+                                                                                 root_position, on_track, done):
+    """With penalties, min-p and a logit bias, a tree commits exactly the tokens that
+    one-at-a-time decoding commits: each node is adjusted for its own path's output."""
+    prefix = context + tuple(done)  # `done`: output committed before this tree
+    tokens, parents = list(tree[0]), tree[1]
+    expected = decode_penalized_after(context, done, params, root_position, 22)
+    prefixes = [prefix]
+    for i in range(len(tokens)):
+        above = prefixes[parents[i] + 1]
+        depth = len(above) - len(prefix)
+        if on_track[i] and above[len(prefix):] == tuple(expected[:depth]):
+            tokens[i] = expected[depth]
+        prefixes.append(above + (tokens[i],))
+    logits = torch.stack([toy_logits(p) for p in prefixes])
+    history = (list(context), list(done))
+    path, bonus = accept(tokens, parents, logits, params, root_position, history)
+    committed = [tokens[i] for i in path] + [bonus]
+    assert committed == expected[: len(committed)]
+    assert accept_batch([(tokens, parents)], logits, [params], [root_position], [history]) == [(path, bonus)]
+
+
+def decode_penalized_after(context, done, params, root_position, n):
+    """`decode_penalized` continuing after output `done` (its positions already taken)."""
+    out = list(done)
+    for k in range(n):
+        row = toy_logits(tuple(context) + tuple(out))[None]
+        out.append(int(sample(row, params, [root_position + 1 + k], [(list(context), list(out))])[0]))
+    return out[len(done):]

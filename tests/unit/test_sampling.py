@@ -78,3 +78,23 @@ def test_a_draw_is_the_inverse_cdf_at_the_counter_based_uniform():
         assert drawn == expected, position
         counts[drawn] += 1
     assert all(abs(c / 4000 - p) < 0.03 for c, p in zip(counts, probs, strict=True))
+
+
+def test_penalties_and_bias_follow_vllms_rules():
+    from specedge.engine.sampling import adjust_rows
+
+    logits = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
+    params = SamplingSpec(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.1, logit_bias={1: 1.0})
+    out = adjust_rows(logits, [params], [([0], [2, 2, 3])])
+    # bias: [1, 0, 2, .5]; repetition over prompt and output {0, 2, 3}: [.5, 0, 1, .25];
+    # then frequency × count + presence for output tokens: 2 (twice) and 3 (once)
+    assert torch.allclose(out, torch.tensor([[0.5, 0.0, -0.1, -0.35]]))
+    assert torch.equal(logits, torch.tensor([[1.0, -1.0, 2.0, 0.5]]))  # not in place
+    plain = torch.randn(3, 4)
+    assert adjust_rows(plain, [SamplingSpec()] * 3, [None] * 3) is plain  # nothing asked: nothing copied
+
+
+def test_min_p_keeps_tokens_at_least_that_share_of_the_most_likely():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = filtered_probs(logits, SamplingSpec(temperature=1.0, min_p=0.25))
+    assert probs[0, 3] == 0 and probs[0, 2] > 0 and abs(probs.sum().item() - 1) < 1e-12

@@ -133,7 +133,8 @@ class VerifierService:
         return None if session_id in self.verifier.sessions else Reason.NO_CAPACITY
 
     async def _open(self, session_id: str, tokens: list[int], params: SamplingSpec, cycle: int,
-                    keep: frozenset[str] = frozenset(), prefill: bool = True) -> str | None:
+                    keep: frozenset[str] = frozenset(), prefill: bool = True,
+                    prompt_len: int | None = None) -> str | None:
         """Admit a session (and with `prefill`, prefill it now); holds the model lock. When
         the cache is full, the least recently used session (not one in `keep`) is evicted:
         its tokens are in Redis, so it is re-prefilled if it comes back. Returns an error
@@ -143,7 +144,7 @@ class VerifierService:
         admit = self.verifier.open if prefill else self.verifier.begin
         while True:
             try:
-                await asyncio.to_thread(admit, session_id, tokens, params, cycle)
+                await asyncio.to_thread(admit, session_id, tokens, params, cycle, prompt_len)
             except SessionTooLongError:  # longer than any session may be: evicting others cannot help
                 self.verifier.close(session_id)
                 return Reason.PROMPT_TOO_LONG
@@ -181,7 +182,7 @@ class VerifierService:
         if any(not 0 <= t < self.verifier.vocab_size for t in record.tokens):
             return Reason.BAD_PROMPT
         if (error := await self._open(tree.session_id, record.tokens, record.sampling, record.cycle,
-                                      keep)) is not None:
+                                      keep, prompt_len=record.prompt_len or None)) is not None:
             return error
         self.reprefills += 1
         self.metrics.reprefills.inc()

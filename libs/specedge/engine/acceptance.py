@@ -34,15 +34,32 @@ def positions(parents: list[int], root_position: int) -> list[int]:
     return [root_position + 1, *(root_position + d + 1 for d in tree_depths(parents))]
 
 
+History = tuple[list[int], list[int]]  # (prompt, output so far): what penalties look at
+
+
+def row_histories(tokens: list[int], parents: list[int], history: History | None) -> list[History | None]:
+    """Each row's history: the root's is the session's; a node's adds the drafted tokens of
+    its own path, itself included (the output it would follow)."""
+    if history is None:
+        return [None] * (1 + len(tokens))
+    prompt, output = history
+    paths: list[list[int]] = []
+    for token, parent in zip(tokens, parents, strict=True):
+        paths.append((paths[parent] if parent >= 0 else []) + [token])
+    return [history, *((prompt, output + path) for path in paths)]
+
+
 def accept(
     tokens: list[int],      # [N] drafted tokens
     parents: list[int],     # [N] parent of each: -1 the root, else an earlier index
     logits: torch.Tensor,   # [1 + N, V] target logits at the root, then at each node (predicting the next token)
     params: SamplingSpec,
     root_position: int,     # absolute position of the root token
+    history: History | None = None,  # the session's (prompt, output): for penalties
 ) -> tuple[list[int], int]:
     """Returns (accepted drafted node indices in path order, bonus token)."""
-    drawn = sample(logits, params, positions(parents, root_position)).tolist()
+    histories = row_histories(tokens, parents, history) if params.adjusts else None
+    drawn = sample(logits, params, positions(parents, root_position), histories).tolist()
     children: dict[tuple[int, int], int] = {}
     for i in range(len(tokens) - 1, -1, -1):  # first child wins if a (hostile) tree repeats a token
         children[(parents[i], tokens[i])] = i
@@ -58,12 +75,15 @@ def accept_batch(
     logits: torch.Tensor,                       # [sum of (1 + tree size), V] target logits, trees in order
     params: list[SamplingSpec],               # per tree
     root_positions: list[int],                  # per tree
+    histories: list[History | None] | None = None,  # per tree: the session's (prompt, output), for penalties
 ) -> list[tuple[list[int], int]]:
     """`accept` for every tree of a pass; draws and the walk run on the logits' device and
     only the outcome (which nodes were accepted, and the draws) comes back, in one transfer."""
-    tokens, parent_rows, row_positions, row_params, depth_of = [], [], [], [], []
+    tokens, parent_rows, row_positions, row_params, depth_of, rows_history = [], [], [], [], [], []
     offset = 0
-    for (tree_tokens, parents), p, root in zip(trees, params, root_positions, strict=True):
+    histories = histories or [None] * len(trees)
+    for (tree_tokens, parents), p, root, history in zip(trees, params, root_positions, histories, strict=True):
+        rows_history += row_histories(tree_tokens, parents, history if p.adjusts else None)
         seen: set[tuple[int, int]] = set()
         tokens.append(-1)  # the root's row: never a match
         parent_rows.append(offset)
@@ -77,7 +97,8 @@ def accept_batch(
         depth_of += [0, *tree_depths(parents)]
         offset += 1 + len(parents)
     dev = logits.device
-    drawn = sample_rows(logits, row_params, row_positions)
+    drawn = sample_rows(logits, row_params, row_positions,
+                        rows_history if any(h is not None for h in rows_history) else None)
     parent_t = torch.tensor(parent_rows, device=dev)
     match = torch.tensor(tokens, device=dev) == drawn[parent_t]
     roots = torch.tensor([d == 0 for d in depth_of], device=dev)

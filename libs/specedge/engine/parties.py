@@ -40,6 +40,7 @@ class _TargetSession:
     committed: list[int]
     params: SamplingSpec
     cycle: int = 0
+    prompt_len: int = 0  # where the output starts in `committed` (penalties look at it)
     to_prefill: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not in the cache yet
 
 
@@ -104,7 +105,8 @@ class Verifier:
         self.forward_passes = 0
         self.busy_s = 0.0  # time spent in passes that verify trees
 
-    def begin(self, session_id: str, prompt: list[int], params: SamplingSpec, cycle: int = 0) -> None:
+    def begin(self, session_id: str, prompt: list[int], params: SamplingSpec, cycle: int = 0,
+              prompt_len: int | None = None) -> None:
         """Admit a session: its cache is reserved and its prompt (all tokens but the last,
         which becomes the first tree's root) queued for prefill by later passes. To resume
         a session elsewhere, `prompt` is every committed token and `cycle` its cycle."""
@@ -118,16 +120,19 @@ class Verifier:
             raise CacheFullError(f"no room for a session of {len(prompt)} tokens")
         self.runner.open(session_id)
         self.runner.reserve(session_id, len(prompt))
-        self.sessions[session_id] = _TargetSession(list(prompt), params, cycle, to_prefill=list(prompt[:-1]))
+        self.sessions[session_id] = _TargetSession(list(prompt), params, cycle, to_prefill=list(prompt[:-1]),
+                                                   prompt_len=len(prompt) if prompt_len is None else prompt_len)
 
     def prefilling(self, session_id: str) -> bool:
         """Whether a session still has prompt tokens to prefill."""
         session = self.sessions.get(session_id)
         return session is not None and bool(session.to_prefill)
 
-    def open(self, session_id: str, prompt: list[int], params: SamplingSpec, cycle: int = 0) -> None:
-        """`begin`, then prefill the whole prompt now, chunk by chunk."""
-        self.begin(session_id, prompt, params, cycle)
+    def open(self, session_id: str, prompt: list[int], params: SamplingSpec, cycle: int = 0,
+             prompt_len: int | None = None) -> None:
+        """`begin`, then prefill the whole prompt now, chunk by chunk. To resume a session,
+        `prompt` is every committed token and `prompt_len` where its output starts."""
+        self.begin(session_id, prompt, params, cycle, prompt_len)
         try:
             while self.prefilling(session_id):
                 self.step([], prefill_budget=self.prefill_chunk)
@@ -200,7 +205,9 @@ class Verifier:
             return []
         sessions = [self.sessions[t.session_id] for t in trees]
         outcomes = accept_batch([(t.tokens, t.parents) for t in trees], logits, [s.params for s in sessions],
-                                [len(s.committed) - 1 for s in sessions])
+                                [len(s.committed) - 1 for s in sessions],
+                                [(s.committed[:s.prompt_len], s.committed[s.prompt_len:]) if s.params.adjusts else None
+                                 for s in sessions])
         results, first_row = [], 0
         for tree, session, (path, bonus) in zip(trees, sessions, outcomes, strict=True):
             self.runner.commit(tree.session_id, [0, *(i + 1 for i in path)])  # scratch: the root, then the nodes

@@ -6,8 +6,11 @@ source is counter-based: `uniform(seed, position)` hashes the pair (SplitMix64) 
 advancing a generator whose state would depend on how many draws came before. The token
 is then the inverse CDF of the filtered distribution at that uniform:
 
-    p = softmax(logits / temperature), restricted to the top-k, then to the top-p nucleus
+    logits' = logits + logit_bias, then vLLM's penalties over the row's own history (`adjust_rows`)
+    p = softmax(logits' / temperature), restricted to the top-k, the top-p nucleus, then min-p
     token = min { t : sum_{i <= t} p_i > u }   (token-id order)
+
+A greedy row takes the argmax of logits'.
 
 All pure: tensors and numbers in, tensors out.
 """
@@ -33,21 +36,50 @@ def uniform(seed: int, position: int) -> float:
     return (_splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64)) >> 11) * 2.0**-53
 
 
+def adjust_rows(logits: torch.Tensor, params: list[SamplingSpec],
+                histories: list[tuple[list[int], list[int]] | None]) -> torch.Tensor:
+    """The logits each row is drawn from, given its (prompt, output) history — a tree node's
+    own path: `logit_bias` added; `repetition_penalty` r on every token of prompt and output
+    (a positive logit divided by r, a negative one multiplied); then, for each token the
+    output holds c times, `frequency_penalty` × c + `presence_penalty` subtracted (vLLM's
+    rules). Rows that ask for none of it are left as they are (and nothing is copied when
+    no row asks)."""
+    rows = [i for i, p in enumerate(params) if p.adjusts]
+    if not rows:
+        return logits
+    out = logits.clone()
+    for i in rows:
+        p, (prompt, output) = params[i], histories[i]
+        row = out[i]
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=row.device)
+            row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
+        if p.repetition_penalty != 1 and (prompt or output):
+            seen = torch.tensor(sorted({*prompt, *output}), device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and output:
+            ids, counts = torch.unique(torch.tensor(output, device=row.device), return_counts=True)
+            row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+    return out
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingSpec) -> torch.Tensor:
-    """[N, V] logits -> [N, V] float64 probabilities after temperature, top-k and top-p."""
+    """[N, V] logits -> [N, V] float64 probabilities after temperature, top-k, top-p and min-p."""
     n = logits.shape[0]
     return filtered_probs_rows(logits, *_row_params([params] * n, logits.device))
 
 
 def _row_params(params: list[SamplingSpec], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per-row temperature, top-k and top-p as device tensors (host -> device only)."""
+    """Per-row temperature, top-k, top-p and min-p as device tensors (host -> device only)."""
     return (torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device),
             torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device))
+            torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device),
+            torch.tensor([p.min_p for p in params], dtype=torch.float64, device=device))
 
 
 def filtered_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                        top_p: torch.Tensor) -> torch.Tensor:
+                        top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
     """`filtered_probs` with each row's own parameters ([N] tensors; temperature > 0), on the
     device, without a transfer to the host. A row's result depends only on that row."""
     vocab = logits.shape[-1]
@@ -62,14 +94,20 @@ def filtered_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     keep_sorted = before < top_p[:, None] * sorted_p.sum(-1, keepdim=True)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     probs = torch.where(~use_p[:, None] | keep, probs, 0.0)
+    if min_p is not None and bool((min_p > 0).any()):  # (the most likely token always stays)
+        probs = torch.where(probs >= min_p[:, None] * probs.amax(-1, keepdim=True), probs, 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingSpec], positions: list[int]) -> torch.Tensor:
+def sample_rows(logits: torch.Tensor, params: list[SamplingSpec], positions: list[int],
+                histories: list[tuple[list[int], list[int]] | None] | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V] (on its device): row i is drawn with `params[i]`
-    for absolute position `positions[i]`. Greedy rows take the argmax; the others the
+    for absolute position `positions[i]`, its logits adjusted for `histories[i]` (its
+    prompt and output: `adjust_rows`). Greedy rows take the argmax; the others the
     inverse CDF of their filtered distribution at `uniform(seed, position)`. No transfer to
     the host: the uniforms are computed on the host and sent."""
+    if histories is not None:
+        logits = adjust_rows(logits, params, histories)
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
@@ -85,6 +123,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingSpec], positions: lis
     return tokens.index_copy(0, rows, drawn.clamp_(max=logits.shape[-1] - 1))
 
 
-def sample(logits: torch.Tensor, params: SamplingSpec, positions: list[int]) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: SamplingSpec, positions: list[int],
+           histories: list[tuple[list[int], list[int]] | None] | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V]; row i is drawn for absolute position positions[i]."""
-    return sample_rows(logits, [params] * logits.shape[0], positions)
+    return sample_rows(logits, [params] * logits.shape[0], positions, histories)
