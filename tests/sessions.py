@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+import uuid
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,6 +30,25 @@ async def open_session(nc, request: SessionOpen) -> SessionOpened:
             return reply
         await asyncio.sleep(0.25)
     return reply
+
+
+async def one_session(nats_url: str, question: str, new_tokens: int, **fields) -> tuple[SessionOpened, list[int],
+                                                                                      list[int]]:
+    """Open a session for `question` as a gateway would (a `SessionOpen` with `fields`), and
+    collect its tokens: (the reply, the tokens, the target's own greedy reference)."""
+    import nats
+
+    ids, reference, eos = prompt_and_reference(question, new_tokens)
+    nc = await nats.connect(nats_url)
+    try:
+        sid = uuid.uuid4().hex
+        sub = await nc.subscribe(subjects.session_tokens(sid))
+        opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=new_tokens,
+                                                    eos_ids=eos, **fields))
+        tokens = (await collect(sub))[0] if opened.error is None else []
+        return opened, tokens, reference
+    finally:
+        await nc.close()
 
 
 async def collect(sub, on_first=None, arrivals: list[float] | None = None) -> tuple[list[int], list[TokenEvent]]:

@@ -39,14 +39,12 @@ from specedge.protocol import (
     TREE_BEAMS,
     TREE_BRANCH,
     DraftAssign,
-    DraftTreeMsg,
     SamplingSpec,
     SessionOpen,
     TokenEvent,
-    VerifyBatchReply,
     VerifyResult,
 )
-from specedge_bench.simulator import PRESETS, PROMPT_TOKENS, Preset, _alpha, _Edge
+from specedge_bench.simulator import PRESETS, PROMPT_TOKENS, Preset, _Edge, verified_reply
 from specedge_scheduler.core import SchedulerCore
 from specedge_scheduler.events import (
     BatchVerified,
@@ -171,11 +169,8 @@ def simulate_fleet(preset: Preset, verifiers: int, schedulers: int, edges: int, 
                 tokens += len(command.message.tokens)
 
     def send_draft(edge: _Edge, now: float, elapsed_waiting: float, hit: bool) -> None:
-        need = edge.depth * preset.edge_pass_s
-        draft_s = max(0.0, need - elapsed_waiting) if hit else need
-        tree = DraftTreeMsg(session_id=edge.sid, cycle=edge.cycle, committed_len=edge.committed_len,
-                            tokens=[0] * edge.budget, parents=[-1] * edge.budget, draft_ms=draft_s * 1000)
-        at(now + draft_s + one_way(), "draft", (edge, protocol.encode(tree)))
+        draft_s, data = edge.draft(preset, elapsed_waiting, hit)
+        at(now + draft_s + one_way(), "draft", (edge, data))
 
     for s, core in enumerate(cores):
         for v in verifier_free:
@@ -214,18 +209,10 @@ def simulate_fleet(preset: Preset, verifiers: int, schedulers: int, edges: int, 
                 subjects.drafts(edge.name, cores[scheduler_of_session[edge.sid]].instance_id), data), now)
         elif kind == "verified":
             s, command, seconds = payload
-            results = []
-            for tree in command.trees:
-                depth = edge_of_session[tree.session_id].depth or preset.depth
-                alpha = _alpha(preset, len(tree.tokens), depth)
-                accepted = 0
-                while accepted < depth and rng.random() < alpha:
-                    accepted += 1
-                results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
-                                            committed_len=tree.committed_len, accepted=[0] * accepted, bonus=0))
-                if now > warm_from:
-                    samples.append(accepted + 1)
-            reply = VerifyBatchReply(batch_id="", results=results, forward_ms=seconds * 1000)
+            reply = verified_reply(preset, rng, command.trees, {t.session_id: edge_of_session[t.session_id].depth
+                                                                for t in command.trees}, seconds)
+            if now > warm_from:
+                samples += [len(r.accepted) + 1 for r in reply.results]
             to_scheduler(s, BatchVerified(command.verifier, command.trees, reply), now)
         elif kind == "to_edge":
             edge, message = payload

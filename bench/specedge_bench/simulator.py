@@ -199,6 +199,15 @@ class _Edge:
         self.last_result_at: float | None = None
         self.cycle = self.committed_len = self.budget = self.depth = 0
 
+    def draft(self, preset: Preset, elapsed_waiting: float, hit: bool) -> tuple[float, bytes]:
+        """Its next tree: (drafting seconds, the encoded `DraftTreeMsg`). A proactive hit drafted
+        while it waited, so only what did not fit in the wait is left."""
+        need = self.depth * preset.edge_pass_s
+        draft_s = max(0.0, need - elapsed_waiting) if hit else need
+        tree = DraftTreeMsg(session_id=self.sid, cycle=self.cycle, committed_len=self.committed_len,
+                            tokens=[0] * self.budget, parents=[-1] * self.budget, draft_ms=draft_s * 1000)
+        return draft_s, protocol.encode(tree)
+
     def follow(self, message: DraftAssign | VerifyResult) -> None:
         """The next tree's cycle, prefix and shape, as a real edge takes them from the scheduler."""
         if isinstance(message, DraftAssign):
@@ -210,6 +219,22 @@ class _Edge:
 
 
 PROMPT_TOKENS = 100
+
+
+def verified_reply(preset: Preset, rng: random.Random, trees: tuple[DraftTreeMsg, ...], depth_of: dict[str, int],
+                   seconds: float) -> VerifyBatchReply:
+    """A verifier's reply to a batch, each tree accepting a path drawn from the acceptance
+    model for its shape (`depth_of`: each session's tree depth)."""
+    results = []
+    for tree in trees:
+        depth = depth_of[tree.session_id] or preset.depth
+        alpha = _alpha(preset, len(tree.tokens), depth)
+        accepted = 0
+        while accepted < depth and rng.random() < alpha:
+            accepted += 1
+        results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle, committed_len=tree.committed_len,
+                                    accepted=[0] * accepted, bonus=0))
+    return VerifyBatchReply(batch_id="", results=results, forward_ms=seconds * 1000)
 
 
 def simulate_specedge(preset: Preset, strategy: Strategy, batch_size: int, edges: int | None = None,
@@ -268,11 +293,8 @@ def simulate_specedge(preset: Preset, strategy: Strategy, batch_size: int, edges
             at(woken_at, "wake")
 
     def send_draft(edge: _Edge, now: float, elapsed_waiting: float, hit: bool) -> None:
-        need = edge.depth * preset.edge_pass_s
-        draft_s = max(0.0, need - elapsed_waiting) if hit else need
-        tree = DraftTreeMsg(session_id=edge.sid, cycle=edge.cycle, committed_len=edge.committed_len,
-                            tokens=[0] * edge.budget, parents=[-1] * edge.budget, draft_ms=draft_s * 1000)
-        at(now + draft_s + one_way(), "draft", (edge, protocol.encode(tree)))
+        draft_s, data = edge.draft(preset, elapsed_waiting, hit)
+        at(now + draft_s + one_way(), "draft", (edge, data))
 
     execute(scheduler.handle(Discovered(registry.announcement("verifier", instance_id="v",
                                                               max_sessions=str(edges))), 0.0), 0.0)
@@ -305,16 +327,8 @@ def simulate_specedge(preset: Preset, strategy: Strategy, batch_size: int, edges
             if now > warm_from:
                 busy_s += now - max(started, warm_from)
                 batches.append(len(command.trees))
-            results = []
-            for tree in command.trees:
-                depth = by_session[tree.session_id].depth or preset.depth
-                alpha = _alpha(preset, len(tree.tokens), depth)
-                accepted = 0
-                while accepted < depth and rng.random() < alpha:
-                    accepted += 1
-                results.append(VerifyResult(session_id=tree.session_id, cycle=tree.cycle,
-                                            committed_len=tree.committed_len, accepted=[0] * accepted, bonus=0))
-            reply = VerifyBatchReply(batch_id="", results=results, forward_ms=seconds * 1000)
+            reply = verified_reply(preset, rng, command.trees, {t.session_id: by_session[t.session_id].depth
+                                                                for t in command.trees}, seconds)
             execute(scheduler.handle(BatchVerified(command.verifier, command.trees, reply), now), now)
         elif kind == "result":
             edge, result = payload

@@ -23,10 +23,10 @@ import redis.asyncio as aioredis
 from specedge import bus, protocol, subjects
 from specedge.launcher import Launcher, free_port
 from specedge.nats_auth import service_identity
-from specedge.protocol import EdgeIdentity, SessionOpen
+from specedge.protocol import EdgeIdentity
 from specedge.state import ApiKeys
 from tests.helpers import registered, start_cli, start_on_accounts, stop_all, wait_for
-from tests.sessions import collect, open_session, prompt_and_reference
+from tests.sessions import one_session
 
 
 @pytest.fixture
@@ -166,16 +166,9 @@ async def test_an_edge_agent_joins_with_an_api_key_and_drafts_its_users_session(
         assert edge.instance_id.startswith("key-") and edge.details["user"] == "dave"
         assert edge.details["pool"] == "user"
 
-        ids, reference, eos = prompt_and_reference("Explain what a hash map is.", 32)
-        nc = await nats.connect(admin)  # acting as the gateway
-        sid = uuid.uuid4().hex
-        tokens_sub = await nc.subscribe(subjects.session_tokens(sid))
-        opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=32, eos_ids=eos,
-                                                    user="dave"))
+        opened, tokens, reference = await one_session(admin, "Explain what a hash map is.", 32, user="dave")
         assert opened.error is None and opened.edge == edge.instance_id
-        tokens, _ = await collect(tokens_sub)
         assert tokens == reference
-        await nc.close()
     finally:
         stop_all(procs, tmp_path)
         await client.aclose()

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 
 import nats
 import pytest
@@ -21,10 +20,10 @@ import pytest
 from specedge import bus, protocol, subjects
 from specedge.launcher import free_port
 from specedge.nats_auth import Credentials
-from specedge.protocol import ServiceAnnouncement, SessionOpen
+from specedge.protocol import ServiceAnnouncement
 from tests.conftest import SPECEDGE
 from tests.helpers import registered, scrape, start_on_accounts, stop_all, wait_for
-from tests.sessions import collect, open_session, prompt_and_reference
+from tests.sessions import one_session
 
 PREFIX = subjects.PREFIX
 
@@ -145,19 +144,12 @@ async def test_services_on_their_own_accounts_serve_a_users_own_edge_and_refuse_
                               protocol.encode(claim))
             await asyncio.sleep(0.3)
 
-        ids, reference, eos = prompt_and_reference("Explain what a hash map is.", 32)
-        nc = await nats.connect(admin)  # acting as the gateway
-        sid = uuid.uuid4().hex
-        tokens_sub = await nc.subscribe(subjects.session_tokens(sid))
-        opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=32, eos_ids=eos,
-                                                    user="alice"))
+        opened, tokens, reference = await one_session(admin, "Explain what a hash map is.", 32, user="alice")
         assert opened.error is None and opened.edge == "alice-laptop"
-        tokens, _ = await collect(tokens_sub)
         assert tokens == reference
         assert stolen.pending_msgs == 0  # nothing of alice's reached bob's edge
         refused = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         assert refused.get("specedge:rejected_messages_total{reason=identity_mismatch}", 0) >= 3
-        await nc.close()
         await bob.close()
     finally:
         stop_all(procs, tmp_path)

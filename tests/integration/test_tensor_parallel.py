@@ -92,14 +92,9 @@ def test_two_gloo_ranks_verify_exactly_as_one(tmp_path):
 
 async def test_a_verifier_over_two_ranks_serves_exactly_the_targets_output(nats_url, redis_url, cli_env, tmp_path):
     import asyncio
-    import uuid
 
-    import nats
-
-    from specedge import subjects
-    from specedge.protocol import SessionOpen
     from tests.helpers import registered, start_cli, stop_all, wait_for
-    from tests.sessions import collect, open_session, prompt_and_reference
+    from tests.sessions import one_session
 
     procs = {
         "verifier": start_cli(["verifier", "--nats-url", nats_url, "--redis-url", redis_url, "--max-len", "1024",
@@ -111,17 +106,8 @@ async def test_a_verifier_over_two_ranks_serves_exactly_the_targets_output(nats_
         for role, proc in procs.items():
             await asyncio.to_thread(wait_for, lambda r=role, p=proc: registered(nats_url, r, p.pid), 120, role)
         assert "tensor parallel over 2 ranks" in (tmp_path / "verifier.log").read_text()
-        nc = await nats.connect(nats_url)
-        results = []
         for prompt, mode in (("Explain what a hash map is.", "autoregressive"), ("Sort a list in Python.", "specedge")):
-            ids, reference, eos = prompt_and_reference(prompt, 24)
-            sid = uuid.uuid4().hex
-            sub = await nc.subscribe(subjects.session_tokens(sid))
-            opened = await open_session(nc, SessionOpen(session_id=sid, tokens=ids, max_new_tokens=24, eos_ids=eos,
-                                                        mode=mode))
-            assert opened.error is None
-            results.append(((await collect(sub))[0], reference))
-        await nc.close()
-        assert all(tokens == reference for tokens, reference in results)
+            opened, tokens, reference = await one_session(nats_url, prompt, 24, mode=mode)
+            assert opened.error is None and tokens == reference, mode
     finally:
         stop_all(procs, tmp_path)
