@@ -37,6 +37,10 @@ def command(
         "--max-concurrent-per-key", envvar="SPECEDGE_MAX_CONCURRENT_PER_KEY",
         help="Requests one API key's user may have generating at once; more get 429.")]
     = default(GatewaySettings, "max_concurrent_per_key"),
+    reasoning_parser: Annotated[str, typer.Option(
+        "--reasoning-parser", envvar="SPECEDGE_REASONING_PARSER",
+        help="qwen3: what a chat reply writes inside <think>…</think> comes back as reasoning_content, as "
+             "vLLM's parser of that name does (default: none).")] = default(GatewaySettings, "reasoning_parser"),
     lenient: Annotated[bool, typer.Option(
         "--lenient/--strict", envvar="SPECEDGE_LENIENT",
         help="Ignore request fields nobody knows, with a warning (vLLM's behaviour); by default they get 400 as "
@@ -56,6 +60,6 @@ def command(
                redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context, max_body_mib=max_body_mib,
                require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,
-               lenient=lenient,
+               lenient=lenient, reasoning_parser=reasoning_parser,
                name=name,
                log_level=log_level))

@@ -9,7 +9,8 @@ SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (w
 `openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
 
 Fields: what the schema declares is served (`logprobs`/`top_logprobs`: the target's raw
-log-probabilities; `presence_penalty`, `frequency_penalty`, `logit_bias`; vLLM's `top_k`,
+log-probabilities; `presence_penalty`, `frequency_penalty`, `logit_bias`; `tools` and
+vLLM's `chat_template_kwargs`, given to the chat template; vLLM's `top_k`,
 `min_p`, `repetition_penalty`, `stop_token_ids` and `ignore_eos` at the top level of the
 body, as vLLM takes them — each penalty over a tree node's own path, so speculation
 changes nothing); a field of OpenAI's or
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -118,10 +119,10 @@ class ChatMessage(BaseModel):
 # Fields of OpenAI's and vLLM's APIs that SpecEdge does not serve: refused (400) unless their
 # value asks for nothing (`_asks_nothing`).
 UNSUPPORTED = frozenset({
-    "echo", "prompt_logprobs", "response_format", "tools", "tool_choice", "functions",
-    "function_call", "parallel_tool_calls", "min_tokens", "best_of", "suffix", "use_beam_search", "length_penalty",
+    "echo", "prompt_logprobs", "response_format", "functions", "function_call", "min_tokens", "best_of", "suffix",
+    "use_beam_search", "length_penalty",
     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "chat_template",
-    "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "reasoning_effort", "modalities",
+    "add_generation_prompt", "continue_final_message", "reasoning_effort", "modalities",
     "audio", "prediction", "web_search_options", "include_stop_str_in_output", "skip_special_tokens",
     "spaces_between_special_tokens", "truncate_prompt_tokens", "bad_words", "allowed_token_ids",
 })
@@ -203,9 +204,22 @@ class _SamplingFields(BaseModel):
         return self
 
 
+class Tool(BaseModel):
+    """A tool the chat template may show the model (its calls come back as text: no parser yet)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: dict[str, Any]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None  # passed to the chat template
+    tool_choice: Literal["none", "auto"] | None = None  # (forcing a call needs a tool parser: refused)
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None  # e.g. enable_thinking
     logprobs: bool = False  # each token's raw logprob (the target's, before temperature)
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
@@ -279,6 +293,8 @@ class GenerationSpec:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    tools: list[dict] | None = None  # chat: shown to the model by its chat template
+    template_kwargs: dict | None = None  # chat: the template's own variables
     more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
 
     def choices(self) -> list[GenerationSpec]:
@@ -301,9 +317,12 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt = None
         max_tokens = request.max_completion_tokens or request.max_tokens
+        tools = [t.model_dump() for t in request.tools] if request.tools and request.tool_choice != "none" else None
+        template_kwargs = request.chat_template_kwargs
     else:
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         messages, prompt, max_tokens = None, prompts[0], request.max_tokens
+        tools = template_kwargs = None
     return GenerationSpec(
         model=request.model,
         messages=messages,
@@ -324,6 +343,7 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         logprobs=_logprobs(request),
         min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
+        tools=tools, template_kwargs=template_kwargs,
     )
 
 

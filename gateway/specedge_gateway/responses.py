@@ -76,6 +76,7 @@ class CompletionLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    reasoning_content: str | None = None  # with `--reasoning-parser`: what it wrote inside <think>
 
 
 class ChatChoice(BaseModel):
@@ -128,6 +129,7 @@ class Completion(Head):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -55,7 +55,7 @@ from specedge_gateway.responses import (
 )
 from specedge_gateway.sessions import Piece, generate
 from specedge_gateway.settings import GatewaySettings
-from specedge_gateway.text import TextCodec
+from specedge_gateway.text import ReasoningSplit, TextCodec
 
 log = logging.getLogger("specedge_gateway")
 
@@ -87,7 +87,8 @@ class Gateway:
             raise OpenAIError(400, f"the prompt has {chars} characters; the context holds {settings.max_context} "
                               "tokens", param=param, code="context_length_exceeded")
         try:
-            prompt = self.codec.chat_prompt(spec.messages) if spec.messages is not None else spec.prompt
+            prompt = self.codec.chat_prompt(spec.messages, spec.tools, spec.template_kwargs) \
+                if spec.messages is not None else spec.prompt
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param="messages", code="invalid_messages") from None
         ids = self.codec.encode(prompt)
@@ -233,7 +234,8 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
         wanted, text_of = spec.logprobs >= 0, gw.codec.token_text
         if chat:
             return ChatCompletion(**head.model_dump(), usage=usage, specedge=stats, choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=d.text), finish_reason=d.last.finish_reason,
+                ChatChoice(index=i, message=_message(d.text, gw.settings.reasoning_parser),
+                           finish_reason=d.last.finish_reason,
                            logprobs=ChatLogprobs.of(d.logprobs, text_of) if wanted else None)
                 for i, d in enumerate(done)])
         return Completion(**head.model_dump(), usage=usage, specedge=stats, choices=[
@@ -247,8 +249,16 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
         firsts = await asyncio.gather(*(anext(run.pieces) for run in runs))
         head.system_fingerprint = runs[0].stats.system_fingerprint
         owned = stack.pop_all()  # from here the stream closes the generations
-    return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec, gw.codec.token_text),
+    return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec, gw.codec.token_text,
+                                     gw.settings.reasoning_parser),
                              media_type="text/event-stream")
+
+
+def _message(text: str, reasoning_parser: str) -> AssistantMessage:
+    if not reasoning_parser:
+        return AssistantMessage(content=text)
+    reasoning, content = ReasoningSplit().split(text)
+    return AssistantMessage(content=content, reasoning_content=reasoning)
 
 
 @dataclasses.dataclass
@@ -280,14 +290,22 @@ async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str) -> 
 
 
 async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firsts: list[Piece], head: Head,
-                  chat: bool, spec: GenerationSpec, text_of: Callable[[int], str]) -> AsyncIterator[str]:
+                  chat: bool, spec: GenerationSpec, text_of: Callable[[int], str],
+                  reasoning_parser: str = "") -> AsyncIterator[str]:
     include_usage, n = spec.include_usage, spec.n
     offsets = [0] * len(runs)  # per choice: where its next text starts (completions' text_offset)
+    splits = [ReasoningSplit() for _ in runs] if chat and reasoning_parser else None
 
     def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False,
               logprobs: list[TokenLogprob] | None = None) -> str:
         if chat:
-            delta = ChatDelta(role="assistant") if role else ChatDelta(content=text or None)
+            if role:
+                delta = ChatDelta(role="assistant")
+            elif splits is not None:
+                reasoning, content = splits[index].flush() if finish else splits[index].add(text or "")
+                delta = ChatDelta(content=content or None, reasoning_content=reasoning or None)
+            else:
+                delta = ChatDelta(content=text or None)
             chat_lp = ChatLogprobs.of(logprobs, text_of) if logprobs else None
             return sse(head.chat_chunk(delta, finish, index, chat_lp), include_usage)
         text_lp = CompletionLogprobs.of(logprobs, text_of, spec.logprobs, offsets[index]) if logprobs else None

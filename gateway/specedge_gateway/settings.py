@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from specedge.config import RedisServiceSettings
@@ -16,5 +18,6 @@ class GatewaySettings(RedisServiceSettings):
     default_max_tokens: int = Field(default=256, ge=1)
     require_api_key: bool = True  # False: anyone may call (a private, single-user setup)
     max_concurrent_per_key: int = Field(default=16, ge=1)  # requests of one user at once (429 beyond)
+    reasoning_parser: Literal["", "qwen3"] = ""  # qwen3: a reply's <think> part as reasoning_content
     lenient: bool = False  # ignore (with a warning) request fields nobody knows, as vLLM does; else 400
     dashboard: bool = True  # serve the live view at /dashboard (open, like /metrics: no prompt content)

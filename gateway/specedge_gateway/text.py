@@ -2,9 +2,11 @@
 end-of-turn ids, and incremental detokenization.
 
 Owns turning a chat or a prompt into token ids (the target's own `tokenizer.json` through
-the `tokenizers` library, its chat template as `apply_chat_template` renders it) and
-turning committed ids back into text piece by piece (`DecodeStream`: each id decoded
-once), never emitting half a UTF-8 character. It knows nothing about HTTP or sessions.
+the `tokenizers` library, its chat template as `apply_chat_template` renders it, with the
+request's `tools` and `chat_template_kwargs`) and turning committed ids back into text
+piece by piece (`DecodeStream`: each id decoded once), never emitting half a UTF-8
+character; with a reasoning parser, a reply's `<think>…</think>` part goes apart
+(`ReasoningSplit`). It knows nothing about HTTP or sessions.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ class TextCodec:
     """One model's tokenizer and chat template, loaded from its folder."""
 
     def __init__(self, model_dir: str) -> None:
+        """`model_dir`: a model's folder, or a hub id already in the local Hugging Face cache
+        (nothing is downloaded)."""
         folder = pathlib.Path(model_dir)
+        if not folder.is_dir():
+            folder = pathlib.Path(_cached(model_dir))
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         config = json.loads((folder / "tokenizer_config.json").read_text())
         template_file = folder / "chat_template.jinja"
@@ -37,15 +43,20 @@ class TextCodec:
             eos = self.tokenizer.token_to_id(config["eos_token"])
         self.eos_ids: list[int] = eos if isinstance(eos, list) else [eos]
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, str]], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> str:
         """The messages through the model's chat template, rendered as the tokenizer's own
         `apply_chat_template` renders it (transformers' sandboxed environment: `raise_exception`,
-        `strftime_now`, loop controls — without importing torch). A template that refuses the
-        messages raises ValueError with its reason."""
+        `strftime_now`, loop controls — without importing torch), with `tools` and the
+        template's own variables (`template_kwargs`, e.g. Qwen3's `enable_thinking`). A
+        template that refuses them raises ValueError with its reason."""
+        kwargs = dict(template_kwargs or {})
+        if reserved := sorted(RESERVED_TEMPLATE_VARIABLES & kwargs.keys()):
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)}")
         try:
-            rendered, _ = render_jinja_template(conversations=[messages], chat_template=self._template,
-                                                add_generation_prompt=True)
-        except jinja2.TemplateError as exc:
+            rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=self._template,
+                                                add_generation_prompt=True, **kwargs)
+        except (jinja2.TemplateError, TypeError) as exc:
             raise ValueError(f"the chat template refuses these messages: {exc}") from None
         return rendered[0]
 
@@ -58,6 +69,69 @@ class TextCodec:
     def token_text(self, token: int) -> str:
         """One token as text, special tokens included (what logprobs name)."""
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "conversations", "tools", "documents", "chat_template",
+                                         "add_generation_prompt", "continue_final_message",
+                                         "return_assistant_tokens_mask"})
+
+
+def _cached(hub_id: str) -> str:
+    """The local snapshot of a hub model (`huggingface_hub`'s cache; nothing is downloaded)."""
+    from huggingface_hub import snapshot_download  # noqa: PLC0415
+    from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
+
+    try:
+        return snapshot_download(hub_id, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError) as exc:
+        raise ValueError(f"--tokenizer {hub_id!r} is neither a folder nor a model in the local Hugging Face "
+                         f"cache: {exc}") from None
+
+
+@dataclass
+class ReasoningSplit:
+    """Qwen3's reasoning parser (vLLM's `qwen3`): a reply that begins with `<think>` reasons
+    up to `</think>` (or its end) and answers after it; any other reply is all answer.
+    Streamed text in, the (reasoning, content) parts out — holding back only what could
+    still be the opening or closing tag — with the same split as `split` on the whole."""
+
+    START, END = "<think>", "</think>"
+    _held: str = ""
+    _state: str = "start"  # start (not known yet) -> thinking -> answering
+
+    def add(self, text: str) -> tuple[str, str]:
+        held = self._held + text
+        if self._state == "start":
+            opening = held.lstrip()
+            if len(opening) < len(self.START) and self.START.startswith(opening):
+                self._held = held
+                return "", ""
+            if not opening.startswith(self.START):
+                self._state, self._held = "answering", ""
+                return "", held
+            self._state, held = "thinking", opening[len(self.START):]
+        if self._state == "answering":
+            self._held = ""
+            return "", held
+        if (at := held.find(self.END)) != -1:
+            self._state, self._held = "answering", ""
+            return held[:at], held[at + len(self.END):]
+        keep = next((n for n in range(min(len(held), len(self.END) - 1), 0, -1) if self.END.startswith(held[-n:])), 0)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep], ""
+
+    def flush(self) -> tuple[str, str]:
+        """At the end: what was held back."""
+        held, self._held = self._held, ""
+        return (held, "") if self._state == "thinking" else ("", held)
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """A whole reply: (reasoning, or None when it does not begin with `<think>`; content)."""
+        opening = text.lstrip()
+        if not opening.startswith(self.START):
+            return None, text
+        reasoning, _, content = opening[len(self.START):].partition(self.END)
+        return reasoning, content
 
 
 @dataclass

@@ -319,3 +319,16 @@ def test_penalties_and_bias_are_applied_per_path_and_stay_exact(gateway):
         "repetition_penalty": rep, "min_p": 0.05, "specedge": {"mode": mode}}).choices[0].message.content
         for mode in ("specedge", "autoregressive")}
     assert sampled["specedge"] == sampled["autoregressive"]
+
+
+def test_tools_and_chat_template_kwargs_go_to_the_template(gateway, reference):
+    client = gateway.client()
+    messages = [{"role": "user", "content": "What is the weather?"}]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8, tools=tools,
+                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert reply.choices[0].message.content == reference(messages, 8)  # the bundled template shows neither
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tools=tools,
+                                       tool_choice="required")
+    assert err.value.body["param"] == "tool_choice"

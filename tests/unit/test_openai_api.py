@@ -186,12 +186,12 @@ def test_chat_templates_render_as_the_tokenizers_own_apply_chat_template(tmp_pat
 @pytest.mark.parametrize(("extra", "status", "code"), [
     ({"echo": True}, 400, "unsupported_parameter"),
     ({"response_format": {"type": "json_object"}}, 400, "unsupported_parameter"),
+    ({"tool_choice": "required"}, 400, "invalid_value"),
     ({"min_tokens": 5}, 400, "unsupported_parameter"),
     ({"presence_penalty": 3}, 400, "invalid_value"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
     ({"frobnicate": 1}, 400, "unknown_parameter"),
     ({"echo": False, "min_tokens": 0, "best_of": 1, "response_format": {"type": "text"}, "tools": [],
-      "user": "u-1"}, 200, None),
+      "user": "u-1", "tool_choice": "auto", "chat_template_kwargs": {"enable_thinking": False}}, 200, None),
 ])
 def test_fields_not_served_get_a_400_naming_them_unless_they_ask_for_nothing(extra, status, code):
     from specedge_gateway.openai_api import check_fields
@@ -229,3 +229,78 @@ def test_vllms_sampling_fields_are_taken_at_the_top_level():
         ChatCompletionRequest(**CHAT, top_k=-2)
     schema = ChatCompletionRequest.model_json_schema()
     assert schema["additionalProperties"] is False and "top_k" in schema["properties"]
+
+
+QWEN3_LIKE = (  # the parts of Qwen3's template these features touch
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}")
+
+
+def model_dir(tmp_path, template: str):
+    import shutil
+
+    from specedge.models import BUNDLED_TARGET, bundled
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(f"{bundled(BUNDLED_TARGET)}/{name}", tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(template)
+    return tmp_path
+
+
+def test_tools_and_chat_template_kwargs_reach_the_template(tmp_path):
+    from specedge_gateway.text import TextCodec
+
+    codec = TextCodec(str(model_dir(tmp_path, QWEN3_LIKE)))
+    messages = [{"role": "user", "content": "hi"}]
+    assert codec.chat_prompt(messages).endswith("<|im_start|>assistant\n")
+    assert codec.chat_prompt(messages, template_kwargs={"enable_thinking": False}).endswith("<think>\n\n</think>\n\n")
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    assert codec.chat_prompt(messages, tools=tools).startswith("<tools>weather;</tools>")
+    with pytest.raises(ValueError, match="may not set add_generation_prompt"):
+        codec.chat_prompt(messages, template_kwargs={"add_generation_prompt": False})
+    spec = to_generation(ChatCompletionRequest(**CHAT, tools=tools, chat_template_kwargs={"enable_thinking": False}))
+    assert spec.tools == tools and spec.template_kwargs == {"enable_thinking": False}
+    assert to_generation(ChatCompletionRequest(**CHAT, tools=tools, tool_choice="none")).tools is None
+
+
+def test_a_tokenizer_named_by_hub_id_comes_from_the_local_cache(tmp_path, monkeypatch):
+    from specedge_gateway.text import TextCodec
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    model_dir(snapshot, QWEN3_LIKE)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert "<tools>" in TextCodec("acme/tiny")._template
+    with pytest.raises(ValueError, match="local Hugging Face cache"):
+        TextCodec("acme/absent")
+
+
+@pytest.mark.parametrize("text", ["<think>\nplan it\n</think>\n\nanswer here", "no thinking at all",
+                                  "  <think>never closed", "<thi", "<think></think>x", "a</think>b"])
+def test_reasoning_is_split_from_the_answer_the_same_streamed_or_whole(text):
+    import random
+
+    from specedge_gateway.text import ReasoningSplit
+
+    reasoning, content = ReasoningSplit().split(text)
+    rng = random.Random(text)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
+        split, got = ReasoningSplit(), ["", ""]
+        for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
+            for i, part in enumerate(split.add(text[a:b])):
+                got[i] += part
+        for i, part in enumerate(split.flush()):
+            got[i] += part
+        assert got == [reasoning or "", content]
+    if text.startswith("<think>\n"):
+        assert (reasoning, content) == ("\nplan it\n", "\n\nanswer here")
