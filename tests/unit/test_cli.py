@@ -28,7 +28,7 @@ def test_top_level_lists_every_role_and_up():
     [
         ("gateway", ["--nats-url", "--credentials", "--redis-url", "--host", "--port", "--tokenizer",
                      "--max-context", "--max-body-mib", "--require-api-key", "--max-concurrent-per-key", "--dashboard",
-                     "--lenient", "--name",
+                     "--lenient", "--reasoning-parser", "--name",
                      "--log-level"]),
         ("scheduler", ["--nats-url", "--credentials", "--redis-url", "--max-batch", "--edge-timeout",
                        "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",
