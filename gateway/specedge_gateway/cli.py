@@ -21,7 +21,8 @@ def command(
     = default(GatewaySettings, "port"),
     tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", envvar="SPECEDGE_TOKENIZER",
-        help="The target model's folder, for its tokenizer and chat template (default: the bundled target).")] = None,
+        help="The target model's folder, or its hub id in the local Hugging Face cache, for its tokenizer and chat "
+             "template (default: the bundled target).")] = None,
     max_context: Annotated[int, typer.Option(
         "--max-context", envvar="SPECEDGE_MAX_CONTEXT", help="Most prompt + output tokens per request.")]
     = default(GatewaySettings, "max_context"),
