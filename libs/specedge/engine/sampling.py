@@ -70,12 +70,13 @@ def filtered_probs(logits: torch.Tensor, params: SamplingSpec) -> torch.Tensor:
     return filtered_probs_rows(logits, *_row_params([params] * n, logits.device))
 
 
-def _row_params(params: list[SamplingSpec], device: torch.device) -> tuple[torch.Tensor, ...]:
+def _row_params(params: list[SamplingSpec], device: torch.device) -> tuple[torch.Tensor | None, ...]:
     """Per-row temperature, top-k, top-p and min-p as device tensors (host -> device only)."""
     return (torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device),
             torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device),
-            torch.tensor([p.min_p for p in params], dtype=torch.float64, device=device))
+            torch.tensor([p.min_p for p in params], dtype=torch.float64, device=device)
+            if any(p.min_p for p in params) else None)  # (decided on the host: no sync)
 
 
 def filtered_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -94,7 +95,7 @@ def filtered_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     keep_sorted = before < top_p[:, None] * sorted_p.sum(-1, keepdim=True)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     probs = torch.where(~use_p[:, None] | keep, probs, 0.0)
-    if min_p is not None and bool((min_p > 0).any()):  # (the most likely token always stays)
+    if min_p is not None:  # (the most likely token always stays)
         probs = torch.where(probs >= min_p[:, None] * probs.amax(-1, keepdim=True), probs, 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
