@@ -119,7 +119,7 @@ class ChatMessage(BaseModel):
 # Fields of OpenAI's and vLLM's APIs that SpecEdge does not serve: refused (400) unless their
 # value asks for nothing (`_asks_nothing`).
 UNSUPPORTED = frozenset({
-    "echo", "prompt_logprobs", "response_format", "functions", "function_call", "min_tokens", "best_of", "suffix",
+    "echo", "prompt_logprobs", "response_format", "functions", "function_call", "best_of", "suffix",
     "use_beam_search", "length_penalty",
     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "chat_template",
     "add_generation_prompt", "continue_final_message", "reasoning_effort", "modalities",
@@ -178,6 +178,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0  # vLLM's
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM's: no end of turn or stop token before this many
     logit_bias: Annotated[dict[int, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None  # vLLM's
     ignore_eos: bool = False  # vLLM's: generate up to max_tokens whatever the model's end-of-turn
@@ -293,6 +294,7 @@ class GenerationSpec:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
     tools: list[dict] | None = None  # chat: shown to the model by its chat template
     template_kwargs: dict | None = None  # chat: the template's own variables
     more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
@@ -343,7 +345,7 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         logprobs=_logprobs(request),
         min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
-        tools=tools, template_kwargs=template_kwargs,
+        tools=tools, template_kwargs=template_kwargs, min_tokens=request.min_tokens,
     )
 
 

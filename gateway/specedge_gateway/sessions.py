@@ -79,7 +79,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
         sampling=SamplingSpec(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed,
                               logprobs=spec.logprobs, min_p=spec.min_p, presence_penalty=spec.presence_penalty,
                               frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
-                              logit_bias=dict(spec.logit_bias)),
+                              logit_bias=dict(spec.logit_bias), min_tokens=spec.min_tokens,
+                              end_ids=spec.end_ids(codec.eos_ids) if spec.min_tokens else []),
         mode=spec.mode, user=user)
     finished = False
     count, reason = 0, None

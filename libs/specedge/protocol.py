@@ -205,6 +205,8 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = {}
+    min_tokens: int = 0  # until the output holds this many tokens, `end_ids` cannot be drawn
+    end_ids: list[int] = []  # the tokens that would end the output (end of turn, stop_token_ids)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -223,12 +225,14 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("repetition_penalty must be in (0, 10]")
         if len(self.logit_bias) > 300 or any(not -100 <= b <= 100 or t < 0 for t, b in self.logit_bias.items()):
             raise ValueError("logit_bias: at most 300 token ids, each biased within [-100, 100]")
+        if self.min_tokens < 0 or len(self.end_ids) > 64 or any(t < 0 for t in self.end_ids):
+            raise ValueError("min_tokens must be >= 0, with at most 64 end ids")
 
     @property
     def adjusts(self) -> bool:
         """Whether a row's logits change with its path (penalties) or by a bias before drawing."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias)
+                    or self.logit_bias or (self.min_tokens and self.end_ids))
 
     @property
     def greedy(self) -> bool:

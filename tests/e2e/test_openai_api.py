@@ -185,6 +185,11 @@ def test_vllms_sampling_fields_are_served_exactly_and_unserved_fields_refused(ga
     cut, reply = text({"stop_token_ids": [ids[4]]}, temperature=0)
     assert cut == tok.decode(ids[:ids.index(ids[4]) + 1], skip_special_tokens=True)  # at its first occurrence
     assert reply.choices[0].finish_reason == "stop"
+    # min_tokens keeps it (and the end of turn) out until the output is long enough — exactly as alone
+    late, reply = text({"stop_token_ids": [ids[4]], "min_tokens": 6}, temperature=0)
+    alone, _ = text({"stop_token_ids": [ids[4]], "min_tokens": 6, "specedge": {"mode": "autoregressive"}},
+                    temperature=0)
+    assert late == alone and reply.usage.completion_tokens >= 6
     # ignore_eos: generation runs to max_tokens, exactly as the target alone runs on (the bundled
     # target seldom ends a turn early: which tokens end it is `test_vllms_sampling_fields_…` in the unit tests)
     short = [{"role": "user", "content": "Say yes."}]

@@ -133,7 +133,8 @@ def test_acceptance_on_any_tree_commits_what_target_only_decoding_would(tree, co
 penalties = st.builds(SamplingSpec, temperature=st.sampled_from([0.0, 0.8, 1.3]), seed=st.integers(0, 2**63 - 1),
                       presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
                       repetition_penalty=st.floats(0.5, 3), min_p=st.floats(0, 0.5),
-                      logit_bias=st.dictionaries(st.integers(0, 7), st.floats(-5, 5), max_size=3))
+                      logit_bias=st.dictionaries(st.integers(0, 7), st.floats(-5, 5), max_size=3),
+                      min_tokens=st.integers(0, 6), end_ids=st.lists(st.integers(0, 7), max_size=2))
 
 
 @FAST

@@ -98,3 +98,13 @@ def test_min_p_keeps_tokens_at_least_that_share_of_the_most_likely():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     probs = filtered_probs(logits, SamplingSpec(temperature=1.0, min_p=0.25))
     assert probs[0, 3] == 0 and probs[0, 2] > 0 and abs(probs.sum().item() - 1) < 1e-12
+
+
+def test_min_tokens_keeps_the_end_ids_out_until_the_output_is_long_enough():
+    from specedge.engine.sampling import adjust_rows
+
+    logits = torch.tensor([[0.0, 5.0, 1.0]] * 2)
+    params = SamplingSpec(min_tokens=3, end_ids=[1])
+    out = adjust_rows(logits, [params] * 2, [([7], [2, 2]), ([7], [2, 2, 2])])
+    assert out[0, 1] == float("-inf") and out[1, 1] == 5.0  # two output tokens: not yet; three: free
+    assert not SamplingSpec(min_tokens=3).adjusts  # nothing to keep out

@@ -42,8 +42,9 @@ def adjust_rows(logits: torch.Tensor, params: list[SamplingSpec],
     own path: `logit_bias` added; `repetition_penalty` r on every token of prompt and output
     (a positive logit divided by r, a negative one multiplied); then, for each token the
     output holds c times, `frequency_penalty` × c + `presence_penalty` subtracted (vLLM's
-    rules). Rows that ask for none of it are left as they are (and nothing is copied when
-    no row asks)."""
+    rules); while the output is shorter than `min_tokens`, the `end_ids` cannot be drawn.
+    Rows that ask for none of it are left as they are (and nothing is copied when no row
+    asks)."""
     rows = [i for i, p in enumerate(params) if p.adjusts]
     if not rows:
         return logits
@@ -61,6 +62,8 @@ def adjust_rows(logits: torch.Tensor, params: list[SamplingSpec],
         if (p.frequency_penalty or p.presence_penalty) and output:
             ids, counts = torch.unique(torch.tensor(output, device=row.device), return_counts=True)
             row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+        if len(output) < p.min_tokens and p.end_ids:
+            row[torch.tensor(p.end_ids, device=row.device)] = float("-inf")
     return out
 
 
