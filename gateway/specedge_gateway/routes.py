@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -111,12 +110,15 @@ class Gateway:
             raise OpenAIError(429, f"too many concurrent requests for this API key (at most "
                               f"{self.settings.max_concurrent_per_key}); retry when one finishes",
                               "rate_limit_error", code="rate_limit_exceeded")
-        stats = RequestStats(mode=spec.mode, seed=spec.seed)
-        release = functools.partial(self.limit.release, user) if user else None
-        pieces = generate(self.nc, self.codec, spec, ids, max_new, user, metrics=self.metrics, on_close=release,
-                          live=self.live, stats=stats, store=self.store)
-        async with contextlib.aclosing(pieces):
-            yield Generation(len(ids), pieces, stats)
+        try:
+            stats = RequestStats(mode=spec.mode, seed=spec.seed)
+            pieces = generate(self.nc, self.codec, spec, ids, max_new, user, metrics=self.metrics, live=self.live,
+                              stats=stats, store=self.store)
+            async with contextlib.aclosing(pieces):
+                yield Generation(len(ids), pieces, stats)
+        finally:  # (here, not in the generator: one never started never runs its own cleanup)
+            if user:
+                await self.limit.release(user)
 
 
 @dataclasses.dataclass

@@ -144,3 +144,14 @@ def test_a_second_concurrent_request_for_one_key_is_a_clear_429(gateway):
             assert "too many concurrent requests" in second.json()["error"]["message"]
             for _ in lines:
                 pass
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_more_choices_than_the_keys_slots_is_a_429_that_gives_every_slot_back(gateway, stream):
+    """n = 2 with one slot per key: the second choice cannot start; the first one's slot
+    comes back although its session never started, so the next request is served."""
+    busy = post(gateway, {"messages": [{"role": "user", "content": "Sort a list."}], "max_tokens": 4, "n": 2,
+                          "stream": stream})
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
+    fits = post(gateway, {"messages": [{"role": "user", "content": "Sort a list."}], "max_tokens": 4})
+    assert fits.status_code == 200
