@@ -118,7 +118,10 @@ class Gateway:
                 yield Generation(len(ids), pieces, stats)
         finally:  # (here, not in the generator: one never started never runs its own cleanup)
             if user:
-                await self.limit.release(user)
+                try:
+                    await self.limit.release(user)
+                except Exception as exc:  # Redis down: the slot expires with its key's TTL
+                    log.warning("could not give back a concurrency slot of %s: %r", user, exc)
 
 
 @dataclasses.dataclass

@@ -17,12 +17,11 @@ or nothing comes for `token_timeout_s`, the request fails with a clear error ins
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
@@ -61,7 +60,6 @@ class Piece:
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
                    max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0,
                    metrics: GatewayMetrics | None = None,
-                   on_close: Callable[[], Awaitable[None]] | None = None,
                    live: LiveStats | None = None, stats: RequestStats | None = None,
                    store: SessionStore | None = None, resync_s: float = 2.0) -> AsyncIterator[Piece]:
     """Text pieces of one generation, in order; the last one carries the finish reason.
@@ -151,9 +149,6 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
         raise
     finally:
         timing.close()
-        if on_close is not None:  # the caller's concurrency slot
-            with contextlib.suppress(Exception):
-                await on_close()
         await sub.unsubscribe()
         if not finished:  # stop string, error or the client went away: free the session now
             await bus.publish(nc, subjects.SESSIONS_CLOSE, protocol.encode(CloseSession(session_id=sid)),
