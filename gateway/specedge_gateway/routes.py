@@ -118,8 +118,8 @@ class Gateway:
                 yield Generation(len(ids), pieces, stats)
         finally:  # (here, not in the generator: one never started never runs its own cleanup)
             if user:
-                try:
-                    await self.limit.release(user)
+                try:  # (shielded: a client going away must not cancel it half-way)
+                    await asyncio.shield(self.limit.release(user))
                 except Exception as exc:  # Redis down: the slot expires with its key's TTL
                     log.warning("could not give back a concurrency slot of %s: %r", user, exc)
 
@@ -251,7 +251,9 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
     async with stack:
         runs = [await stack.enter_async_context(gw.generation(s, user)) for s in specs]
         # errors before the first token are still plain HTTP errors
-        firsts = await asyncio.gather(*(anext(run.pieces) for run in runs))
+        firsts = await asyncio.gather(*(anext(run.pieces) for run in runs), return_exceptions=True)
+        if failed := [f for f in firsts if isinstance(f, BaseException)]:
+            raise failed[0]  # (every choice has stopped: each generation closes cleanly)
         head.system_fingerprint = runs[0].stats.system_fingerprint
         owned = stack.pop_all()  # from here the stream closes the generations
     return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec, gw.codec.token_text,
@@ -275,23 +277,23 @@ class _Done:
 
 
 async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str) -> list[_Done]:
-    async def one(spec: GenerationSpec) -> _Done:
-        async with gw.generation(spec, user) as run:
-            text, last, logprobs = [], None, []
-            async for piece in run.pieces:
-                text.append(piece.text)
-                logprobs += piece.logprobs
-                last = piece
+    """Every choice to its end. Their slots are taken one after another (a choice that finds
+    the key full fails the request before any session starts), then they generate at once;
+    nothing is cancelled half-way, so every slot taken is given back."""
+    async def one(run: Generation) -> _Done:
+        text, last, logprobs = [], None, []
+        async for piece in run.pieces:
+            text.append(piece.text)
+            logprobs += piece.logprobs
+            last = piece
         return _Done(run, "".join(text), last, logprobs)
 
-    if len(specs) == 1:
-        return [await one(specs[0])]
-    try:
-        async with asyncio.TaskGroup() as group:  # one failing choice cancels the others
-            tasks = [group.create_task(one(spec)) for spec in specs]
-    except* OpenAIError as failed:
-        raise failed.exceptions[0] from None
-    return [task.result() for task in tasks]
+    async with contextlib.AsyncExitStack() as stack:
+        runs = [await stack.enter_async_context(gw.generation(spec, user)) for spec in specs]
+        done = await asyncio.gather(*(one(run) for run in runs), return_exceptions=True)
+    if failed := [d for d in done if isinstance(d, BaseException)]:
+        raise failed[0]
+    return done
 
 
 async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firsts: list[Piece], head: Head,
