@@ -122,7 +122,8 @@ class EdgeService:
         async with self._lock:
             self.drafter.close(assign.session_id)
             try:
-                await asyncio.to_thread(self.drafter.open, assign.session_id, assign.tokens, params, assign.cycle)
+                await asyncio.to_thread(self.drafter.open, assign.session_id, assign.tokens, params, assign.cycle,
+                                        assign.grammar, assign.end_ids, assign.prompt_len)
             except (CacheFullError, ValueError) as exc:
                 self.drafter.close(assign.session_id)
                 self.reject(Reason.CANNOT_OPEN, f"session {assign.session_id[:16]} ({exc})")

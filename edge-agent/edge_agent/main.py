@@ -16,6 +16,7 @@ import uuid
 from edge_agent.handlers import EdgeService
 from edge_agent.settings import EdgeAgentSettings
 from specedge import bus, protocol, registry, subjects, telemetry
+from specedge.engine.grammar import grammar_vocab
 from specedge.engine.loading import load_for_service
 from specedge.engine.parties import Drafter
 from specedge.engine.tree import TreeParams
@@ -45,8 +46,10 @@ async def serve(settings: EdgeAgentSettings, life: Lifecycle) -> None:
                                    max_sessions=str(settings.max_sessions), user=user, pool=pool,
                                    **draft.registry_details())
         stack.enter_context(telemetry.tracing("edge-agent", me.instance_id))  # flushed last
+        vocab = None if draft.tokenizer is None else await asyncio.to_thread(
+            grammar_vocab, draft.tokenizer, draft.model.config.vocab_size)  # to draft structured outputs
         drafter = Drafter(draft.model, TreeParams(), max_sessions=settings.max_sessions, max_len=settings.max_len,
-                          max_ahead=settings.trees_ahead, attention=settings.attention)
+                          max_ahead=settings.trees_ahead, attention=settings.attention, grammar_vocab=vocab)
         await asyncio.to_thread(drafter.runner.warm_up)  # compile before taking sessions
         service = EdgeService(nc, me.instance_id, drafter, stop=life.stop, proactive=settings.drafts_ahead,
                               send_ahead=settings.send_ahead)

@@ -9,7 +9,8 @@ SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (w
 `openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
 
 Fields: what the schema declares is served (`logprobs`/`top_logprobs`: the target's raw
-log-probabilities; `presence_penalty`, `frequency_penalty`, `logit_bias`; `tools` and
+log-probabilities; structured outputs — `response_format` and vLLM's guided fields
+(`structured`); `presence_penalty`, `frequency_penalty`, `logit_bias`; `tools` and
 vLLM's `chat_template_kwargs`, given to the chat template; vLLM's `top_k`,
 `min_p`, `repetition_penalty`, `stop_token_ids` and `ignore_eos` at the top level of the
 body, as vLLM takes them — each penalty over a tree node's own path, so speculation
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specedge.protocol import MAX_LOGPROBS, Mode
+from specedge_gateway.structured import StructuredFields, StructuredOutputError, grammar_of
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # n, and prompts × n on /v1/completions
@@ -119,9 +121,8 @@ class ChatMessage(BaseModel):
 # Fields of OpenAI's and vLLM's APIs that SpecEdge does not serve: refused (400) unless their
 # value asks for nothing (`_asks_nothing`).
 UNSUPPORTED = frozenset({
-    "echo", "prompt_logprobs", "response_format", "functions", "function_call", "best_of", "suffix",
-    "use_beam_search", "length_penalty",
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "chat_template",
+    "echo", "prompt_logprobs", "functions", "function_call", "best_of", "suffix",
+    "use_beam_search", "length_penalty", "chat_template",
     "add_generation_prompt", "continue_final_message", "reasoning_effort", "modalities",
     "audio", "prediction", "web_search_options", "include_stop_str_in_output", "skip_special_tokens",
     "spaces_between_special_tokens", "truncate_prompt_tokens", "bad_words", "allowed_token_ids",
@@ -136,7 +137,7 @@ def _asks_nothing(name: str, value: object) -> bool:
         return True
     neutral = {"repetition_penalty": 1, "length_penalty": 1, "skip_special_tokens": True,
                "spaces_between_special_tokens": True, "add_generation_prompt": True, "tool_choice": "none",
-               "best_of": 1, "response_format": {"type": "text"}}
+               "best_of": 1}
     return name in neutral and value == neutral[name]
 
 
@@ -158,7 +159,7 @@ def check_fields(request: BaseModel, lenient: bool = False) -> list[str]:
     return ignored
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(StructuredFields):
     """Fields both endpoints share. Others are kept aside for `check_fields` (and the
     published schema forbids them)."""
 
@@ -298,6 +299,7 @@ class GenerationSpec:
     tools: list[dict] | None = None  # chat: shown to the model by its chat template
     template_kwargs: dict | None = None  # chat: the template's own variables
     more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
+    grammar: str = ""  # a structured output's llguidance grammar (`structured.grammar_of`)
 
     def choices(self) -> list[GenerationSpec]:
         """One spec per choice, in the order of their `index`: prompt by prompt, `n` each, the
@@ -346,7 +348,15 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
         tools=tools, template_kwargs=template_kwargs, min_tokens=request.min_tokens,
+        grammar=_grammar(request),
     )
+
+
+def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str:
+    try:
+        return grammar_of(request)
+    except StructuredOutputError as exc:
+        raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from exc
 
 
 def _logprobs(request: ChatCompletionRequest | CompletionRequest) -> int:

@@ -78,7 +78,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                               logprobs=spec.logprobs, min_p=spec.min_p, presence_penalty=spec.presence_penalty,
                               frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
                               logit_bias=dict(spec.logit_bias), min_tokens=spec.min_tokens,
-                              end_ids=spec.end_ids(codec.eos_ids) if spec.min_tokens else []),
+                              end_ids=spec.end_ids(codec.eos_ids) if spec.min_tokens or spec.grammar else [],
+                              grammar=spec.grammar),
         mode=spec.mode, user=user)
     finished = False
     count, reason = 0, None

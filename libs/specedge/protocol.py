@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     NO_CAPACITY = "no_capacity"
     PROMPT_TOO_LONG = "prompt_too_long"
     BAD_PROMPT = "bad_prompt"
+    BAD_GRAMMAR = "bad_grammar"
     STATE_UNAVAILABLE = "state_unavailable"
     CUT_OFF = "cut_off"
     TOKENIZER_MISMATCH = "tokenizer_mismatch"
@@ -147,6 +148,7 @@ class DraftTreeMsg(Message, frozen=True, kw_only=True):
 
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
+MAX_GRAMMAR_CHARS = 65536  # a structured output's grammar (the JSON schema, regex or grammar it came from)
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -207,6 +209,9 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     logit_bias: dict[int, float] = {}
     min_tokens: int = 0  # until the output holds this many tokens, `end_ids` cannot be drawn
     end_ids: list[int] = []  # the tokens that would end the output (end of turn, stop_token_ids)
+    # structured outputs: an llguidance grammar definition (JSON) every drawn token must follow
+    # (`engine.grammar`), with `end_ids` drawable once it is complete; "" for none
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -227,6 +232,8 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("logit_bias: at most 300 token ids, each biased within [-100, 100]")
         if self.min_tokens < 0 or len(self.end_ids) > 64 or any(t < 0 for t in self.end_ids):
             raise ValueError("min_tokens must be >= 0, with at most 64 end ids")
+        if len(self.grammar) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"a grammar may be at most {MAX_GRAMMAR_CHARS} characters")
 
     @property
     def adjusts(self) -> bool:
@@ -288,6 +295,9 @@ class DraftAssign(Message, frozen=True, kw_only=True):
     beams: int = TREE_BEAMS
     temperature: float = 1.0  # candidates scored at this temperature (`tree_temperature`)
     cycle: int = 0  # the session's next cycle (0 for a new session; more when it moves to this edge)
+    grammar: str = ""  # the session's structured output (`SamplingSpec.grammar`): drafts follow it too
+    end_ids: list[int] = []  # with a grammar: the tokens that end the output
+    prompt_len: int | None = None  # where the output starts in `tokens` (None: all of them are prompt)
 
 
 class SessionOpen(Message, frozen=True, kw_only=True):

@@ -112,6 +112,8 @@ class SessionOutput:
     eos_ids: frozenset[int]
     tree_temperature: float = 1.0  # its drafts' scoring temperature (from its sampling)
     generated: int = 0
+    grammar: str = ""  # its structured output, which its edge drafts by too
+    end_ids: list[int] = dataclasses.field(default_factory=list)  # with a grammar: the tokens that end it
 
 
 _WHY = {Reason.UNKNOWN_SESSION: "its state is gone from Redis (expired, or Redis restarted without persistence)",
@@ -351,7 +353,8 @@ class SchedulerCore:
             self.policy.finish(sid)
             return [EndSession(sid), Publish(opening.reply, SessionOpened(session_id=sid, error=error))]
         self.outputs[sid] = SessionOutput(request.max_new_tokens, frozenset(request.eos_ids),
-                                          request.sampling.tree_temperature)
+                                          request.sampling.tree_temperature, grammar=request.sampling.grammar,
+                                          end_ids=list(request.sampling.end_ids))
         self.policy.draft_due(sid, now)
         commands: list[Command] = [TraceSession(sid, opening.trace_parent), TraceCycle(sid, 0)]
         if state.edge is not None:
@@ -388,12 +391,16 @@ class SchedulerCore:
                 error=error)))
         return commands + self._end(session_id, now, error)
 
-    def _shape(self, session_id: str) -> dict[str, int | float]:
-        """The tree shape a session's edge is asked for on assignment, and its scoring temperature."""
+    def _shape(self, session_id: str) -> dict[str, object]:
+        """The tree shape a session's edge is asked for on assignment, its scoring
+        temperature, and the grammar its trees follow (a structured output)."""
         budget, depth = self.policy.shape_for(session_id)
         output = self.outputs.get(session_id)
-        return {**self.draft_shape, "budget": budget, "depth": depth,
-                "temperature": output.tree_temperature if output is not None else 1.0}
+        shape = {**self.draft_shape, "budget": budget, "depth": depth,
+                 "temperature": output.tree_temperature if output is not None else 1.0}
+        if output is not None and output.grammar:
+            shape |= {"grammar": output.grammar, "end_ids": output.end_ids}
+        return shape
 
     def _stats(self, event: StatsRequested, now: float) -> list[Command]:
         p = self.policy
@@ -624,7 +631,7 @@ class SchedulerCore:
         return [RecordAssignment(sid, None, move.to_edge),  # who drafts it, should another scheduler take over
                 Publish(subjects.edge_assign(move.to_edge), DraftAssign(
                     session_id=sid, tokens=record.tokens, scheduler=self.instance_id, cycle=state.cycle,
-                    **self._shape(sid)), sid, "cycle")]
+                    prompt_len=record.prompt_len or None, **self._shape(sid)), sid, "cycle")]
 
     def _emit(self, sid: str, output: SessionOutput, keep: list[int], reason: str | None, drafted: int = 0,
               accepted: int = 0, trace: TraceOf | None = None,
@@ -664,7 +671,8 @@ class SchedulerCore:
                      record.idle_s)
             del self._claimed[sid]
             return [EndSession(sid)]
-        output = SessionOutput(record.max_new_tokens, frozenset(record.eos_ids), record.sampling.tree_temperature)
+        output = SessionOutput(record.max_new_tokens, frozenset(record.eos_ids), record.sampling.tree_temperature,
+                               grammar=record.sampling.grammar, end_ids=list(record.sampling.end_ids))
         try:
             assignment = self.policy.assign(sid, len(record.tokens), record.mode, record.user,
                                             prefer=record.verifier or None, cycle=record.cycle)
@@ -708,5 +716,5 @@ class SchedulerCore:
         if assignment.edge is not None:
             commands.append(Publish(subjects.edge_assign(assignment.edge), DraftAssign(
                 session_id=sid, tokens=record.tokens, scheduler=self.instance_id, cycle=record.cycle,
-                **self._shape(sid)), sid, "cycle"))
+                prompt_len=record.prompt_len or None, **self._shape(sid)), sid, "cycle"))
         return commands

@@ -185,7 +185,7 @@ def test_chat_templates_render_as_the_tokenizers_own_apply_chat_template(tmp_pat
 
 @pytest.mark.parametrize(("extra", "status", "code"), [
     ({"echo": True}, 400, "unsupported_parameter"),
-    ({"response_format": {"type": "json_object"}}, 400, "unsupported_parameter"),
+    ({"response_format": {"type": "json_schema"}}, 400, "invalid_value"),
     ({"tool_choice": "required"}, 400, "invalid_value"),
     ({"best_of": 3}, 400, "unsupported_parameter"),
     ({"presence_penalty": 3}, 400, "invalid_value"),
@@ -304,3 +304,31 @@ def test_reasoning_is_split_from_the_answer_the_same_streamed_or_whole(text):
         assert got == [reasoning or "", content]
     if text.startswith("<think>\n"):
         assert (reasoning, content) == ("\nplan it\n", "\n\nanswer here")
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format"),
+    ({"guided_regex": "(("}, "guided_regex"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+    ({"structured_outputs": {"regex": "a+"}, "guided_choice": ["x"]}, "structured_outputs"),
+])
+def test_a_structured_output_that_cannot_be_followed_is_a_400_naming_its_field(extra, param):
+    from specedge_gateway.openai_api import OpenAIError, to_generation
+
+    with pytest.raises(OpenAIError) as caught:
+        to_generation(ChatCompletionRequest(**CHAT, **extra))
+    assert caught.value.status == 400 and caught.value.param == param and param in caught.value.message
+
+
+def test_structured_outputs_become_one_grammar():
+    from specedge_gateway.openai_api import to_generation
+
+    assert to_generation(ChatCompletionRequest(**CHAT)).grammar == ""
+    assert to_generation(ChatCompletionRequest(**CHAT, response_format={"type": "text"})).grammar == ""
+    for extra in ({"response_format": {"type": "json_object"}}, {"guided_choice": ["yes", "no"]},
+                  {"structured_outputs": {"regex": "[0-9]+"}}, {"guided_json": {"type": "integer"}},
+                  {"response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "n", "schema": {"type": "integer"}}}}):
+        assert to_generation(ChatCompletionRequest(**CHAT, **extra)).grammar, extra

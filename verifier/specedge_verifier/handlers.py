@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind
 
 from specedge import bus, protocol, subjects, telemetry
+from specedge.engine.grammar import GrammarError
 from specedge.engine.parties import Verifier
 from specedge.engine.runner import CacheFullError, SessionTooLongError
 from specedge.engine.sampling import SamplingSpec
@@ -157,6 +158,10 @@ class VerifierService:
                 self._forget(evicted)
                 self.evictions += 1
                 continue
+            except GrammarError as exc:
+                self.verifier.close(session_id)
+                log.warning("session %s: %s", session_id[:16], exc)
+                return Reason.BAD_GRAMMAR
             except ValueError:
                 self.verifier.close(session_id)
                 return Reason.BAD_PROMPT

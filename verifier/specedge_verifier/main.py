@@ -16,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator
 
 from specedge import bus, registry, telemetry
+from specedge.engine.grammar import grammar_vocab
 from specedge.engine.loading import load_causal_lm, load_for_service
 from specedge.engine.parties import Verifier
 from specedge.engine.shapes import plan_for
@@ -51,7 +52,10 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
                        "attention": settings.attention, "kv_tokens": kv_tokens}
         if settings.tensor_parallel > 1:
             await stack.enter_async_context(_followers(settings, target.model, runner_args))
-        verifier = Verifier(target.model, tensor_parallel=settings.tensor_parallel > 1, **runner_args)
+        vocab = None if target.tokenizer is None else await asyncio.to_thread(
+            grammar_vocab, target.tokenizer, target.model.config.vocab_size)  # for structured outputs
+        verifier = Verifier(target.model, tensor_parallel=settings.tensor_parallel > 1, grammar_vocab=vocab,
+                            **runner_args)
         if settings.tensor_parallel > 1:
             stack.callback(verifier.stop_followers)
         await asyncio.to_thread(verifier.runner.warm_up)  # compile before taking traffic

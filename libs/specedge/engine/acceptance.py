@@ -5,8 +5,9 @@ next position; if a child of the current node carries that token, move to it and
 otherwise stop. The accepted path and the last drawn token (the *bonus*) are committed:
 1 to depth + 1 new tokens per verification.
 
-Every draw is `sampling.sample` at the drawn token's absolute position, exactly as target-only
-decoding draws it, so for greedy decoding and for a given seed the output is identical to
+Every draw is `sampling.sample` at the drawn token's absolute position — with penalties and
+a grammar's mask taken along the row's own path (`row_histories`, `grammar.tree_masks`) —
+exactly as target-only decoding draws it, so for greedy decoding and for a given seed the output is identical to
 the target's own, whatever the draft proposed: a bad draft can only cost speed. Draft
 probabilities are never needed.
 
@@ -56,10 +57,11 @@ def accept(
     params: SamplingSpec,
     root_position: int,     # absolute position of the root token
     history: History | None = None,  # the session's (prompt, output): for penalties
+    masks: torch.Tensor | None = None,  # [1 + N, V] bool: what each row's grammar state allows
 ) -> tuple[list[int], int]:
     """Returns (accepted drafted node indices in path order, bonus token)."""
     histories = row_histories(tokens, parents, history) if params.adjusts else None
-    drawn = sample(logits, params, positions(parents, root_position), histories).tolist()
+    drawn = sample(logits, params, positions(parents, root_position), histories, masks).tolist()
     children: dict[tuple[int, int], int] = {}
     for i in range(len(tokens) - 1, -1, -1):  # first child wins if a (hostile) tree repeats a token
         children[(parents[i], tokens[i])] = i
@@ -76,6 +78,7 @@ def accept_batch(
     params: list[SamplingSpec],               # per tree
     root_positions: list[int],                  # per tree
     histories: list[History | None] | None = None,  # per tree: the session's (prompt, output), for penalties
+    masks: torch.Tensor | None = None,          # [rows, V] bool as `logits`: what each row's grammar state allows
 ) -> list[tuple[list[int], int]]:
     """`accept` for every tree of a pass; draws and the walk run on the logits' device and
     only the outcome (which nodes were accepted, and the draws) comes back, in one transfer."""
@@ -98,7 +101,7 @@ def accept_batch(
         offset += 1 + len(parents)
     dev = logits.device
     drawn = sample_rows(logits, row_params, row_positions,
-                        rows_history if any(h is not None for h in rows_history) else None)
+                        rows_history if any(h is not None for h in rows_history) else None, masks)
     parent_t = torch.tensor(parent_rows, device=dev)
     match = torch.tensor(tokens, device=dev) == drawn[parent_t]
     roots = torch.tensor([d == 0 for d in depth_of], device=dev)

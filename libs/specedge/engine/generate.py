@@ -92,11 +92,11 @@ def generate(mode: Mode, verifier: Verifier, drafter: Drafter | None, prompt: li
     passes0 = verifier.forward_passes  # exclude prefill
     try:
         if mode == "specedge":
-            drafter.open(session_id, prompt)
+            drafter.open(session_id, prompt, grammar=params.grammar, end_ids=params.end_ids)
             _run_two_parties(verifier, drafter, session_id, out, stats, one_way_delay_s)
         else:
             if drafter is not None and mode == "server-only":
-                drafter.open(session_id, prompt)
+                drafter.open(session_id, prompt, grammar=params.grammar, end_ids=params.end_ids)
             while not out.done:
                 if mode == "autoregressive":
                     tree = DraftTreeMsg(session_id=session_id, cycle=stats.num_verifies,

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from specedge.engine.acceptance import accept_batch
 from specedge.engine.backends import DEFAULT_ATTENTION, make_runner
+from specedge.engine.grammar import Constraint, GrammarVocab, compile_for
 from specedge.engine.runner import CacheFullError, ForwardRequest, SessionTooLongError
 from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
@@ -42,6 +43,7 @@ class _TargetSession:
     cycle: int = 0
     prompt_len: int = 0  # where the output starts in `committed` (penalties look at it)
     to_prefill: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not in the cache yet
+    constraint: Constraint | None = None  # its structured output's grammar, after the committed output
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
@@ -87,11 +89,13 @@ class Verifier:
 
     def __init__(self, model: PreTrainedModel, max_sessions: int = 8, max_len: int = 4096,
                  max_tree_nodes: int = 256, attention: str = DEFAULT_ATTENTION, kv_tokens: int | None = None,
-                 tensor_parallel: bool = False) -> None:
+                 tensor_parallel: bool = False, grammar_vocab: GrammarVocab | None = None) -> None:
         """`max_len`: the most committed tokens (prompt + output) a session may reach;
         `attention` and `kv_tokens`: the runner (`backends.make_runner`). `tensor_parallel`:
         this is rank 0 of a `torch.distributed` group whose other ranks run
-        `follow_verifier` with the same arguments (`tensor_parallel`)."""
+        `follow_verifier` with the same arguments (`tensor_parallel`). `grammar_vocab`: the
+        target's tokenizer for structured outputs (`grammar.grammar_vocab`; without it a
+        session with a grammar is refused)."""
         self.runner = verifier_runner(model, max_sessions, max_len, max_tree_nodes, attention, kv_tokens)
         if tensor_parallel:
             from specedge.engine import tensor_parallel as tp  # noqa: PLC0415
@@ -99,6 +103,7 @@ class Verifier:
             tp.parallelize(self.runner, model)
             self.runner = tp.LeaderRunner(self.runner)
         self.vocab_size = model.config.vocab_size
+        self.grammar_vocab = grammar_vocab
         self.max_tree_nodes = max_tree_nodes
         self.prefill_chunk = self.runner.prefill_chunk
         self.sessions: dict[str, _TargetSession] = {}
@@ -118,10 +123,14 @@ class Verifier:
             raise SessionTooLongError(f"a prompt of {len(prompt)} tokens is longer than a session may be")
         if not self.runner.can_hold(len(prompt)):
             raise CacheFullError(f"no room for a session of {len(prompt)} tokens")
+        prompt_len = len(prompt) if prompt_len is None else prompt_len
+        constraint = compile_for(self.grammar_vocab, params.grammar, params.end_ids, self.vocab_size)
+        if constraint is not None:
+            constraint.advance(prompt[prompt_len:])  # a session resumed here: its output so far
         self.runner.open(session_id)
         self.runner.reserve(session_id, len(prompt))
         self.sessions[session_id] = _TargetSession(list(prompt), params, cycle, to_prefill=list(prompt[:-1]),
-                                                   prompt_len=len(prompt) if prompt_len is None else prompt_len)
+                                                   prompt_len=prompt_len, constraint=constraint)
 
     def prefilling(self, session_id: str) -> bool:
         """Whether a session still has prompt tokens to prefill."""
@@ -207,7 +216,7 @@ class Verifier:
         outcomes = accept_batch([(t.tokens, t.parents) for t in trees], logits, [s.params for s in sessions],
                                 [len(s.committed) - 1 for s in sessions],
                                 [(s.committed[:s.prompt_len], s.committed[s.prompt_len:]) if s.params.adjusts else None
-                                 for s in sessions])
+                                 for s in sessions], _grammar_masks(trees, sessions, logits))
         results, first_row = [], 0
         for tree, session, (path, bonus) in zip(trees, sessions, outcomes, strict=True):
             self.runner.commit(tree.session_id, [0, *(i + 1 for i in path)])  # scratch: the root, then the nodes
@@ -222,8 +231,21 @@ class Verifier:
                                         logprobs=logprobs))
             session.committed += [*accepted, bonus]
             session.cycle += 1
+            if session.constraint is not None:
+                session.constraint.advance([*accepted, bonus])
         self.busy_s += time.perf_counter() - started
         return results
+
+
+def _grammar_masks(trees: list[DraftTreeMsg], sessions: list[_TargetSession], logits: torch.Tensor
+                   ) -> torch.Tensor | None:
+    """What each row of a pass may draw (`grammar.tree_masks`), or None when no session has a grammar."""
+    if all(s.constraint is None for s in sessions):
+        return None
+    vocab = logits.shape[-1]
+    return torch.cat([s.constraint.tree_masks(t.tokens, t.parents) if s.constraint is not None
+                      else torch.ones(1 + len(t.tokens), vocab, dtype=torch.bool)
+                      for t, s in zip(trees, sessions, strict=True)]).to(logits.device)
 
 
 @dataclass
@@ -262,6 +284,7 @@ class _DraftSession:
     # how often the target's token was the draft's first choice (exponentially weighted over
     # cycles), for scoring trees below temperature 1 only where that pays
     first_choice_rate: float = 0.75
+    constraint: Constraint | None = None  # its structured output: trees hold only what the grammar allows
 
 
 @dataclass
@@ -278,27 +301,38 @@ class Drafter:
     """Edge-side: draft trees with the draft model, and proactive drafting while waiting."""
 
     def __init__(self, model: PreTrainedModel, params: TreeParams, max_sessions: int = 8,
-                 max_len: int = 4096, max_ahead: int = MAX_TREES_AHEAD, attention: str = DEFAULT_ATTENTION) -> None:
+                 max_len: int = 4096, max_ahead: int = MAX_TREES_AHEAD, attention: str = DEFAULT_ATTENTION,
+                 grammar_vocab: GrammarVocab | None = None) -> None:
         """`max_len`: the most committed tokens (prompt + output) a session may reach;
         `max_ahead`: how many trees a session drafts ahead of its tree out for verification
-        (beyond the first only when each is sent ahead: `tree_ahead`)."""
+        (beyond the first only when each is sent ahead: `tree_ahead`); `grammar_vocab`: the
+        draft's tokenizer, to draft structured outputs by their grammar (without it they
+        are drafted freely: still exact, less often accepted)."""
         self.max_ahead = max(1, max_ahead)
         scratch = max((1 + self.max_ahead) * (params.depth * params.beams + 2), 256)  # the tree out + those ahead
         self.runner = make_runner(model, attention=attention, max_sessions=max_sessions, max_len=max_len + scratch,
                                   max_scratch=scratch)
         self.params = params
+        self.grammar_vocab = grammar_vocab
+        self.vocab_size = model.config.vocab_size
         self.sessions: dict[str, _DraftSession] = {}
         self.stats = DrafterStats()
 
-    def open(self, session_id: str, prompt: list[int], params: TreeParams | None = None, cycle: int = 0) -> None:
+    def open(self, session_id: str, prompt: list[int], params: TreeParams | None = None, cycle: int = 0,
+             grammar: str = "", end_ids: list[int] | None = None, prompt_len: int | None = None) -> None:
         """Prefill the prompt but its last token; `params` (default: the drafter's) shape this session's trees;
-        `cycle`: the session's next cycle (more than 0 when it moves here from another drafter)."""
+        `cycle`: the session's next cycle (more than 0 when it moves here from another drafter);
+        `grammar` and `end_ids`: its structured output, with its output so far from `prompt_len` on."""
         params = params or self.params
         if params.depth * params.beams > self.params.depth * self.params.beams:
             raise ValueError("tree parameters beyond what this drafter's cache was sized for")
+        constraint = None
+        if grammar and self.grammar_vocab is not None:
+            constraint = compile_for(self.grammar_vocab, grammar, end_ids or [], self.vocab_size)
+            constraint.advance(prompt[len(prompt) if prompt_len is None else prompt_len :])
         self.runner.open(session_id)
         self.runner.prefill(session_id, prompt[:-1])
-        self.sessions[session_id] = _DraftSession(list(prompt), params, cycle=cycle)
+        self.sessions[session_id] = _DraftSession(list(prompt), params, cycle=cycle, constraint=constraint)
 
     def close(self, session_id: str) -> None:
         self.runner.evict(session_id)
@@ -324,8 +358,16 @@ class Drafter:
             return dataclasses.replace(session.params, temperature=1.0)
         return session.params
 
-    def _grow(self, session_id: str, root: int, root_parent: int) -> tuple[TreeJob, Iterator[int]]:
-        job = TreeJob(session_id, root, root_parent)
+    def _job(self, session_id: str, root: int, root_parent: int, assumed: list[int] = (),
+             temperature: float | None = None) -> TreeJob:
+        """A tree to grow below `root`, past the committed tokens and then `assumed` ones."""
+        constraint = self.sessions[session_id].constraint
+        return TreeJob(session_id, root, root_parent, temperature=temperature, constraint=constraint,
+                       root_state=constraint.after_path(list(assumed)) if constraint is not None else None)
+
+    def _grow(self, session_id: str, root: int, root_parent: int,
+              assumed: list[int]) -> tuple[TreeJob, Iterator[int]]:
+        job = self._job(session_id, root, root_parent, assumed)
         return job, grow_trees(self.runner, [job], self.tree_params(session_id))
 
     def _counted(self, steps: Iterator[int]) -> Iterator[int]:
@@ -355,7 +397,7 @@ class Drafter:
             session = self.sessions[session_id]
             if session.current is None:
                 params = self.tree_params(session_id)  # sessions of one shape share passes, whatever their temperature
-                job = TreeJob(session_id, session.committed[-1], -1, temperature=params.temperature)
+                job = self._job(session_id, session.committed[-1], -1, temperature=params.temperature)
                 by_shape.setdefault(dataclasses.replace(params, temperature=1.0), []).append(job)
         for params, jobs in by_shape.items():
             for _ in self._counted(grow_trees(self.runner, jobs, params)):
@@ -402,7 +444,8 @@ class Drafter:
             return False
         leaf_scratch = built.node_scratch[path[-1]] if path else built.root_scratch
         assumed = [*(built.tree.tokens[i] for i in path), bonus]
-        job, steps = self._grow(session_id, bonus, leaf_scratch)
+        job, steps = self._grow(session_id, bonus, leaf_scratch,
+                                [*(t for later in session.ahead for t in later.assumed), *assumed])
         session.ahead.append(_Proactive(assumed, cycle + 1, committed_len + len(assumed), job, self._counted(steps)))
         self.stats.proactive_attempts += 1
         return True
@@ -450,6 +493,11 @@ class Drafter:
             session.hit_rate = 0.8 * session.hit_rate + 0.2 * hit
         session.committed += [*result.accepted, result.bonus]
         session.cycle += 1
+        if session.constraint is not None:
+            try:
+                session.constraint.advance([*result.accepted, result.bonus])
+            except ValueError:  # the target's tokens break the grammar as this drafter reads it: draft freely
+                session.constraint = None
         if not hit:
             self.runner.commit(result.session_id, scratch_path)
             session.current, session.current_sent = None, False

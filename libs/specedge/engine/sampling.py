@@ -6,7 +6,8 @@ source is counter-based: `uniform(seed, position)` hashes the pair (SplitMix64) 
 advancing a generator whose state would depend on how many draws came before. The token
 is then the inverse CDF of the filtered distribution at that uniform:
 
-    logits' = logits + logit_bias, then vLLM's penalties over the row's own history (`adjust_rows`)
+    logits' = logits masked by the row's grammar state (-inf where it forbids), + logit_bias,
+              then vLLM's penalties over the row's own history (`adjust_rows`)
     p = softmax(logits' / temperature), restricted to the top-k, the top-p nucleus, then min-p
     token = min { t : sum_{i <= t} p_i > u }   (token-id order)
 
@@ -104,12 +105,16 @@ def filtered_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingSpec], positions: list[int],
-                histories: list[tuple[list[int], list[int]] | None] | None = None) -> torch.Tensor:
+                histories: list[tuple[list[int], list[int]] | None] | None = None,
+                masks: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V] (on its device): row i is drawn with `params[i]`
-    for absolute position `positions[i]`, its logits adjusted for `histories[i]` (its
-    prompt and output: `adjust_rows`). Greedy rows take the argmax; the others the
-    inverse CDF of their filtered distribution at `uniform(seed, position)`. No transfer to
-    the host: the uniforms are computed on the host and sent."""
+    for absolute position `positions[i]`, only among the tokens `masks[i]` allows (a
+    grammar's: `engine.grammar`), its logits adjusted for `histories[i]` (its prompt and
+    output: `adjust_rows`). Greedy rows take the argmax; the others the inverse CDF of
+    their filtered distribution at `uniform(seed, position)`. No transfer to the host: the
+    uniforms are computed on the host and sent."""
+    if masks is not None:
+        logits = logits.masked_fill(~masks, float("-inf"))
     if histories is not None:
         logits = adjust_rows(logits, params, histories)
     tokens = logits.argmax(dim=-1)
@@ -128,6 +133,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingSpec], positions: lis
 
 
 def sample(logits: torch.Tensor, params: SamplingSpec, positions: list[int],
-           histories: list[tuple[list[int], list[int]] | None] | None = None) -> torch.Tensor:
+           histories: list[tuple[list[int], list[int]] | None] | None = None,
+           masks: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of `logits` [N, V]; row i is drawn for absolute position positions[i]."""
-    return sample_rows(logits, [params] * logits.shape[0], positions, histories)
+    return sample_rows(logits, [params] * logits.shape[0], positions, histories, masks)

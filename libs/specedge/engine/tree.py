@@ -12,6 +12,9 @@ path, so that set contains every kept node's ancestors. Every kept node has its 
 computed, the last level included, so nothing is missing whichever path the target
 accepts; and the last level's logits give proactive drafting its next token.
 
+With a structured output, a node is drafted only if the session's grammar allows it along
+its path (`grammar.Constraint`): the target would never draw anything else.
+
 Candidate selection is the pure `TreeGrowth` class; `grow_trees` drives it with a
 `ModelRunner` for any number of sessions at once (one batched forward per pass).
 The output is compact: drafted token ids and parent indices (-1 = the root), parents first.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specedge.engine.grammar import Constraint, State
 from specedge.engine.runner import ForwardRequest, ModelRunner
 from specedge.protocol import TREE_BEAMS, TREE_BRANCH, TREE_BUDGET, TREE_DEPTH, tree_depths
 
@@ -95,7 +99,8 @@ class TreeGrowth:
         self.offer_top(parent, top.values.tolist(), top.indices.tolist())
 
     def offer_top(self, parent: int, values: list[float], tokens: list[int]) -> None:
-        """`offer` with the top-`branch` log-probs and their tokens already on the host."""
+        """`offer` with the top-`branch` log-probs and their tokens already on the host (a
+        candidate of log-prob -inf, one a grammar forbids, is not offered)."""
         parent_depth = self._depth[parent] if parent >= 0 else 0
         if parent >= 0:
             self.tree.next_tokens[parent] = tokens[0]
@@ -105,6 +110,8 @@ class TreeGrowth:
             return
         base = self.tree.scores[parent] if parent >= 0 else 0.0
         for lp, token in zip(values, tokens, strict=True):
+            if lp == float("-inf"):
+                continue
             self._counter += 1
             heapq.heappush(self._heap, (-(base + lp), self._counter, parent, token))
 
@@ -150,8 +157,17 @@ class TreeJob:
     root_token: int
     root_parent: int = -1  # scratch index the root hangs below (-1 = prefix end)
     temperature: float | None = None  # its scoring temperature (None: the params')
+    constraint: Constraint | None = None  # the session's grammar: only tokens it allows are drafted
+    root_state: State = None  # the grammar's state at the root (after the committed and assumed tokens)
     growth: TreeGrowth | None = None
     root_scratch: int = -1
+    states: list[State] = field(default_factory=list)  # the grammar's state after each grown node
+
+    def allowed(self, rows: list[State], vocab: int) -> torch.Tensor:
+        """[len(rows), vocab] bool: what rows in these states may draft (all, without a grammar)."""
+        if self.constraint is None:
+            return torch.ones(len(rows), vocab, dtype=torch.bool)
+        return self.constraint.allowed(rows)
 
     def scratch_index(self, grown: int) -> int:
         """Scratch index of a node by its growth index (`DraftTree.grown_index`)."""
@@ -174,7 +190,8 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
         if job.temperature is None:
             job.temperature = params.temperature
     logits = runner.forward([ForwardRequest(j.session_id, [j.root_token], [j.root_parent]) for j in jobs], packed=True)
-    for job, (values, tokens) in zip(jobs, _candidates(logits, [j.temperature for j in jobs], params.branch),
+    masks = _masks([(job, [job.root_state]) for job in jobs], logits)
+    for job, (values, tokens) in zip(jobs, _candidates(logits, [j.temperature for j in jobs], params.branch, masks),
                                      strict=True):
         job.growth.offer_top(-1, values, tokens)
     yield 0
@@ -186,20 +203,36 @@ def grow_trees(runner: ModelRunner, jobs: list[TreeJob], params: TreeParams) -> 
         requests = []
         for job, added in work:
             tree = job.growth.tree
+            if job.constraint is not None:
+                job.states += [job.constraint.after(job.states[p] if p >= 0 else job.root_state, tree.tokens[i])
+                               for i, p in ((i, tree.parents[i]) for i in added)]
             parents = [job.scratch_index(tree.parents[i]) if tree.parents[i] >= 0 else job.root_scratch
                        for i in added]
             requests.append(ForwardRequest(job.session_id, [tree.tokens[i] for i in added], parents))
         logits = runner.forward(requests, packed=True)
-        candidates = iter(_candidates(logits, [job.temperature for job, added in work for _ in added], params.branch))
+        masks = _masks([(job, [job.states[i] for i in added] if job.constraint else [None] * len(added))
+                        for job, added in work], logits)
+        candidates = iter(_candidates(logits, [job.temperature for job, added in work for _ in added], params.branch,
+                                      masks))
         for job, added in work:
             for node in added:
                 job.growth.offer_top(node, *next(candidates))
         yield step
 
 
-def _candidates(logits: torch.Tensor, temperatures: list[float], branch: int) -> list[tuple[list[float], list[int]]]:
-    """Each row's top-`branch` draft log-probs (at its temperature) and tokens, brought to
-    the host in one transfer for the whole pass."""
+def _masks(rows: list[tuple[TreeJob, list[State]]], logits: torch.Tensor) -> torch.Tensor | None:
+    """What each row of a pass may draft (the jobs' rows in order), or None when no job has a grammar."""
+    if all(job.constraint is None for job, _ in rows):
+        return None
+    return torch.cat([job.allowed(states, logits.shape[-1]) for job, states in rows]).to(logits.device)
+
+
+def _candidates(logits: torch.Tensor, temperatures: list[float], branch: int,
+                masks: torch.Tensor | None = None) -> list[tuple[list[float], list[int]]]:
+    """Each row's top-`branch` draft log-probs (at its temperature; -inf where `masks`
+    forbids) and tokens, brought to the host in one transfer for the whole pass."""
+    if masks is not None:
+        logits = logits.masked_fill(~masks, float("-inf"))
     logprobs = torch.log_softmax(logits / torch.tensor(temperatures, device=logits.device)[:, None], -1)
     top = torch.topk(logprobs, min(branch, logits.shape[-1]))
     k = top.values.shape[-1]
