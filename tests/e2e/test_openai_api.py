@@ -3,6 +3,7 @@ streaming and not, concurrent clients, multi-turn, every mode, API keys, and Ope
 
 import asyncio
 import dataclasses
+import re
 import subprocess
 
 import httpx
@@ -337,3 +338,72 @@ def test_tools_and_chat_template_kwargs_go_to_the_template(gateway, reference):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tools=tools,
                                        tool_choice="required")
     assert err.value.body["param"] == "tool_choice"
+
+
+def test_structured_outputs_follow_their_grammar_exactly_in_every_mode(gateway):
+    """`response_format` json_schema, vLLM's `guided_regex` and `structured_outputs.choice`: in
+    every mode, streamed or not, token for token what the target alone masked by the grammar
+    draws (greedy and seeded) — and the output parses and validates."""
+    import json
+
+    import jsonschema
+    import llguidance
+
+    from specedge.engine.sampling import SamplingSpec
+    from specedge.models import chat_prompt_ids
+    from tests.structured import COLORS, LAYOUT, PERSON, YES_NO, reference_output
+
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    ends = list(model.generation_config.eos_token_id)
+    client = gateway.client()
+    cases = [
+        ("Give me a person as JSON.", llguidance.LLMatcher.grammar_from_json_schema(PERSON, LAYOUT),
+         {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}),
+        ("Is the sky blue?", llguidance.LLMatcher.grammar_from_regex(YES_NO), {"extra_body": {"guided_regex": YES_NO}}),
+        ("Pick a color.", llguidance.grammar_from("choice", COLORS),
+         {"extra_body": {"structured_outputs": {"choice": COLORS}}}),
+    ]
+    for question, grammar, ask in cases:
+        prompt = chat_prompt_ids(tok, question)
+        messages = [{"role": "user", "content": question}]
+        for temperature, seed in ((0.0, 0), (0.9, 7)):
+            expected = reference_output(model, tok, prompt, SamplingSpec(temperature=temperature, seed=seed,
+                                                                         grammar=grammar), 60, ends)
+            assert expected[-1] in ends  # it ends inside the budget
+            text = tok.decode(expected, skip_special_tokens=True)
+            for mode in ("specedge", "server-only", "autoregressive"):
+                body = {**ask.get("extra_body", {}), "specedge": {"mode": mode}}
+                reply = client.chat.completions.create(
+                    model=MODEL, messages=messages, temperature=temperature, seed=seed, max_tokens=60,
+                    **{k: v for k, v in ask.items() if k != "extra_body"}, extra_body=body)
+                assert reply.choices[0].message.content == text, (question, mode, temperature)
+                assert reply.choices[0].finish_reason == "stop"
+                if mode == "specedge" and "response_format" in ask:  # the edge drafts by the grammar too
+                    assert speculation(reply, mode)["tokens_per_verification"] >= 2.5
+            streamed = "".join(choice.delta.content or "" for chunk in client.chat.completions.create(
+                model=MODEL, messages=messages, temperature=temperature, seed=seed, max_tokens=60, stream=True,
+                **{k: v for k, v in ask.items() if k != "extra_body"}, extra_body=ask.get("extra_body"))
+                for choice in chunk.choices)
+            assert streamed == text
+            if "response_format" in ask:
+                jsonschema.validate(json.loads(text), PERSON)
+            elif "guided_regex" in ask.get("extra_body", {}):
+                assert re.fullmatch(YES_NO, text)
+            else:
+                assert text in COLORS
+    # json_object on /v1/completions: speculation draws what the target alone draws, and an
+    # output that ends (not cut by max_tokens) is a JSON object
+    outputs = {mode: client.completions.create(model=MODEL, prompt="A JSON object: ", max_tokens=48, temperature=0,
+                                               extra_body={"response_format": {"type": "json_object"},
+                                                           "specedge": {"mode": mode}}).choices[0]
+               for mode in ("specedge", "autoregressive")}
+    assert outputs["specedge"].text == outputs["autoregressive"].text
+    assert outputs["specedge"].text.startswith("{")
+    if outputs["specedge"].finish_reason == "stop":
+        assert isinstance(json.loads(outputs["specedge"].text), dict)
+    with pytest.raises(openai.BadRequestError) as err:  # a schema that cannot be followed: a 400 naming the field
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
+    assert err.value.body["param"] == "response_format"

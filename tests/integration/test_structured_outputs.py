@@ -3,14 +3,12 @@ its own path, so any tree commits what the target alone, masked token by token, 
 and the drafter drafts only what the grammar allows.
 
 The reference decoding here uses llguidance directly (a matcher advanced one drawn token at
-a time), not `engine.grammar`."""
+a time, `tests.structured`), not `engine.grammar`."""
 
 import json
 import random
 
 import llguidance
-import llguidance.hf
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,22 +17,18 @@ from specedge.engine.acceptance import accept, accept_batch
 from specedge.engine.generate import generate
 from specedge.engine.grammar import Constraint, GrammarError, grammar_vocab
 from specedge.engine.parties import Drafter, Verifier
-from specedge.engine.sampling import SamplingSpec, sample
+from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import TreeParams
 from specedge.models import BUNDLED_DRAFT, BUNDLED_TARGET, bundled, chat_prompt_ids
 from specedge.protocol import MODES, DraftTreeMsg
+from tests.structured import COLORS, LAYOUT, PERSON, YES_NO, Reference, reference_output
 
 VOCAB = 4096
 END = 2  # <|im_end|>
-LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
-          "properties": {"name": {"type": "string", "maxLength": 8},
-                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                         "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "bb", "ccc"]}}}}
 GRAMMARS = {
     "json_schema": llguidance.LLMatcher.grammar_from_json_schema(PERSON, LAYOUT),
-    "regex": llguidance.LLMatcher.grammar_from_regex(r"(yes|no), because [a-z ]{1,24}\."),
-    "choice": llguidance.grammar_from("choice", ["red", "green", "blue"]),
+    "regex": llguidance.LLMatcher.grammar_from_regex(YES_NO),
+    "choice": llguidance.grammar_from("choice", COLORS),
 }
 
 
@@ -54,32 +48,6 @@ def models():
             AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_DRAFT)).eval())
 
 
-class Reference:
-    """Target-alone constrained decoding, one token at a time, straight on llguidance."""
-
-    def __init__(self, tokenizer, grammar: str) -> None:
-        self.ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=VOCAB)
-        self.matcher = llguidance.LLMatcher(self.ll, grammar, log_level=0)
-        self.done = False
-
-    def mask(self) -> torch.Tensor:
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = torch.from_numpy(bits[:VOCAB].astype(bool))
-        for t in range(VOCAB):  # special tokens never, but the end once the grammar is complete
-            if self.ll.is_special_token(t):
-                allowed[t] = False
-        allowed[END] = self.matcher.is_accepting()
-        return allowed
-
-    def step(self, logits: torch.Tensor, params: SamplingSpec, position: int) -> int:
-        token = int(sample(logits[None], params, [position], masks=self.mask()[None])[0])
-        if token == END:
-            self.done = True
-        else:
-            assert self.matcher.consume_token(token)
-        return token
-
-
 def toy_logits(prefix: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(VOCAB, generator=torch.Generator().manual_seed(hash(prefix) % 2**31)) * 3
 
@@ -96,7 +64,7 @@ def test_any_tree_commits_what_masked_target_alone_decoding_commits(tokenizer, v
     rng = random.Random(kind)
     for trial in range(12):
         context = (rng.randrange(3, VOCAB), rng.randrange(3, VOCAB))
-        reference, expected = Reference(tokenizer, params.grammar), []
+        reference, expected = Reference(tokenizer, params.grammar, [END], VOCAB), []
         while not reference.done and len(expected) < 40:
             expected.append(reference.step(toy_logits(context + tuple(expected)), params, 100 + len(expected)))
         done = expected[: rng.randrange(0, max(1, len(expected) - 1))]  # committed before this tree
@@ -148,15 +116,6 @@ def test_the_drafter_drafts_only_what_the_grammar_allows(models, tokenizer, voca
     assert tokenizer.decode([tree.tokens[0]]).startswith("{")
 
 
-def _reference_output(target, tokenizer, prompt, params, max_new) -> list[int]:
-    reference, out = Reference(tokenizer, params.grammar), []
-    with torch.no_grad():
-        while not reference.done and len(out) < max_new:
-            logits = target(torch.tensor([prompt + out])).logits[0, -1]
-            out.append(reference.step(logits, params, len(prompt) + len(out)))
-    return out
-
-
 @pytest.mark.parametrize("kind", sorted(GRAMMARS))
 def test_every_mode_generates_the_masked_targets_output_and_it_follows_the_grammar(models, tokenizer, vocab, kind):
     """The bundled models in all three modes, greedy and seeded: token for token the
@@ -167,14 +126,14 @@ def test_every_mode_generates_the_masked_targets_output_and_it_follows_the_gramm
     prompt = chat_prompt_ids(tokenizer, "Give me a person as JSON." if kind == "json_schema" else "Is the sky blue?")
     for params in (SamplingSpec(grammar=GRAMMARS[kind], end_ids=[END]),
                    SamplingSpec(temperature=0.9, seed=5, grammar=GRAMMARS[kind], end_ids=[END])):
-        expected = _reference_output(target, tokenizer, prompt, params, 60)
+        expected = reference_output(target, tokenizer, prompt, params, 60, [END])
         assert expected[-1] == END
         text = tokenizer.decode(expected[:-1])
         if kind == "json_schema":
             value = json.loads(text)
             assert set(value) == {"name", "age", "tags"} and 0 <= value["age"] <= 120
         elif kind == "choice":
-            assert text in {"red", "green", "blue"}
+            assert text in COLORS
         for mode in MODES:
             result = generate(mode, verifier, drafter, prompt, params, 60, {END})
             assert result.token_ids == expected, (mode, params.temperature)
@@ -193,7 +152,7 @@ def test_a_resumed_session_picks_up_the_grammar_where_its_output_stands(models, 
     target, _ = models
     prompt = chat_prompt_ids(tokenizer, "Give me a person as JSON.")
     params = SamplingSpec(grammar=GRAMMARS["json_schema"], end_ids=[END])
-    expected = _reference_output(target, tokenizer, prompt, params, 60)
+    expected = reference_output(target, tokenizer, prompt, params, 60, [END])
     half = len(expected) // 2
     verifier = Verifier(target, grammar_vocab=vocab)
     verifier.open("s", prompt + expected[:half], params, cycle=half, prompt_len=len(prompt))
