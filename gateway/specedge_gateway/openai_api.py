@@ -235,6 +235,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # each token's, and this many alternatives
+    echo: bool = False  # the prompt before the completion (with `logprobs`: the target's of each prompt token)
 
     @model_validator(mode="after")
     def _few_choices(self) -> CompletionRequest:
@@ -300,6 +301,7 @@ class GenerationSpec:
     template_kwargs: dict | None = None  # chat: the template's own variables
     more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
     grammar: str = ""  # a structured output's llguidance grammar (`structured.grammar_of`)
+    echo: bool = False  # completions: the prompt first (its tokens' logprobs too, when asked)
 
     def choices(self) -> list[GenerationSpec]:
         """One spec per choice, in the order of their `index`: prompt by prompt, `n` each, the
@@ -348,15 +350,19 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
         tools=tools, template_kwargs=template_kwargs, min_tokens=request.min_tokens,
-        grammar=_grammar(request),
+        grammar=_grammar(request), echo=getattr(request, "echo", False),
     )
 
 
 def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str:
     try:
-        return grammar_of(request)
+        grammar = grammar_of(request)
     except StructuredOutputError as exc:
         raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from exc
+    if grammar and request.min_tokens:  # a grammar complete sooner would leave nothing to draw
+        raise OpenAIError(400, "min_tokens cannot be combined with a structured output", param="min_tokens",
+                          code="invalid_value")
+    return grammar
 
 
 def _logprobs(request: ChatCompletionRequest | CompletionRequest) -> int:

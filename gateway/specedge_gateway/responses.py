@@ -58,7 +58,7 @@ class CompletionLogprobs(BaseModel):
 
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    top_logprobs: list[dict[str, float] | None] | None  # None for a token with no logprob (the prompt's first)
     text_offset: list[int]
 
     @classmethod
@@ -70,7 +70,8 @@ class CompletionLogprobs(BaseModel):
             offsets.append(offset)
             offset += len(text)
         return cls(tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
-                   top_logprobs=[{text_of(t): lp for t, lp in e.top} for e in entries] if top else None)
+                   top_logprobs=[{text_of(t): lp for t, lp in e.top} if e.logprob is not None else None
+                                 for e in entries] if top else None)
 
 
 class AssistantMessage(BaseModel):

@@ -79,7 +79,7 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                               frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
                               logit_bias=dict(spec.logit_bias), min_tokens=spec.min_tokens,
                               end_ids=spec.end_ids(codec.eos_ids) if spec.min_tokens or spec.grammar else [],
-                              grammar=spec.grammar),
+                              grammar=spec.grammar, prompt_logprobs=spec.logprobs if spec.echo else -1),
         mode=spec.mode, user=user)
     finished = False
     count, reason = 0, None
@@ -128,6 +128,9 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                 if spec.logprobs >= 0:  # (tokens read back from Redis have none: unknown)
                     pending += event.logprobs if len(event.logprobs) == len(event.tokens) else \
                         [TokenLogprob(t, None) for t in event.tokens]
+                if spec.echo and count == len(event.tokens):  # the first tokens: the prompt goes first
+                    yield Piece(spec.prompt or "", None, 0, await _prompt_logprobs(store, sid, prompt_ids)
+                                if spec.logprobs >= 0 else [])
                 piece = text.add(event.tokens)
                 if text.stopped:
                     reason = "stop"
@@ -289,3 +292,14 @@ class _Timing:
             self.metrics.running.dec()
         if self.live is not None:
             self.live.running -= 1
+
+
+async def _prompt_logprobs(store: SessionStore | None, sid: str, prompt_ids: list[int]) -> list[TokenLogprob]:
+    """The prompt's logprobs the verifier saved in Redis (null ones if they cannot be read)."""
+    try:
+        entries = await store.take_prompt_logprobs(sid) if store is not None else None
+    except Exception as exc:  # Redis unreachable: the echo goes on without them
+        log.warning("cannot read the prompt logprobs of %s: %r", sid[:16], exc)
+        entries = None
+    return entries if entries is not None and len(entries) == len(prompt_ids) else \
+        [TokenLogprob(t, None) for t in prompt_ids]

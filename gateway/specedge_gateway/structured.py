@@ -125,8 +125,10 @@ def grammar_of(fields: StructuredFields) -> str:
             grammar = llguidance.grammar_from("choice", value)
         else:
             grammar = llguidance.grammar_from("grammar", value)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise StructuredOutputError(name, str(exc)) from exc
+    except BaseException as exc:  # a compiler's panic (pyo3's PanicException is no Exception) is a bad grammar too
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        raise StructuredOutputError(name, str(exc) or type(exc).__name__) from exc
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise StructuredOutputError(name, f"longer than {MAX_GRAMMAR_CHARS} characters once compiled")
     error = llguidance.LLMatcher.validate_grammar(grammar)

@@ -200,6 +200,7 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 0
     seed: int = 0
     logprobs: int = -1  # -1: none; k >= 0: each committed token's logprob and its top k alternatives
+    prompt_logprobs: int = -1  # the same for the prompt's tokens (completions' `echo`), kept in Redis for the gateway
     min_p: float = 0.0  # drop tokens less likely than this × the most likely one
     # vLLM's penalties, over each tree node's own path: presence and frequency over the output,
     # repetition over prompt and output (`engine.sampling.adjust_rows`); added to chosen logits
@@ -220,7 +221,7 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
-        if not -1 <= self.logprobs <= MAX_LOGPROBS:
+        if not (-1 <= self.logprobs <= MAX_LOGPROBS and -1 <= self.prompt_logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be in [-1, {MAX_LOGPROBS}]")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")

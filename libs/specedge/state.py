@@ -11,6 +11,10 @@ Key schema (every key under `specedge:`; see docs/architecture.md):
   seconds (the scheduler's `--session-ttl`) after the last commit.
 - `specedge:session:{sid}:tokens` (list): the committed token ids, prompt then output.
   Same expiry.
+- `specedge:session:{sid}:prompt_logprobs` (msgpack): the prompt's `TokenLogprob`s, when
+  the session asked (`SamplingSpec.prompt_logprobs`: completions' `echo`). Written by the
+  verifier before its first result, taken (read and deleted) by the gateway; outlives the
+  session's end by up to `PROMPT_LOGPROBS_TTL_S`.
 - `specedge:apikey:{sha256(key)}` (hash): user, label, created (unix seconds). No expiry:
   removed by `specedge keys revoke`.
 - `specedge:user:{user}:active` (integer): the user's requests generating now, over all
@@ -42,7 +46,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
-from specedge.protocol import SamplingSpec
+from specedge.protocol import SamplingSpec, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,13 @@ def session_key(session_id: str) -> str:
 
 def tokens_key(session_id: str) -> str:
     return f"{PREFIX}:session:{session_id}:tokens"
+
+
+def prompt_logprobs_key(session_id: str) -> str:
+    return f"{PREFIX}:session:{session_id}:prompt_logprobs"
+
+
+PROMPT_LOGPROBS_TTL_S = 600
 
 
 def edge_suspension_key(edge_id: str) -> str:
@@ -258,6 +269,15 @@ class SessionStore:
 
     async def end(self, session_id: str) -> None:
         await self.client.delete(session_key(session_id), tokens_key(session_id))
+
+    async def save_prompt_logprobs(self, session_id: str, entries: list[TokenLogprob]) -> None:
+        await self.client.set(prompt_logprobs_key(session_id), msgspec.msgpack.encode(entries),
+                              ex=PROMPT_LOGPROBS_TTL_S)
+
+    async def take_prompt_logprobs(self, session_id: str) -> list[TokenLogprob] | None:
+        """The prompt's logprobs the verifier saved (once: the key goes), or None."""
+        data = await self.client.getdel(prompt_logprobs_key(session_id))
+        return None if data is None else msgspec.msgpack.decode(data, type=list[TokenLogprob])
 
     async def suspend_edge(self, edge_id: str, seconds: float) -> None:
         """Record that an edge is cut off, for every scheduler, for `seconds`."""

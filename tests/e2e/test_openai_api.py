@@ -407,3 +407,38 @@ def test_structured_outputs_follow_their_grammar_exactly_in_every_mode(gateway):
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
     assert err.value.body["param"] == "response_format"
+
+
+@pytest.mark.parametrize("mode", ["specedge", "server-only", "autoregressive"])
+def test_echo_returns_the_prompt_with_the_targets_own_logprobs_of_it(gateway, mode):
+    """`echo` with `logprobs` (how lm-eval scores a continuation): the prompt, then the
+    completion; each prompt token's raw logprob and best alternative as the target alone
+    computes them (the first token's null), streamed or not."""
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    text = "The capital of France is Paris. The capital of Italy is"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    client = gateway.client()
+    ask = {"model": MODEL, "prompt": text, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1,
+           "extra_body": {"specedge": {"mode": mode}}}
+    choice = client.completions.create(**ask).choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(text) and len(choice.text) > len(text)
+    assert lp.tokens[: len(ids)] == [tok.decode([i]) for i in ids] and len(lp.tokens) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for k in range(1, len(ids)):
+        assert abs(lp.token_logprobs[k] - expected[k - 1, ids[k]].item()) < 1e-4, k
+        best = int(expected[k - 1].argmax())
+        assert list(lp.top_logprobs[k]) == [tok.decode([best])]
+        assert abs(lp.top_logprobs[k][tok.decode([best])] - expected[k - 1, best].item()) < 1e-4
+    # the completion's own logprobs follow: its first token is scored after the whole prompt
+    assert abs(lp.token_logprobs[len(ids)] - expected[-1].max().item()) < 1e-4
+    assert lp.text_offset[: 2] == [0, len(lp.tokens[0])]
+    chunks = list(client.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and [round(v, 4) for v in streamed[1:]] == [round(v, 4) for v in lp.token_logprobs[1:]]
+    plain = client.completions.create(model=MODEL, prompt=text, max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None

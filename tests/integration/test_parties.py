@@ -227,3 +227,31 @@ def test_logprobs_of_committed_tokens_are_the_targets_own_raw_ones(models):
     plain.open("p", prompts(1)[0], SamplingSpec())
     tree = DraftTreeMsg(session_id="p", cycle=0, committed_len=5, tokens=[7], parents=[-1])
     assert plain.verify([tree])[0].logprobs == []  # not asked: not computed
+
+
+def test_prompt_logprobs_are_the_targets_own_across_prefill_chunks(models):
+    """`SamplingSpec.prompt_logprobs`: a prompt prefilled in several chunks, some riding
+    along with another session's verification, is scored token by token as the target
+    alone scores it (the first token has none), and handed out once."""
+    target, _ = models
+    verifier = Verifier(target)
+    prompt = torch.randint(3, 4096, (2 * verifier.prefill_chunk + 37,), generator=torch.Generator().manual_seed(3))
+    prompt = prompt.tolist()
+    with torch.no_grad():
+        expected = torch.log_softmax(target(torch.tensor([prompt])).logits[0].float(), -1)
+    verifier.open("other", [5, 6, 7], SamplingSpec())
+    verifier.begin("s", prompt, SamplingSpec(prompt_logprobs=2))
+    assert verifier.take_prompt_logprobs("s") is None  # not prefilled yet
+    cycle = 0
+    while verifier.prefilling("s"):
+        tree = DraftTreeMsg(session_id="other", cycle=cycle, committed_len=3 + cycle, tokens=[], parents=[])
+        verifier.step([tree], prefill_budget=verifier.prefill_chunk)
+        cycle += 1
+    entries = verifier.take_prompt_logprobs("s")
+    assert verifier.take_prompt_logprobs("s") is None
+    assert [e.token for e in entries] == prompt and entries[0].logprob is None
+    got = torch.tensor([e.logprob for e in entries[1:]])
+    want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    assert torch.allclose(got, want, atol=1e-4)
+    best = expected[:-1].topk(2)
+    assert [[t for t, _ in e.top] for e in entries[1:]] == best.indices.tolist()

@@ -266,6 +266,8 @@ class VerifierService:
         """Commit a verified cycle to Redis; on refusal drop the local cache (it is ahead of the
         durable state) and return the reason."""
         try:
+            if (prompt := self.verifier.take_prompt_logprobs(result.session_id)) is not None:
+                await self.store.save_prompt_logprobs(result.session_id, prompt)  # for completions' echo
             outcome = await self.store.commit(result.session_id, result.cycle, result.committed_len,
                                               [*result.accepted, result.bonus])
         except Exception as exc:

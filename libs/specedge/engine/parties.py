@@ -44,6 +44,7 @@ class _TargetSession:
     prompt_len: int = 0  # where the output starts in `committed` (penalties look at it)
     to_prefill: list[int] = dataclasses.field(default_factory=list)  # prompt tokens not in the cache yet
     constraint: Constraint | None = None  # its structured output's grammar, after the committed output
+    prompt_logprobs: list[TokenLogprob] | None = None  # while asked for: the prompt's, as far as prefilled
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
@@ -131,6 +132,17 @@ class Verifier:
         self.runner.reserve(session_id, len(prompt))
         self.sessions[session_id] = _TargetSession(list(prompt), params, cycle, to_prefill=list(prompt[:-1]),
                                                    prompt_len=prompt_len, constraint=constraint)
+        if params.prompt_logprobs >= 0 and cycle == 0:  # the first token has none: nothing comes before it
+            self.sessions[session_id].prompt_logprobs = [TokenLogprob(prompt[0], None)]
+
+    def take_prompt_logprobs(self, session_id: str) -> list[TokenLogprob] | None:
+        """A prefilled session's prompt logprobs (`SamplingSpec.prompt_logprobs`), once: one
+        per prompt token (the first's None), or None (not asked, not prefilled yet, taken)."""
+        session = self.sessions.get(session_id)
+        if session is None or session.to_prefill or session.prompt_logprobs is None:
+            return None
+        entries, session.prompt_logprobs = session.prompt_logprobs, None
+        return entries
 
     def prefilling(self, session_id: str) -> bool:
         """Whether a session still has prompt tokens to prefill."""
@@ -204,12 +216,21 @@ class Verifier:
         if not requests and not chunks:
             return []
         started = time.perf_counter()
-        logits = self.runner.forward(requests + chunks, packed=True, logits_of=len(requests))
+        scored = any(self.sessions[c.session_id].prompt_logprobs is not None for c in chunks)
+        logits = self.runner.forward(requests + chunks, packed=True, logits_of=None if scored else len(requests))
         self.forward_passes += 1
+        row = sum(len(r.tokens) for r in requests)
         for chunk in chunks:
             self.runner.commit(chunk.session_id, list(range(len(chunk.tokens))))
             session = self.sessions[chunk.session_id]
             session.to_prefill = session.to_prefill[len(chunk.tokens) :]
+            if session.prompt_logprobs is not None:  # each row scores the prompt token after it
+                done = len(session.prompt_logprobs)
+                session.prompt_logprobs += token_logprobs(logits[row : row + len(chunk.tokens)],
+                                                          session.committed[done : done + len(chunk.tokens)],
+                                                          session.params.prompt_logprobs)
+            row += len(chunk.tokens)
+        logits = logits[: sum(len(r.tokens) for r in requests)]
         if not requests:
             return []
         sessions = [self.sessions[t.session_id] for t in trees]
