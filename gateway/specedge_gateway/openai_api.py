@@ -232,14 +232,27 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+    # text, a list of texts, token ids, or a list of token-id lists (OpenAI's four forms)
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)] | TokenIds \
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # each token's, and this many alternatives
     echo: bool = False  # the prompt before the completion (with `logprobs`: the target's of each prompt token)
 
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """Each prompt: a text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [tuple(self.prompt)]
+        return [p if isinstance(p, str) else tuple(p) for p in self.prompt]
+
     @model_validator(mode="after")
     def _few_choices(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and len(self.prompt) * self.n > MAX_CHOICES:
+        if len(self.prompts()) * self.n > MAX_CHOICES:
             raise ValueError(f"at most {MAX_CHOICES} choices (prompts × n) per request")
         return self
 
@@ -275,7 +288,7 @@ class GenerationSpec:
 
     model: str
     messages: list[dict[str, str]] | None   # chat: apply the chat template
-    prompt: str | None                      # completions: the raw prompt (of the first choice)
+    prompt: str | tuple[int, ...] | None    # completions: the raw prompt, or its token ids (of the first choice)
     max_tokens: int | None                  # None: up to the context limit
     temperature: float
     top_p: float
@@ -299,7 +312,7 @@ class GenerationSpec:
     min_tokens: int = 0
     tools: list[dict] | None = None  # chat: shown to the model by its chat template
     template_kwargs: dict | None = None  # chat: the template's own variables
-    more_prompts: tuple[str, ...] = ()  # completions: the prompts after the first
+    more_prompts: tuple[str | tuple[int, ...], ...] = ()  # completions: the prompts after the first
     grammar: str = ""  # a structured output's llguidance grammar (`structured.grammar_of`)
     echo: bool = False  # completions: the prompt first (its tokens' logprobs too, when asked)
 
@@ -326,7 +339,7 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         tools = [t.model_dump() for t in request.tools] if request.tools and request.tool_choice != "none" else None
         template_kwargs = request.chat_template_kwargs
     else:
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        prompts = request.prompts()
         messages, prompt, max_tokens = None, prompts[0], request.max_tokens
         tools = template_kwargs = None
     return GenerationSpec(

@@ -81,7 +81,8 @@ class Gateway:
             raise OpenAIError(404, f"model {spec.model!r} does not exist; this server serves {served!r}",
                               "not_found_error", "model", "model_not_found")
         param = "messages" if spec.messages is not None else "prompt"
-        chars = sum(len(m["content"]) for m in spec.messages) if spec.messages is not None else len(spec.prompt)
+        chars = sum(len(m["content"]) for m in spec.messages) if spec.messages is not None else \
+            len(spec.prompt) if isinstance(spec.prompt, str) else 0
         if chars > settings.max_context * MAX_CHARS_PER_TOKEN:  # cannot fit: refused before any work on it
             raise OpenAIError(400, f"the prompt has {chars} characters; the context holds {settings.max_context} "
                               "tokens", param=param, code="context_length_exceeded")
@@ -90,7 +91,13 @@ class Gateway:
                 if spec.messages is not None else spec.prompt
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param="messages", code="invalid_messages") from None
-        ids = self.codec.encode(prompt)
+        if isinstance(prompt, tuple):  # token ids
+            if max(prompt) >= self.codec.vocab_size:
+                raise OpenAIError(400, f"token id {max(prompt)} is not in the vocabulary ({self.codec.vocab_size} "
+                                  "tokens)", param="prompt", code="invalid_value")
+            ids = list(prompt)
+        else:
+            ids = self.codec.encode(prompt)
         room = settings.max_context - len(ids)
         if not ids or room < 1:
             raise OpenAIError(400, f"the prompt is {len(ids)} tokens; the context holds {settings.max_context}",

@@ -129,7 +129,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                     pending += event.logprobs if len(event.logprobs) == len(event.tokens) else \
                         [TokenLogprob(t, None) for t in event.tokens]
                 if spec.echo and count == len(event.tokens):  # the first tokens: the prompt goes first
-                    yield Piece(spec.prompt or "", None, 0, await _prompt_logprobs(store, sid, prompt_ids)
+                    echo = spec.prompt if isinstance(spec.prompt, str) else codec.decode(prompt_ids)
+                    yield Piece(echo, None, 0, await _prompt_logprobs(store, sid, prompt_ids)
                                 if spec.logprobs >= 0 else [])
                 piece = text.add(event.tokens)
                 if text.stopped:

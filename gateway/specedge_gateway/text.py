@@ -60,6 +60,11 @@ class TextCodec:
             raise ValueError(f"the chat template refuses these messages: {exc}") from None
         return rendered[0]
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids below this are the tokenizer's (added tokens included)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 

@@ -442,3 +442,22 @@ def test_echo_returns_the_prompt_with_the_targets_own_logprobs_of_it(gateway, mo
     assert streamed[0] is None and [round(v, 4) for v in streamed[1:]] == [round(v, 4) for v in lp.token_logprobs[1:]]
     plain = client.completions.create(model=MODEL, prompt=text, max_tokens=3, temperature=0, echo=True)
     assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None
+
+
+def test_prompts_as_token_ids_are_served_like_their_text(gateway):
+    """OpenAI's token-id prompt forms (what lm-eval sends): one list of ids, or several."""
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    client = gateway.client()
+    texts = ["The capital of France is", "def add(a, b):"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ask = {"model": MODEL, "max_tokens": 6, "temperature": 0}
+    by_text = [client.completions.create(prompt=t, **ask).choices[0].text for t in texts]
+    assert client.completions.create(prompt=ids[0], **ask).choices[0].text == by_text[0]
+    both = client.completions.create(prompt=ids, **ask)
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == by_text
+    assert both.usage.prompt_tokens == sum(map(len, ids))
+    echoed = client.completions.create(prompt=ids[1], echo=True, logprobs=0, **ask).choices[0]
+    assert echoed.text == texts[1] + by_text[1] and echoed.logprobs.token_logprobs[0] is None
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(prompt=[5, 10**6], **ask)
+    assert err.value.body["param"] == "prompt"
