@@ -12,12 +12,13 @@ DISTS  := libs gateway scheduler verifier edge-agent bench
 PYPROJECTS := $(foreach d,$(DISTS),$(d)/pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: up test soak lint install browser models clean help
+.PHONY: up test soak conformance lint install browser models clean help
 
 help:
 	@echo "make up      run nats-server, redis-server and the four services (Ctrl-C stops all)"
 	@echo "make test    run the test suite (unit, integration with real servers, end to end)"
 	@echo "make soak    load test: 64 streaming clients for 5 minutes against specedge up (docs/benchmarks.md)"
+	@echo "make conformance  aiperf and lm-eval against specedge up (own virtualenv; docs/benchmarks.md)"
 	@echo "make lint    ruff"
 	@echo "make models  retrain the bundled tiny models (about 45 minutes on 2 CPU cores; not in CI)"
 
@@ -60,6 +61,19 @@ soak: $(STAMP)
 	SPECEDGE_SOAK_CLIENTS=$(SOAK_CLIENTS) SPECEDGE_SOAK_SECONDS=$(SOAK_SECONDS) SPECEDGE_SOAK_REPORT=soak-report.json \
 		$(BIN)/python -m pytest tests/e2e/test_soak.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
+# Real clients (aiperf, lm-eval) against `specedge up`, from their own virtualenv: their
+# dependencies pin versions the project's do not, and they take minutes (not in `make test`).
+CONFORMANCE_VENV ?= .venv-conformance
+CONFORMANCE_STAMP := $(CONFORMANCE_VENV)/.specedge-installed
+$(CONFORMANCE_STAMP): tests/conformance/requirements.txt
+	test -x $(CONFORMANCE_VENV)/bin/python || $(PYTHON) -m venv $(CONFORMANCE_VENV)
+	$(CONFORMANCE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/conformance/requirements.txt
+	touch $@
+
+conformance: $(STAMP) $(CONFORMANCE_STAMP)
+	SPECEDGE_CONFORMANCE_TOOLS=$(CONFORMANCE_VENV)/bin SPECEDGE_CONFORMANCE_REPORT=conformance-report.json \
+		$(BIN)/python -m pytest tests/conformance -p no:cacheprovider $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -67,4 +81,4 @@ models: $(STAMP)
 	$(BIN)/python models/train_tiny_pair.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CONFORMANCE_VENV) .pytest_cache .ruff_cache

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -399,6 +400,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["received"] = time.monotonic()  # latencies count from here (`received`)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await error_response(413, self._too_large(), code="request_too_large")(scope, receive, send)
@@ -414,3 +416,9 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+def received(request: Request) -> float:
+    """When the request reached the gateway (`BodyLimit` stamps it; now, without it): its
+    time to first token and end-to-end latency count from here, as a client measures them."""
+    return getattr(request.state, "received", None) or time.monotonic()

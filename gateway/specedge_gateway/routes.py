@@ -37,6 +37,7 @@ from specedge_gateway.openai_api import (
     OpenAIError,
     TokenizeRequest,
     check_fields,
+    received,
     to_generation,
 )
 from specedge_gateway.responses import (
@@ -109,7 +110,8 @@ class Gateway:
         return ids, wanted
 
     @contextlib.asynccontextmanager
-    async def generation(self, spec: GenerationSpec, user: str) -> AsyncIterator[Generation]:
+    async def generation(self, spec: GenerationSpec, user: str,
+                         received: float | None = None) -> AsyncIterator[Generation]:
         """Prepare (off the event loop), take the user's slot, open the session; on exit,
         close the session and give the slot back — whatever ended it."""
         ids, max_new = await asyncio.to_thread(self.prepare, spec)  # templating and tokenizing
@@ -120,7 +122,7 @@ class Gateway:
         try:
             stats = RequestStats(mode=spec.mode, seed=spec.seed)
             pieces = generate(self.nc, self.codec, spec, ids, max_new, user, metrics=self.metrics, live=self.live,
-                              stats=stats, store=self.store)
+                              stats=stats, store=self.store, received=received)
             async with contextlib.aclosing(pieces):
                 yield Generation(len(ids), pieces, stats)
         finally:  # (here, not in the generator: one never started never runs its own cleanup)
@@ -164,6 +166,7 @@ async def caller(gw: Annotated[Gateway, Depends(gateway)],
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]
 UserDep = Annotated[str, Depends(caller)]
+ReceivedDep = Annotated[float, Depends(received)]
 api = APIRouter()
 ops = APIRouter()
 
@@ -171,18 +174,19 @@ ops = APIRouter()
 @api.post("/v1/chat/completions", response_model=None,
           responses={200: {"model": ChatCompletion, "description": "The reply; with `stream`, server-sent "
                                                                    "`chat.completion.chunk` events"}})
-async def chat_completions(body: ChatCompletionRequest, gw: GatewayDep, user: UserDep
+async def chat_completions(body: ChatCompletionRequest, gw: GatewayDep, user: UserDep, at: ReceivedDep
                            ) -> ChatCompletion | StreamingResponse:
     _check(body, gw)
-    return await _respond(gw, to_generation(body), chat=True, user=user)
+    return await _respond(gw, to_generation(body), chat=True, user=user, received=at)
 
 
 @api.post("/v1/completions", response_model=None,
           responses={200: {"model": Completion, "description": "The reply; with `stream`, server-sent "
                                                                "`text_completion` events"}})
-async def completions(body: CompletionRequest, gw: GatewayDep, user: UserDep) -> Completion | StreamingResponse:
+async def completions(body: CompletionRequest, gw: GatewayDep, user: UserDep,
+                      at: ReceivedDep) -> Completion | StreamingResponse:
     _check(body, gw)
-    return await _respond(gw, to_generation(body), chat=False, user=user)
+    return await _respond(gw, to_generation(body), chat=False, user=user, received=at)
 
 
 def _check(body: ChatCompletionRequest | CompletionRequest, gw: Gateway) -> None:
@@ -231,14 +235,14 @@ async def models(gw: GatewayDep, user: UserDep) -> dict:
     return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "specedge"} for n in names]}
 
 
-async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
-                   user: str) -> ChatCompletion | Completion | StreamingResponse:
+async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool, user: str,
+                   received: float | None = None) -> ChatCompletion | Completion | StreamingResponse:
     """One reply of `spec.choices()`: each choice its own session, all generating at once."""
     head = Head(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
                 model=gw.served_model)
     specs = spec.choices()
     if not spec.stream:
-        done = await _complete_all(gw, specs, user)
+        done = await _complete_all(gw, specs, user, received)
         head.system_fingerprint = done[0].run.stats.system_fingerprint
         usage = Usage.of(sum(d.run.prompt_tokens for d in done[::spec.n]), sum(d.last.completion_tokens for d in done))
         stats = done[0].run.stats.as_dict() if len(done) == 1 else \
@@ -256,7 +260,7 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool,
             for i, d in enumerate(done)])
     stack = contextlib.AsyncExitStack()
     async with stack:
-        runs = [await stack.enter_async_context(gw.generation(s, user)) for s in specs]
+        runs = [await stack.enter_async_context(gw.generation(s, user, received)) for s in specs]
         # errors before the first token are still plain HTTP errors
         firsts = await asyncio.gather(*(anext(run.pieces) for run in runs), return_exceptions=True)
         if failed := [f for f in firsts if isinstance(f, BaseException)]:
@@ -283,7 +287,8 @@ class _Done:
     logprobs: list[TokenLogprob]
 
 
-async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str) -> list[_Done]:
+async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str,
+                        received: float | None = None) -> list[_Done]:
     """Every choice to its end. Their slots are taken one after another (a choice that finds
     the key full fails the request before any session starts), then they generate at once;
     nothing is cancelled half-way, so every slot taken is given back."""
@@ -296,7 +301,7 @@ async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str) -> 
         return _Done(run, "".join(text), last, logprobs)
 
     async with contextlib.AsyncExitStack() as stack:
-        runs = [await stack.enter_async_context(gw.generation(spec, user)) for spec in specs]
+        runs = [await stack.enter_async_context(gw.generation(spec, user, received)) for spec in specs]
         done = await asyncio.gather(*(one(run) for run in runs), return_exceptions=True)
     if failed := [d for d in done if isinstance(d, BaseException)]:
         raise failed[0]

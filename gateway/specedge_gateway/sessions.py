@@ -61,13 +61,14 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                    max_new_tokens: int, user: str = "", token_timeout_s: float = 60.0,
                    metrics: GatewayMetrics | None = None,
                    live: LiveStats | None = None, stats: RequestStats | None = None,
-                   store: SessionStore | None = None, resync_s: float = 2.0) -> AsyncIterator[Piece]:
+                   store: SessionStore | None = None, resync_s: float = 2.0,
+                   received: float | None = None) -> AsyncIterator[Piece]:
     """Text pieces of one generation, in order; the last one carries the finish reason.
 
     `live` collects recent cycles and latencies for the dashboard; `stats`, this request's
     speculation (drafted and accepted tokens per verification); `store`, the committed
     tokens that fill events lost in transit."""
-    timing = _Timing(metrics, len(prompt_ids), live)
+    timing = _Timing(metrics, len(prompt_ids), live, received)
     sid = uuid.uuid4().hex
     sub = await bus.subscribe(nc, subjects.session_tokens(sid))
     span = _request_span(spec, sid, len(prompt_ids), max_new_tokens)  # ended below, whatever happens
@@ -247,9 +248,11 @@ class _Resync:
 class _Timing:
     """One request's latencies and tokens, into the gateway's metrics and live view (each optional)."""
 
-    def __init__(self, metrics: GatewayMetrics | None, prompt_tokens: int, live: LiveStats | None = None) -> None:
+    def __init__(self, metrics: GatewayMetrics | None, prompt_tokens: int, live: LiveStats | None = None,
+                 received: float | None = None) -> None:
+        """`received`: when the request reached the gateway (`time.monotonic()`; default now)."""
         self.metrics, self.prompt_tokens, self.live = metrics, prompt_tokens, live
-        self.started = self.last = time.monotonic()
+        self.started = self.last = time.monotonic() if received is None else received
         self.first = True
         self.done = False
         if metrics is not None:
