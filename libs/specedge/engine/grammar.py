@@ -21,6 +21,7 @@ Pure bookkeeping on the host; masks come out as boolean tensors on the asked dev
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import llguidance
@@ -33,6 +34,7 @@ class GrammarError(ValueError):
     """A structured output this model cannot follow: the grammar does not compile, or there is no tokenizer."""
 
 
+log = logging.getLogger(__name__)
 State = llguidance.LLMatcher | None  # the grammar after a path; None: the path left it (or ended)
 
 
@@ -46,10 +48,16 @@ class GrammarVocab:
 
 
 @functools.lru_cache(maxsize=4)
-def grammar_vocab(tokenizer, vocab_size: int) -> GrammarVocab:
+def grammar_vocab(tokenizer, vocab_size: int) -> GrammarVocab | None:
     """From a Hugging Face fast tokenizer, over a model's `vocab_size` logits rows (built
-    once per tokenizer: up to about a second for a large vocabulary)."""
-    ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+    once per tokenizer: up to about a second for a large vocabulary); None, with a warning,
+    for a tokenizer llguidance cannot read (a service then refuses — the verifier — or
+    drafts freely — an edge — what asks for a structured output, and serves the rest)."""
+    try:
+        ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=max(vocab_size, len(tokenizer)))
+    except Exception as exc:  # a slow tokenizer, or one llguidance cannot parse
+        log.warning("structured outputs are off: llguidance cannot read this tokenizer (%s)", exc)
+        return None
     return GrammarVocab(ll, [t for t in range(ll.vocab_size) if ll.is_special_token(t)])
 
 
