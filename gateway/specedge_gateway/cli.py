@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import Credentials, LogLevelOpt, Name, NatsUrl, RedisUrl, build, default
+from specedge.config import Credentials, LogLevelOpt, Name, NatsUrl, NatsWait, RedisUrl, build, default
 from specedge.models import BUNDLED_TARGET, bundled
 from specedge_gateway.settings import GatewaySettings
 
@@ -14,6 +14,7 @@ from specedge_gateway.settings import GatewaySettings
 def command(
     nats_url: NatsUrl = default(GatewaySettings, "nats_url"),
     credentials: Credentials = default(GatewaySettings, "credentials"),
+    nats_wait: NatsWait = default(GatewaySettings, "nats_wait_s"),
     redis_url: RedisUrl = default(GatewaySettings, "redis_url"),
     host: Annotated[str, typer.Option("--host", envvar="SPECEDGE_HOST", help="Address to listen on.")]
     = default(GatewaySettings, "host"),
@@ -57,7 +58,7 @@ def command(
     """Run the gateway: the OpenAI-compatible HTTP API."""
     from specedge_gateway.main import main  # noqa: PLC0415
 
-    main(build(GatewaySettings, nats_url=nats_url, credentials=credentials,
+    main(build(GatewaySettings, nats_url=nats_url, credentials=credentials, nats_wait_s=nats_wait,
                redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context, max_body_mib=max_body_mib,
                require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,

@@ -25,7 +25,8 @@ async def preflight(settings: GatewaySettings) -> None:
     already up — at least one of them holds sessions that long. Verifiers that start later
     answer a longer prompt with `prompt_too_long` (400), evicting nobody."""
     try:
-        async with bus.connect(settings.nats_url, "gateway-preflight", credentials=settings.credentials) as nc:
+        async with bus.connect(settings.nats_url, "gateway-preflight", credentials=settings.credentials,
+                               initial_timeout_s=settings.nats_wait_s) as nc:
             max_payload = nc.max_payload
             verifiers = [a for a in await registry.discover(nc, wait_s=0.3) if a.role == "verifier"]
     except ConnectionError as exc:

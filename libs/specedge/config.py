@@ -68,6 +68,10 @@ MetricsPort = Annotated[
     int, typer.Option("--metrics-port", envvar="SPECEDGE_METRICS_PORT",
                       help="Serve Prometheus /metrics on this port (0: off).")
 ]
+NatsWait = Annotated[
+    float, typer.Option("--nats-wait", envvar="SPECEDGE_NATS_WAIT",
+                        help="Seconds to wait for NATS at startup before failing with a clear error.")
+]
 LogLevelOpt = Annotated[
     str, typer.Option("--log-level", envvar="SPECEDGE_LOG_LEVEL", help="debug, info, warning or error.")
 ]
@@ -83,6 +87,7 @@ class ServiceSettings(BaseModel):
     name: str | None = None
     log_level: LogLevel = "info"
     heartbeat_s: float = 2.0
+    nats_wait_s: float = Field(default=30.0, gt=0)  # how long to wait for NATS at startup before failing
 
     @field_validator("nats_url")
     @classmethod

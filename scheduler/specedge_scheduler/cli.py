@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from specedge.config import Credentials, LogLevelOpt, MetricsPort, Name, NatsUrl, RedisUrl, build, default
+from specedge.config import Credentials, LogLevelOpt, MetricsPort, Name, NatsUrl, NatsWait, RedisUrl, build, default
 from specedge_scheduler.settings import SchedulerSettings
 
 
 def command(
     nats_url: NatsUrl = default(SchedulerSettings, "nats_url"),
     credentials: Credentials = default(SchedulerSettings, "credentials"),
+    nats_wait: NatsWait = default(SchedulerSettings, "nats_wait_s"),
     redis_url: RedisUrl = default(SchedulerSettings, "redis_url"),
     max_batch: Annotated[int, typer.Option(
         "--max-batch", envvar="SPECEDGE_MAX_BATCH", help="Most trees verified in one pass.")]
@@ -72,7 +73,7 @@ def command(
     from specedge.service import run  # noqa: PLC0415
     from specedge_scheduler.main import serve  # noqa: PLC0415
 
-    settings = build(SchedulerSettings, nats_url=nats_url, credentials=credentials,
+    settings = build(SchedulerSettings, nats_url=nats_url, credentials=credentials, nats_wait_s=nats_wait,
                      redis_url=redis_url, max_batch=max_batch,
                      edge_timeout_s=edge_timeout, verifier_timeout_s=verifier_timeout,
                      draft_timeout_s=draft_timeout, request_timeout_s=request_timeout,

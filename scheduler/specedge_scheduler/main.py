@@ -24,7 +24,8 @@ async def serve(settings: SchedulerSettings, life: Lifecycle) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(telemetry.tracing("scheduler", me.instance_id, redis=True))  # flushed last
         nc = await stack.enter_async_context(bus.connect(
-            settings.nats_url, me.instance_id, credentials=settings.credentials))
+            settings.nats_url, me.instance_id, credentials=settings.credentials,
+            initial_timeout_s=settings.nats_wait_s))
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)),
                              settings.session_ttl_s)
         policy = SchedulingPolicy(settings.policy_config())

@@ -90,10 +90,10 @@ def test_bad_model_path_is_a_clear_startup_error(nats_url, redis_url, cli_env, t
 
 def test_unreachable_nats_is_a_clear_startup_error(redis_url, cli_env, tmp_path):
     log_path = tmp_path / "scheduler.log"
-    proc = start_cli(["scheduler", "--nats-url", f"nats://127.0.0.1:{free_port()}", "--redis-url", redis_url],
-                     cli_env, log_path)
+    proc = start_cli(["scheduler", "--nats-url", f"nats://127.0.0.1:{free_port()}", "--redis-url", redis_url,
+                      "--nats-wait", "3"], cli_env, log_path)
     assert proc.wait(timeout=90) == 2
-    assert "cannot reach NATS" in log_path.read_text()
+    assert "cannot reach NATS" in log_path.read_text() and "waited 3" in log_path.read_text()
 
 
 def test_a_max_context_too_large_for_the_bus_is_a_clear_startup_error(nats_url, redis_url, cli_env, tmp_path):

@@ -26,15 +26,15 @@ def test_top_level_lists_every_role_and_up():
 @pytest.mark.parametrize(
     ("role", "flags"),
     [
-        ("gateway", ["--nats-url", "--credentials", "--redis-url", "--host", "--port", "--tokenizer",
+        ("gateway", ["--nats-url", "--credentials", "--nats-wait", "--redis-url", "--host", "--port", "--tokenizer",
                      "--max-context", "--max-body-mib", "--require-api-key", "--max-concurrent-per-key", "--dashboard",
                      "--lenient", "--reasoning-parser", "--name",
                      "--log-level"]),
-        ("scheduler", ["--nats-url", "--credentials", "--redis-url", "--max-batch", "--edge-timeout",
+        ("scheduler", ["--nats-url", "--credentials", "--nats-wait", "--redis-url", "--max-batch", "--edge-timeout",
                        "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",
                        "--budget", "--server-budget", "--depth", "--server-depth", "--edge-offence-limit",
                        "--edge-suspend", "--metrics-port", "--name", "--log-level"]),
-        ("verifier", ["--nats-url", "--credentials",
+        ("verifier", ["--nats-url", "--credentials", "--nats-wait",
                      "--redis-url", "--target", "--device", "--dtype", "--max-sessions", "--max-len",
                       "--attention", "--exact", "--kv-cache-memory", "--plan", "--memory-gib", "--tensor-parallel",
                       "--metrics-port",

@@ -17,6 +17,7 @@ from specedge.config import (
     MetricsPort,
     Name,
     NatsUrl,
+    NatsWait,
     RedisUrl,
     attention_backend,
     build,
@@ -29,6 +30,7 @@ from specedge_verifier.settings import VerifierSettings
 def command(
     nats_url: NatsUrl = default(VerifierSettings, "nats_url"),
     credentials: Credentials = default(VerifierSettings, "credentials"),
+    nats_wait: NatsWait = default(VerifierSettings, "nats_wait_s"),
     redis_url: RedisUrl = default(VerifierSettings, "redis_url"),
     target: Annotated[str | None, typer.Option(
         "--target", envvar="SPECEDGE_TARGET",
@@ -72,7 +74,7 @@ def command(
     from specedge.service import run  # noqa: PLC0415
     from specedge_verifier.main import serve  # noqa: PLC0415
 
-    settings = build(VerifierSettings, nats_url=nats_url, credentials=credentials,
+    settings = build(VerifierSettings, nats_url=nats_url, credentials=credentials, nats_wait_s=nats_wait,
                      redis_url=redis_url, metrics_port=metrics_port, name=name,
                      log_level=log_level, target=target or bundled(BUNDLED_TARGET), device=device, dtype=dtype,
                      max_sessions=max_sessions, max_len=max_len, attention=attention_backend(attention, exact),

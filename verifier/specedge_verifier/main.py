@@ -39,7 +39,8 @@ async def serve(settings: VerifierSettings, life: Lifecycle) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(telemetry.tracing("verifier", me.instance_id, redis=True))  # flushed last
         nc = await stack.enter_async_context(bus.connect(
-            settings.nats_url, me.instance_id, credentials=settings.credentials))
+            settings.nats_url, me.instance_id, credentials=settings.credentials,
+            initial_timeout_s=settings.nats_wait_s))
         # with Sentinel, a commit counts once the replica holds it too: a failover loses none
         store = SessionStore(await stack.enter_async_context(connect_redis(settings.redis_url)),
                              replicas=1 if sentinel_of(settings.redis_url) else 0)
