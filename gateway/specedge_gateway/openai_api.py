@@ -32,11 +32,11 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specedge.protocol import MAX_LOGPROBS, Mode
-from specedge_gateway.structured import StructuredFields, StructuredOutputError, grammar_of
+from specedge_gateway.structured import StructuredFields, StructuredOutputError, grammar_of, tool_call_grammar
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # n, and prompts × n on /v1/completions
@@ -208,20 +208,40 @@ class _SamplingFields(StructuredFields):
 
 
 class Tool(BaseModel):
-    """A tool the chat template may show the model (its calls come back as text: no parser yet)."""
+    """A tool the chat template shows the model (with `tool_choice` `auto`, a call comes back as
+    text: no tool parser; `required` or a named function: as `tool_calls`, by a grammar)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: Literal["function"]
     function: dict[str, Any]
 
+    @property
+    def name(self) -> str:
+        return str(self.function.get("name", ""))
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming the function the reply must call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None  # passed to the chat template
-    tool_choice: Literal["none", "auto"] | None = None  # (forcing a call needs a tool parser: refused)
-    parallel_tool_calls: bool | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: `required` makes one call at most
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None  # e.g. enable_thinking
     logprobs: bool = False  # each token's raw logprob (the target's, before temperature)
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -231,6 +251,26 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _forced_tools_exist(cls, choice: object, info: ValidationInfo) -> object:
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            names = [t.name for t in info.data.get("tools") or []]
+            if not names:
+                raise ValueError("tool_choice required or a named function needs tools")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        return choice
+
+    def forced_tools(self) -> tuple[list[dict[str, Any]], bool]:
+        """The functions the reply must call (`tool_choice` required: one or more of them;
+        a named function: that one), and whether it is a choice among them; none otherwise."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t.function for t in self.tools if t.name == self.tool_choice.function.name][:1], False
+        if self.tool_choice == "required":
+            return [t.function for t in self.tools], True
+        return [], False
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -315,6 +355,8 @@ class GenerationSpec:
     template_kwargs: dict | None = None  # chat: the template's own variables
     more_prompts: tuple[str | tuple[int, ...], ...] = ()  # completions: the prompts after the first
     grammar: str = ""  # a structured output's llguidance grammar (`structured.grammar_of`)
+    tool_call: str = ""  # chat: the function the reply must call ("" none); with `tools_required` any of them
+    tools_required: bool = False
     echo: bool = False  # completions: the prompt first (its tokens' logprobs too, when asked)
 
     def choices(self) -> list[GenerationSpec]:
@@ -364,13 +406,26 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
         tools=tools, template_kwargs=template_kwargs, min_tokens=request.min_tokens,
-        grammar=_grammar(request), echo=getattr(request, "echo", False),
+        grammar=_grammar(request), echo=getattr(request, "echo", False), **_tool_call(request),
     )
 
 
+def _tool_call(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    functions, choice = request.forced_tools() if isinstance(request, ChatCompletionRequest) else ([], False)
+    if not functions:
+        return {}
+    return {"tool_call": "" if choice else functions[0]["name"], "tools_required": choice}
+
+
 def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str:
+    functions, choice = request.forced_tools() if isinstance(request, ChatCompletionRequest) else ([], False)
     try:
         grammar = grammar_of(request)
+        if functions:
+            if grammar:
+                raise StructuredOutputError("tool_choice", "a forced tool call cannot be combined with another "
+                                            "structured output")
+            grammar = tool_call_grammar(functions, choice, request.parallel_tool_calls is not False)
     except StructuredOutputError as exc:
         raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from exc
     if grammar and request.min_tokens:  # a grammar complete sooner would leave nothing to draw

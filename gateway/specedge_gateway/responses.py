@@ -8,6 +8,7 @@ non-streaming replies. The routes fill them; nothing here knows about sessions.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -74,10 +75,31 @@ class CompletionLogprobs(BaseModel):
                                  for e in entries] if top else None)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, calls: list[tuple[str, str]]) -> list[ToolCall]:
+        return [cls(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
+                for name, arguments in calls]
+
+
+class DeltaToolCall(ToolCall):
+    index: int  # its place among the choice's calls
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = None  # with `--reasoning-parser`: what it wrote inside <think>
+    tool_calls: list[ToolCall] | None = None  # a forced tool call (`tool_choice` required or a named function)
 
 
 class ChatChoice(BaseModel):
@@ -131,6 +153,7 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

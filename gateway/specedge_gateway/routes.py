@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -49,12 +49,15 @@ from specedge_gateway.responses import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    DeltaToolCall,
     Head,
+    ToolCall,
     Usage,
     sse,
 )
 from specedge_gateway.sessions import Piece, generate
 from specedge_gateway.settings import GatewaySettings
+from specedge_gateway.structured import tool_calls_of
 from specedge_gateway.text import ReasoningSplit, TextCodec
 
 log = logging.getLogger("specedge_gateway")
@@ -250,8 +253,8 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool, user: str,
         wanted, text_of = spec.logprobs >= 0, gw.codec.token_text
         if chat:
             return ChatCompletion(**head.model_dump(), usage=usage, specedge=stats, choices=[
-                ChatChoice(index=i, message=_message(d.text, gw.settings.reasoning_parser),
-                           finish_reason=d.last.finish_reason,
+                ChatChoice(index=i, message=(message := _message(d.text, gw.settings.reasoning_parser, spec)),
+                           finish_reason=_finish(d.last.finish_reason, message.tool_calls, spec),
                            logprobs=ChatLogprobs.of(d.logprobs, text_of) if wanted else None)
                 for i, d in enumerate(done)])
         return Completion(**head.model_dump(), usage=usage, specedge=stats, choices=[
@@ -272,11 +275,20 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool, user: str,
                              media_type="text/event-stream")
 
 
-def _message(text: str, reasoning_parser: str) -> AssistantMessage:
+def _message(text: str, reasoning_parser: str, spec: GenerationSpec) -> AssistantMessage:
+    if spec.tool_call or spec.tools_required:  # a forced call: its grammar's JSON, as `tool_calls`
+        if (calls := tool_calls_of(text, spec.tool_call, spec.tools_required)) is not None:
+            return AssistantMessage(content=None, tool_calls=ToolCall.of(calls))
     if not reasoning_parser:
         return AssistantMessage(content=text)
     reasoning, content = ReasoningSplit().split(text)
     return AssistantMessage(content=content, reasoning_content=reasoning)
+
+
+def _finish(reason: str | None, calls: list | None, spec: GenerationSpec) -> str | None:
+    """OpenAI's: `tool_calls` when the model chose to call (`required`), `stop` when it was
+    told which function to call."""
+    return "tool_calls" if calls and spec.tools_required and reason == "stop" else reason
 
 
 @dataclasses.dataclass
@@ -343,6 +355,23 @@ async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firs
         except OpenAIError as exc:
             await pieces.put((index, exc))
 
+    forced = chat and bool(spec.tool_call or spec.tools_required)  # a forced call: sent whole, at its end
+    held = [""] * len(runs)
+
+    def tool_calls(index: int, piece: Piece) -> Iterator[str]:
+        held[index] += piece.text
+        if piece.logprobs:
+            yield chunk(index, None, logprobs=piece.logprobs)
+        if piece.finish_reason is None:
+            return
+        if calls := tool_calls_of(held[index], spec.tool_call, spec.tools_required):
+            delta = ChatDelta(tool_calls=[DeltaToolCall(index=k, **call.model_dump())
+                                          for k, call in enumerate(ToolCall.of(calls))])
+            yield sse(head.chat_chunk(delta, None, index), include_usage)
+        else:  # cut short by max_tokens: the text as it is
+            yield chunk(index, held[index])
+        yield chunk(index, None, _finish(piece.finish_reason, calls, spec))
+
     lasts: dict[int, Piece] = {}
     async with owned:  # a client that went away closes its sessions
         if chat:
@@ -357,6 +386,12 @@ async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firs
                     error = {"message": piece.message, "type": piece.type, "param": piece.param, "code": piece.code}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     return
+                if forced:
+                    for event in tool_calls(index, piece):
+                        yield event
+                    if piece.finish_reason is not None:
+                        lasts[index] = piece
+                    continue
                 if piece.text or piece.logprobs:
                     yield chunk(index, piece.text, logprobs=piece.logprobs)
                 if piece.finish_reason is not None:

@@ -115,7 +115,11 @@ def grammar_of(fields: StructuredFields) -> str:
     if len(asked) > 1:
         raise StructuredOutputError(asked[1][0], "ask for one structured output at most "
                                     f"({', '.join(sorted({a[0] for a in asked}))} given)")
-    name, kind, value = asked[0]
+    return _compile(*asked[0])
+
+
+def _compile(name: str, kind: str, value: Any) -> str:
+    """One structured output's llguidance grammar, checked; `name`: the field that asked."""
     try:
         if kind == "json":
             grammar = _json(value)
@@ -143,3 +147,33 @@ class StructuredOutputError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+def tool_call_grammar(functions: list[dict[str, Any]], choice: bool, parallel: bool = True) -> str:
+    """The grammar of a forced tool call (how vLLM forces one): a named function's arguments
+    as JSON of its `parameters` schema; `required` (`choice`), a JSON list of one or more
+    `{"name": …, "parameters": …}` (one only without `parallel`), each naming one of
+    `functions` with its arguments."""
+    def parameters(function: dict[str, Any]) -> dict[str, Any]:
+        schema = function.get("parameters")
+        return schema if isinstance(schema, dict) and schema else {"type": "object"}
+
+    if not choice:
+        schema = parameters(functions[0])
+    else:
+        schema = {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": [
+            {"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+             "properties": {"name": {"const": f["name"]}, "parameters": parameters(f)}} for f in functions]}}
+    return _compile("tools", "json", schema)
+
+
+def tool_calls_of(text: str, function: str, choice: bool) -> list[tuple[str, str]] | None:
+    """The (name, JSON arguments) calls a forced tool call's output makes — the output of
+    `tool_call_grammar`'s grammar — or None when it is not whole (cut by `max_tokens`)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not choice:
+        return [(function, text)]
+    return [(item["name"], json.dumps(item["parameters"])) for item in value]

@@ -334,10 +334,62 @@ def test_tools_and_chat_template_kwargs_go_to_the_template(gateway, reference):
     reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8, tools=tools,
                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert reply.choices[0].message.content == reference(messages, 8)  # the bundled template shows neither
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tools=tools,
-                                       tool_choice="required")
+    with pytest.raises(openai.BadRequestError) as err:  # a call forced with no tools to call
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tool_choice="required")
     assert err.value.body["param"] == "tool_choice"
+
+
+def test_a_forced_tool_call_comes_back_as_tool_calls_exactly_in_every_mode(gateway):
+    """`tool_choice` naming a function: its arguments are what the target alone draws under
+    the grammar of its `parameters` (every mode, streamed or not), valid JSON of that schema;
+    `required`: one or more calls, each of a given function with valid arguments."""
+    import json
+
+    import jsonschema
+    import llguidance
+
+    from specedge.engine.sampling import SamplingSpec
+    from tests.structured import LAYOUT, reference_output
+
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    weather = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+               "properties": {"city": {"type": "string", "maxLength": 10},
+                              "unit": {"enum": ["celsius", "fahrenheit"]}}}
+    add = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+           "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                          "b": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "add", "parameters": add}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    ends = list(model.generation_config.eos_token_id)
+    expected = reference_output(model, tok, prompt, SamplingSpec(
+        grammar=llguidance.LLMatcher.grammar_from_json_schema(weather, LAYOUT)), 60, ends)
+    assert expected[-1] in ends
+    arguments = tok.decode(expected, skip_special_tokens=True)
+    jsonschema.validate(json.loads(arguments), weather)
+    client = gateway.client()
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for mode in ("specedge", "server-only", "autoregressive"):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=named,
+                                               temperature=0, max_tokens=60, extra_body={"specedge": {"mode": mode}})
+        message = reply.choices[0].message
+        assert message.content is None and reply.choices[0].finish_reason == "stop"
+        assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("get_weather", arguments)]
+        assert message.tool_calls[0].id.startswith("call_")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=named,
+                                                 temperature=0, max_tokens=60, stream=True))
+    calls = [c for chunk in chunks for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [(0, "get_weather", arguments)]
+    assert not any(choice.delta.content for chunk in chunks for choice in chunk.choices)
+    required = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                              parallel_tool_calls=False, temperature=0.8, seed=3, max_tokens=120)
+    assert required.choices[0].finish_reason == "tool_calls" and len(required.choices[0].message.tool_calls) == 1
+    schemas = {"get_weather": weather, "add": add}
+    for call in required.choices[0].message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
 
 
 def test_structured_outputs_follow_their_grammar_exactly_in_every_mode(gateway):

@@ -333,3 +333,26 @@ def test_structured_outputs_become_one_grammar():
                   {"response_format": {"type": "json_schema",
                                        "json_schema": {"name": "n", "schema": {"type": "integer"}}}}):
         assert to_generation(ChatCompletionRequest(**CHAT, **extra)).grammar, extra
+
+
+def test_forced_tool_calls_become_a_grammar_and_come_back_as_calls():
+    from specedge_gateway.openai_api import OpenAIError, to_generation
+    from specedge_gateway.structured import tool_calls_of
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "g"}}]
+    named = to_generation(ChatCompletionRequest(**CHAT, tools=tools,
+                                                tool_choice={"type": "function", "function": {"name": "g"}}))
+    assert named.tool_call == "g" and not named.tools_required and named.grammar
+    required = to_generation(ChatCompletionRequest(**CHAT, tools=tools, tool_choice="required"))
+    assert required.tools_required and required.grammar and required.tool_call == ""
+    assert to_generation(ChatCompletionRequest(**CHAT, tools=tools, tool_choice="auto")).grammar == ""
+    with pytest.raises(ValueError, match="not in tools"):
+        ChatCompletionRequest(**CHAT, tools=tools, tool_choice={"type": "function", "function": {"name": "h"}})
+    with pytest.raises(OpenAIError) as caught:
+        to_generation(ChatCompletionRequest(**CHAT, tools=tools, tool_choice="required",
+                                            response_format={"type": "json_object"}))
+    assert caught.value.param == "tool_choice"
+    assert tool_calls_of('{"x": 1}', "g", False) == [("g", '{"x": 1}')]
+    assert tool_calls_of('[{"name": "f", "parameters": {"a": [1]}}]', "", True) == [("f", '{"a": [1]}')]
+    assert tool_calls_of('{"x": ', "g", False) is None  # cut by max_tokens: not a call
