@@ -216,9 +216,16 @@ class Tool(BaseModel):
     type: Literal["function"]
     function: dict[str, Any]
 
+    @field_validator("function")
+    @classmethod
+    def _named(cls, function: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError("a function needs a name")
+        return function
+
     @property
     def name(self) -> str:
-        return str(self.function.get("name", ""))
+        return self.function["name"]
 
 
 class NamedFunction(BaseModel):
