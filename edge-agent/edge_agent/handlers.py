@@ -112,7 +112,7 @@ class EdgeService:
 
     async def on_assign(self, msg: Msg) -> None:
         try:
-            assign = protocol.decode(msg.data, DraftAssign)
+            assign = protocol.decode(msg.data, DraftAssign, protocol.MAX_SESSION_MESSAGE_BYTES)
             params = TreeParams(assign.budget, assign.depth, assign.branch, assign.beams, assign.temperature)
             subjects.drafts(self.instance_id, assign.scheduler)  # a usable subject token
         except (ProtocolError, ValueError) as exc:

@@ -9,14 +9,14 @@ import signal
 import uvicorn
 
 from specedge import bus, registry
-from specedge.protocol import ServiceAnnouncement
+from specedge.protocol import MAX_GRAMMAR_CHARS, MAX_SESSION_MESSAGE_BYTES, ServiceAnnouncement
 from specedge.service import StartupError, setup_logging
 from specedge_gateway.app import create_app
 from specedge_gateway.settings import GatewaySettings
 
 log = logging.getLogger("specedge_gateway")
 BYTES_PER_TOKEN = 5  # a token id in MessagePack, at most
-MESSAGE_OVERHEAD = 4096  # a session message's other fields
+MESSAGE_OVERHEAD = 4096 + MAX_GRAMMAR_CHARS  # a session message's other fields, a structured output's grammar
 
 
 async def preflight(settings: GatewaySettings) -> None:
@@ -31,9 +31,11 @@ async def preflight(settings: GatewaySettings) -> None:
             verifiers = [a for a in await registry.discover(nc, wait_s=0.3) if a.role == "verifier"]
     except ConnectionError as exc:
         raise StartupError(str(exc)) from None
-    if (needed := settings.max_context * BYTES_PER_TOKEN + MESSAGE_OVERHEAD) > max_payload:
+    if (needed := settings.max_context * BYTES_PER_TOKEN + MESSAGE_OVERHEAD) > min(max_payload,
+                                                                                 MAX_SESSION_MESSAGE_BYTES):
         raise StartupError(f"--max-context {settings.max_context} needs bus messages of up to {needed} bytes; the "
-                           f"NATS server allows {max_payload} (max_payload): lower --max-context or raise it")
+                           f"NATS server allows {max_payload} (max_payload), SpecEdge {MAX_SESSION_MESSAGE_BYTES}: "
+                           "lower --max-context (or raise max_payload)")
     if problem := context_problem(settings.max_context, verifiers):
         raise StartupError(problem)
 

@@ -16,7 +16,11 @@ from typing import Literal, TypeVar, get_args
 import msgspec
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024  # what a message anyone may send (an edge's draft, say) may weigh
+# A session's own messages, which only services send (`SessionOpen`, `PrefillRequest`,
+# `DraftAssign`): a prompt of `--max-context` tokens and a grammar; the NATS server's
+# max_payload bounds them too (the gateway checks at startup).
+MAX_SESSION_MESSAGE_BYTES = 8 * 2**20
 
 Role = Literal["gateway", "scheduler", "verifier", "edge-agent"]
 Mode = Literal["autoregressive", "server-only", "specedge"]

@@ -324,7 +324,7 @@ class SchedulerCore:
     def _open(self, event: OpenRequested) -> list[Command]:
         """Assign a verifier and a drafter, then record and prefill (`CreateSession`)."""
         try:
-            request = protocol.decode(event.data, SessionOpen)
+            request = protocol.decode(event.data, SessionOpen, protocol.MAX_SESSION_MESSAGE_BYTES)
         except ProtocolError as exc:
             self.reject(exc.reason, "a session request")
             return [Publish(event.reply, SessionOpened(session_id="", error=exc.reason))]

@@ -513,3 +513,21 @@ def test_prompts_as_token_ids_are_served_like_their_text(gateway):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(prompt=[5, 10**6], **ask)
     assert err.value.body["param"] == "prompt"
+
+
+def test_a_large_schema_travels_with_its_session(gateway):
+    """A structured output's grammar rides in the session's messages: one of ~63 KB with a
+    long prompt (more than an edge's message may weigh) is served, exactly as the target
+    alone would."""
+    import json
+
+    colors = [f"color-number-{i:04d}-of-the-large-palette" for i in range(1500)]
+    schema = {"type": "object", "additionalProperties": False, "required": ["color"],
+              "properties": {"color": {"enum": colors}}}
+    assert len(json.dumps(schema)) > 64 * 1024 * 0.8
+    client = gateway.client()
+    texts = {mode: client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Pick a color. " * 400}], temperature=0, max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+        extra_body={"specedge": {"mode": mode}}).choices[0].message.content for mode in ("specedge", "autoregressive")}
+    assert texts["specedge"] == texts["autoregressive"] and json.loads(texts["specedge"])["color"] in colors

@@ -96,7 +96,7 @@ class VerifierService:
 
     async def on_prefill(self, msg: Msg) -> None:
         try:
-            request = protocol.decode(msg.data, PrefillRequest)
+            request = protocol.decode(msg.data, PrefillRequest, protocol.MAX_SESSION_MESSAGE_BYTES)
         except ProtocolError as exc:
             self.reject(exc.reason, "a prefill request")
             await self._reply(msg, PrefillReply(session_id="", error=exc.reason))
