@@ -435,9 +435,10 @@ def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str:
             grammar = tool_call_grammar(functions, choice, request.parallel_tool_calls is not False)
     except StructuredOutputError as exc:
         raise OpenAIError(400, str(exc), param=exc.param, code="invalid_value") from exc
-    if grammar and request.min_tokens:  # a grammar complete sooner would leave nothing to draw
-        raise OpenAIError(400, "min_tokens cannot be combined with a structured output", param="min_tokens",
-                          code="invalid_value")
+    for name, asked in (("min_tokens", request.min_tokens), ("ignore_eos", request.ignore_eos)):
+        if grammar and asked:  # a grammar complete before then would leave nothing it allows to draw
+            raise OpenAIError(400, f"{name} cannot be combined with a structured output", param=name,
+                              code="invalid_value")
     return grammar
 
 

@@ -314,6 +314,7 @@ def test_reasoning_is_split_from_the_answer_the_same_streamed_or_whole(text):
     ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
     ({"structured_outputs": {"regex": "a+"}, "guided_choice": ["x"]}, "structured_outputs"),
     ({"min_tokens": 3, "guided_regex": "a+"}, "min_tokens"),
+    ({"ignore_eos": True, "guided_choice": ["a", "b"]}, "ignore_eos"),
 ])
 def test_a_structured_output_that_cannot_be_followed_is_a_400_naming_its_field(extra, param):
     from specedge_gateway.openai_api import OpenAIError, to_generation
