@@ -175,3 +175,10 @@ def test_drafting_by_the_grammar_keeps_trees_useful(models, tokenizer, vocab):
                      prompt, params, 60, {END}) for drafter_vocab in (vocab, None)]
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].mean_tokens_per_verify > 2 * runs[1].mean_tokens_per_verify
+
+
+def test_a_drafter_that_cannot_read_the_grammar_drafts_freely(models, tokenizer, vocab):
+    _, draft = models
+    drafter = Drafter(draft, TreeParams(budget=8, depth=2, branch=4, beams=4), grammar_vocab=vocab)
+    drafter.open("s", [5, 6, 7], grammar="start: nothing_here", end_ids=[END])
+    assert drafter.sessions["s"].constraint is None and len(drafter.draft("s").tokens) > 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from specedge.engine.runner import CacheFullError, ForwardRequest, SessionTooLon
 from specedge.engine.sampling import SamplingSpec
 from specedge.engine.tree import DraftTree, TreeJob, TreeParams, grow_trees
 from specedge.protocol import MAX_TREES_AHEAD, DraftTreeMsg, Reason, TokenLogprob, VerifyResult
+
+log = logging.getLogger(__name__)
 
 
 class StaleMessageError(ValueError):
@@ -349,8 +352,12 @@ class Drafter:
             raise ValueError("tree parameters beyond what this drafter's cache was sized for")
         constraint = None
         if grammar and self.grammar_vocab is not None:
-            constraint = compile_for(self.grammar_vocab, grammar, end_ids or [], self.vocab_size)
-            constraint.advance(prompt[len(prompt) if prompt_len is None else prompt_len :])
+            try:
+                constraint = compile_for(self.grammar_vocab, grammar, end_ids or [], self.vocab_size)
+                constraint.advance(prompt[len(prompt) if prompt_len is None else prompt_len :])
+            except ValueError as exc:  # drafts unmasked: still exact (the verifier masks), less often accepted
+                log.warning("session %s drafts without its grammar: %s", session_id[:16], exc)
+                constraint = None
         self.runner.open(session_id)
         self.runner.prefill(session_id, prompt[:-1])
         self.sessions[session_id] = _DraftSession(list(prompt), params, cycle=cycle, constraint=constraint)
