@@ -9,8 +9,9 @@
   agree with the gateway's own Prometheus histograms over the run within 10%.
 
 They take minutes and tools with their own dependencies, so they are not in `make test`:
-`make conformance` installs the tools into `.venv-conformance` (`conformance/requirements.txt`)
-and runs this file; without the tools it is skipped. `SPECEDGE_CONFORMANCE_REPORT` names a
+`make conformance` installs the tools into `.venv-conformance` (`tests/conformance/requirements.txt`)
+and runs this file with `SPECEDGE_CONFORMANCE_TOOLS` naming their bin folder; without it,
+it is skipped. `SPECEDGE_CONFORMANCE_REPORT` names a
 JSON file for the numbers (docs/benchmarks.md records them).
 """
 
@@ -29,13 +30,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from specedge.models import BUNDLED_TARGET, bundled
 from tests.helpers import specedge_up
 
-TOOLS = pathlib.Path(os.environ.get("SPECEDGE_CONFORMANCE_TOOLS", ".venv-conformance/bin"))
+TOOLS = pathlib.Path(os.environ.get("SPECEDGE_CONFORMANCE_TOOLS", "/nonexistent"))  # set by `make conformance`
 REPORT = os.environ.get("SPECEDGE_CONFORMANCE_REPORT")
 DATA = pathlib.Path(__file__).parent / "data"
 MODEL = "specedge-tiny-target"
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     not (TOOLS / "lm_eval").exists() or not (TOOLS / "aiperf").exists(),
-    reason=f"the conformance tools are not installed in {TOOLS} (make conformance installs them)")]
+    reason="the conformance clients run in `make conformance` (SPECEDGE_CONFORMANCE_TOOLS: their virtualenv's bin)")]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 GENERATION = {"until": ["\n\n"], "max_gen_toks": 24, "do_sample": False, "temperature": 0}
 
