@@ -122,7 +122,7 @@ class ChatMessage(BaseModel):
 # Fields of OpenAI's and vLLM's APIs that SpecEdge does not serve: refused (400) unless their
 # value asks for nothing (`_asks_nothing`).
 UNSUPPORTED = frozenset({
-    "echo", "prompt_logprobs", "functions", "function_call", "best_of", "suffix",
+    "echo", "functions", "function_call", "best_of", "suffix",
     "use_beam_search", "length_penalty", "chat_template",
     "add_generation_prompt", "continue_final_message", "reasoning_effort", "modalities",
     "audio", "prediction", "web_search_options", "include_stop_str_in_output", "skip_special_tokens",
@@ -184,6 +184,8 @@ class _SamplingFields(StructuredFields):
     logit_bias: Annotated[dict[int, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None  # vLLM's
     ignore_eos: bool = False  # vLLM's: generate up to max_tokens whatever the model's end-of-turn
+    # vLLM's: each prompt token's raw logprob, rank and this many alternatives (not streamed)
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     specedge: SpecEdgeOptions = Field(default_factory=SpecEdgeOptions)
 
     @field_validator("stop")
@@ -204,6 +206,8 @@ class _SamplingFields(StructuredFields):
     def _usage_needs_stream(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.stream and self.prompt_logprobs:  # vLLM's rule (and its words): 0 asks for nothing to stream
+            raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
         return self
 
 
@@ -365,6 +369,7 @@ class GenerationSpec:
     tool_call: str = ""  # chat: the function the reply must call ("" none); with `tools_required` any of them
     tools_required: bool = False
     echo: bool = False  # completions: the prompt first (its tokens' logprobs too, when asked)
+    prompt_logprobs: int = -1  # vLLM's field: -1 none; k >= 0 each prompt token's logprob, rank and k best
 
     def choices(self) -> list[GenerationSpec]:
         """One spec per choice, in the order of their `index`: prompt by prompt, `n` each, the
@@ -410,6 +415,7 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         n=request.n,
         more_prompts=tuple(prompts[1:]) if messages is None else (),
         logprobs=_logprobs(request),
+        prompt_logprobs=-1 if request.prompt_logprobs is None or request.stream else request.prompt_logprobs,
         min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
         tools=tools, template_kwargs=template_kwargs, min_tokens=request.min_tokens,

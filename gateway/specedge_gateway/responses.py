@@ -75,6 +75,34 @@ class CompletionLogprobs(BaseModel):
                                  for e in entries] if top else None)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`: one entry of a prompt position's `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+def prompt_logprobs_of(entries: list[TokenLogprob] | None, text_of: Callable[[int], str],
+                       top: int) -> list[dict[str, PromptLogprob] | None] | None:
+    """vLLM's `prompt_logprobs` (None when not asked): per prompt token, None for the first
+    (nothing precedes it) and for one whose logprob is unknown, else the token's own entry
+    (its rank among the vocabulary) and its position's `top` best, ranked 1..top."""
+    if entries is None or top < 0:
+        return None
+
+    def position(entry: TokenLogprob) -> dict[str, PromptLogprob] | None:
+        if entry.logprob is None:
+            return None
+        found = {str(entry.token): PromptLogprob(logprob=entry.logprob, rank=entry.rank,
+                                                 decoded_token=text_of(entry.token))}
+        for rank, (token, logprob) in enumerate(entry.top[:top], start=1):
+            found[str(token)] = PromptLogprob(logprob=logprob, rank=rank, decoded_token=text_of(token))
+        return found
+
+    return [position(e) for e in entries]
+
+
 class FunctionCall(BaseModel):
     name: str
     arguments: str  # JSON
@@ -114,6 +142,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, when asked (not streamed)
 
 
 class Head(BaseModel):
@@ -139,6 +168,7 @@ class ChatCompletion(Head):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, when asked (the first choice's)
     specedge: dict[str, Any]  # this request's speculation (`live.RequestStats`)
 
 

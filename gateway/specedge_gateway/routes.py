@@ -53,6 +53,7 @@ from specedge_gateway.responses import (
     Head,
     ToolCall,
     Usage,
+    prompt_logprobs_of,
     sse,
 )
 from specedge_gateway.sessions import Piece, generate
@@ -252,14 +253,16 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool, user: str,
             {**done[0].run.stats.as_dict(), "choices": [d.run.stats.as_dict() for d in done]}
         wanted, text_of = spec.logprobs >= 0, gw.codec.token_text
         if chat:
-            return ChatCompletion(**head.model_dump(), usage=usage, specedge=stats, choices=[
+            return ChatCompletion(**head.model_dump(), usage=usage, specedge=stats, prompt_logprobs=prompt_logprobs_of(
+                done[0].prompt_logprobs, text_of, spec.prompt_logprobs), choices=[
                 ChatChoice(index=i, message=(message := _message(d.text, gw.settings.reasoning_parser, spec)),
                            finish_reason=_finish(d.last.finish_reason, message.tool_calls, spec),
                            logprobs=ChatLogprobs.of(d.logprobs, text_of) if wanted else None)
                 for i, d in enumerate(done)])
         return Completion(**head.model_dump(), usage=usage, specedge=stats, choices=[
             CompletionChoice(index=i, text=d.text, finish_reason=d.last.finish_reason,
-                             logprobs=CompletionLogprobs.of(d.logprobs, text_of, spec.logprobs) if wanted else None)
+                             logprobs=CompletionLogprobs.of(d.logprobs, text_of, spec.logprobs) if wanted else None,
+                             prompt_logprobs=prompt_logprobs_of(d.prompt_logprobs, text_of, spec.prompt_logprobs))
             for i, d in enumerate(done)])
     stack = contextlib.AsyncExitStack()
     async with stack:
@@ -297,6 +300,7 @@ class _Done:
     text: str
     last: Piece
     logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob] | None  # vLLM's field, when asked
 
 
 async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str,
@@ -305,12 +309,13 @@ async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str,
     the key full fails the request before any session starts), then they generate at once;
     nothing is cancelled half-way, so every slot taken is given back."""
     async def one(run: Generation) -> _Done:
-        text, last, logprobs = [], None, []
+        text, last, logprobs, prompt = [], None, [], None
         async for piece in run.pieces:
             text.append(piece.text)
             logprobs += piece.logprobs
+            prompt = prompt or piece.prompt_logprobs
             last = piece
-        return _Done(run, "".join(text), last, logprobs)
+        return _Done(run, "".join(text), last, logprobs, prompt)
 
     async with contextlib.AsyncExitStack() as stack:
         runs = [await stack.enter_async_context(gw.generation(spec, user, received)) for spec in specs]

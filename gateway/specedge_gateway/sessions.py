@@ -55,6 +55,7 @@ class Piece:
     finish_reason: str | None = None  # set on the last piece
     completion_tokens: int = 0        # tokens committed so far
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # of the tokens since the last piece
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first piece, when `spec.prompt_logprobs` asks
 
 
 async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_ids: list[int],
@@ -80,7 +81,8 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                               frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
                               logit_bias=dict(spec.logit_bias), min_tokens=spec.min_tokens,
                               end_ids=spec.end_ids(codec.eos_ids) if spec.min_tokens or spec.grammar else [],
-                              grammar=spec.grammar, prompt_logprobs=spec.logprobs if spec.echo else -1),
+                              grammar=spec.grammar,
+                              prompt_logprobs=max(spec.logprobs if spec.echo else -1, spec.prompt_logprobs)),
         mode=spec.mode, user=user)
     finished = False
     count, reason = 0, None
@@ -103,6 +105,7 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
             stats.engine = opened.engine
         text = IncrementalText(codec, spec.stop)
         pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not gone out yet
+        prompt: list[TokenLogprob] | None = None  # the prompt's, until the first piece carries them
         resync = _Resync(store, sid, request, span)
         quiet_since = time.monotonic()
         while True:
@@ -129,24 +132,28 @@ async def generate(nc: Client, codec: TextCodec, spec: GenerationSpec, prompt_id
                 if spec.logprobs >= 0:  # (tokens read back from Redis have none: unknown)
                     pending += event.logprobs if len(event.logprobs) == len(event.tokens) else \
                         [TokenLogprob(t, None) for t in event.tokens]
-                if spec.echo and count == len(event.tokens):  # the first tokens: the prompt goes first
+                if count == len(event.tokens) and request.sampling.prompt_logprobs >= 0:  # the first tokens
+                    prompt = await _prompt_logprobs(store, sid, prompt_ids)
+                if spec.echo and count == len(event.tokens):  # the prompt goes first
                     echo = spec.prompt if isinstance(spec.prompt, str) else codec.decode(prompt_ids)
-                    yield Piece(echo, None, 0, await _prompt_logprobs(store, sid, prompt_ids)
-                                if spec.logprobs >= 0 else [])
+                    yield Piece(echo, None, 0, [msgspec.structs.replace(e, top=e.top[:spec.logprobs], rank=None)
+                                                for e in prompt] if spec.logprobs >= 0 else [],
+                                prompt if spec.prompt_logprobs >= 0 else None)
+                    prompt = None
                 piece = text.add(event.tokens)
                 if text.stopped:
                     reason = "stop"
                     timing.finish(reason, count)
-                    yield Piece(piece, reason, count, pending)
+                    yield Piece(piece, reason, count, pending, prompt)
                     return
                 if event.finished:
                     finished, reason = True, event.finish_reason or "stop"
                     timing.finish(reason, count)
-                    yield Piece(piece + text.flush(), reason, count, pending)
+                    yield Piece(piece + text.flush(), reason, count, pending, prompt)
                     return
                 if piece:
-                    yield Piece(piece, None, count, pending)
-                    pending = []
+                    yield Piece(piece, None, count, pending, prompt)
+                    pending, prompt = [], None
     except Exception as exc:
         if span is not None:
             failed = isinstance(exc, OpenAIError)

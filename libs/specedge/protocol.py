@@ -155,14 +155,17 @@ MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's defaul
 MAX_GRAMMAR_CHARS = 65536  # a structured output's grammar (the JSON schema, regex or grammar it came from)
 
 
-class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     """The target's own log-probability of a committed token — raw: the log-softmax of its
     logits, before temperature or any filter — and of its `top` alternatives, best first.
-    `logprob` is None where it is not known (tokens read back from Redis after a lost event)."""
+    `logprob` is None where it is not known (tokens read back from Redis after a lost event).
+    `rank` (prompt tokens only: vLLM's `prompt_logprobs` reports it): how many tokens of the
+    vocabulary are at least as likely, itself included (1: the most likely)."""
 
     token: int
     logprob: float | None
     top: list[tuple[int, float]] = []
+    rank: int | None = None
 
 
 class VerifyResult(Message, frozen=True, kw_only=True):
@@ -204,7 +207,8 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int = 0
     seed: int = 0
     logprobs: int = -1  # -1: none; k >= 0: each committed token's logprob and its top k alternatives
-    prompt_logprobs: int = -1  # the same for the prompt's tokens (completions' `echo`), kept in Redis for the gateway
+    prompt_logprobs: int = -1  # the same for the prompt's tokens, with ranks (completions' `echo`, vLLM's
+    # `prompt_logprobs`), kept in Redis for the gateway
     min_p: float = 0.0  # drop tokens less likely than this × the most likely one
     # vLLM's penalties, over each tree node's own path: presence and frequency over the output,
     # repetition over prompt and output (`engine.sampling.adjust_rows`); added to chosen logits

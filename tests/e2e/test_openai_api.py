@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specedge.models import BUNDLED_TARGET, bundled
+from specedge.models import BUNDLED_TARGET, bundled, chat_prompt_ids
 from tests.conftest import SPECEDGE
 from tests.helpers import Stack, specedge_up
 from tests.sessions import prompt_and_reference
@@ -494,6 +494,50 @@ def test_echo_returns_the_prompt_with_the_targets_own_logprobs_of_it(gateway, mo
     assert streamed[0] is None and [round(v, 4) for v in streamed[1:]] == [round(v, 4) for v in lp.token_logprobs[1:]]
     plain = client.completions.create(model=MODEL, prompt=text, max_tokens=3, temperature=0, echo=True)
     assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("mode", ["specedge", "server-only", "autoregressive"])
+def test_prompt_logprobs_are_the_targets_own_with_their_ranks(gateway, mode):
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first, else the token's raw
+    logprob, its rank in the vocabulary and its text, and the position's best k ranked 1..k —
+    as the target alone computes them; per choice on completions (each its own prompt), at
+    the top level on chat. Refused when streamed (vLLM's rule)."""
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    client = gateway.client()
+    extra = {"specedge": {"mode": mode}, "prompt_logprobs": 2}
+
+    def check(positions: list, ids: list[int]) -> None:
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        assert len(positions) == len(ids) and positions[0] is None
+        for i in range(1, len(ids)):
+            row, entry, token = expected[i - 1], positions[i], ids[i]
+            best = row.topk(2)
+            assert len(entry) == 2 + (token not in best.indices.tolist()), entry
+            own = entry[str(token)]
+            assert abs(own["logprob"] - row[token].item()) < 1e-4 and own["decoded_token"] == tok.decode([token])
+            assert int((row > row[token] + 1e-4).sum()) + 1 <= own["rank"] <= int((row >= row[token] - 1e-4).sum())
+            for rank, (alternative, value) in enumerate(zip(best.indices.tolist(), best.values.tolist(),
+                                                            strict=True), start=1):
+                ranked = entry[str(alternative)]
+                assert ranked["rank"] == rank and abs(ranked["logprob"] - value) < 1e-4
+
+    texts = ["The capital of France is Paris. The capital of Italy is", "def add(a, b):"]
+    reply = client.completions.create(model=MODEL, prompt=texts, max_tokens=2, temperature=0, extra_body=extra)
+    for choice in reply.model_dump()["choices"]:
+        check(choice["prompt_logprobs"], tok(texts[choice["index"]], add_special_tokens=False)["input_ids"])
+    question = "Why is the sky blue?"
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                          max_tokens=2, temperature=0, extra_body=extra).model_dump()
+    check(chat["prompt_logprobs"], chat_prompt_ids(tok, question))
+    plain = client.completions.create(model=MODEL, prompt=texts[1], max_tokens=2, temperature=0).model_dump()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+    with pytest.raises(openai.BadRequestError, match="not available when `stream=True`"):
+        client.completions.create(model=MODEL, prompt=texts[1], max_tokens=2, stream=True, extra_body=extra)
+    zero = client.completions.create(model=MODEL, prompt=texts[1], max_tokens=2, temperature=0, stream=True,
+                                     extra_body={**extra, "prompt_logprobs": 0})  # asks for nothing to stream
+    assert "".join(c.choices[0].text for c in zero if c.choices) == plain["choices"][0]["text"]
 
 
 def test_prompts_as_token_ids_are_served_like_their_text(gateway):

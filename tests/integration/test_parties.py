@@ -255,3 +255,8 @@ def test_prompt_logprobs_are_the_targets_own_across_prefill_chunks(models):
     assert torch.allclose(got, want, atol=1e-4)
     best = expected[:-1].topk(2)
     assert [[t for t, _ in e.top] for e in entries[1:]] == best.indices.tolist()
+    # each token's rank: the tokens at least as likely (a margin for a near-tie in the last bits)
+    above = (expected[:-1] > want[:, None] + 1e-4).sum(-1) + 1
+    at_least = (expected[:-1] >= want[:, None] - 1e-4).sum(-1)
+    ranks = torch.tensor([e.rank for e in entries[1:]])
+    assert bool(((above <= ranks) & (ranks <= at_least)).all()) and entries[0].rank is None

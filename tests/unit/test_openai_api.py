@@ -190,6 +190,8 @@ def test_chat_templates_render_as_the_tokenizers_own_apply_chat_template(tmp_pat
     ({"best_of": 3}, 400, "unsupported_parameter"),
     ({"presence_penalty": 3}, 400, "invalid_value"),
     ({"frobnicate": 1}, 400, "unknown_parameter"),
+    ({"prompt_logprobs": 1, "stream": True}, 400, None),  # vLLM's rule: not streamed
+    ({"prompt_logprobs": 21}, 400, None),
     ({"echo": False, "min_tokens": 2, "best_of": 1, "response_format": {"type": "text"}, "tools": [],
       "user": "u-1", "tool_choice": "auto", "chat_template_kwargs": {"enable_thinking": False}}, 200, None),
 ])
@@ -357,3 +359,18 @@ def test_forced_tool_calls_become_a_grammar_and_come_back_as_calls():
     assert tool_calls_of('{"x": 1}', "g", False) == [("g", '{"x": 1}')]
     assert tool_calls_of('[{"name": "f", "parameters": {"a": [1]}}]', "", True) == [("f", '{"a": [1]}')]
     assert tool_calls_of('{"x": ', "g", False) is None  # cut by max_tokens: not a call
+
+
+def test_prompt_logprobs_take_vllms_shape():
+    from specedge.protocol import TokenLogprob
+    from specedge_gateway.responses import prompt_logprobs_of
+
+    entries = [TokenLogprob(5, None), TokenLogprob(7, -1.0, [(3, -0.5), (7, -1.0)], 2),
+               TokenLogprob(9, -4.0, [(3, -0.2), (4, -1.0)], 17)]
+    shaped = prompt_logprobs_of(entries, lambda t: f"<{t}>", 1)
+    assert shaped[0] is None
+    assert {k: v.model_dump() for k, v in shaped[2].items()} == {
+        "9": {"logprob": -4.0, "rank": 17, "decoded_token": "<9>"},
+        "3": {"logprob": -0.2, "rank": 1, "decoded_token": "<3>"}}
+    assert set(prompt_logprobs_of(entries, str, 2)[1]) == {"7", "3"}  # the token among the best: once
+    assert prompt_logprobs_of(entries, str, -1) is None and prompt_logprobs_of(None, str, 2) is None

@@ -50,17 +50,17 @@ class _TargetSession:
     prompt_logprobs: list[TokenLogprob] | None = None  # while asked for: the prompt's, as far as prefilled
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int, ranks: bool = False) -> list[TokenLogprob]:
     """Raw log-probabilities (log-softmax of the logits, in float32) of `tokens`, one per row
-    of `logits`, each with its row's `top` most likely tokens — one transfer to the host."""
+    of `logits`, each with its row's `top` most likely tokens and, with `ranks`, its rank
+    (vLLM's: the tokens at least as likely, itself included)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs[torch.arange(len(tokens), device=logits.device), torch.tensor(tokens, device=logits.device)]
-    if top:
-        values, ids = logprobs.topk(top, dim=-1)
-        chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
-        return [TokenLogprob(t, c, list(zip(i, v, strict=True)))
-                for t, c, i, v in zip(tokens, chosen, ids, values, strict=True)]
-    return [TokenLogprob(t, c) for t, c in zip(tokens, chosen.tolist(), strict=True)]
+    rank = (logprobs >= chosen[:, None]).sum(dim=-1).tolist() if ranks else [None] * len(tokens)
+    values, ids = logprobs.topk(top, dim=-1) if top else (None, None)
+    tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)] if top \
+        else [[] for _ in tokens]
+    return [TokenLogprob(t, c, a, r) for t, c, a, r in zip(tokens, chosen.tolist(), tops, rank, strict=True)]
 
 
 def verifier_runner(model: PreTrainedModel, max_sessions: int, max_len: int, max_tree_nodes: int, attention: str,
@@ -231,7 +231,7 @@ class Verifier:
                 done = len(session.prompt_logprobs)
                 session.prompt_logprobs += token_logprobs(logits[row : row + len(chunk.tokens)],
                                                           session.committed[done : done + len(chunk.tokens)],
-                                                          session.params.prompt_logprobs)
+                                                          session.params.prompt_logprobs, ranks=True)
             row += len(chunk.tokens)
         logits = logits[: sum(len(r.tokens) for r in requests)]
         if not requests:
