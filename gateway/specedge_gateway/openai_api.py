@@ -9,7 +9,7 @@ SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (w
 `openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
 
 Fields: what the schema declares is served (`logprobs`/`top_logprobs`: the target's raw
-log-probabilities; structured outputs — `response_format` and vLLM's guided fields
+log-probabilities; vLLM's `prompt_logprobs`, the prompt's with ranks; structured outputs — `response_format` and vLLM's guided fields
 (`structured`); `presence_penalty`, `frequency_penalty`, `logit_bias`; `tools` and
 vLLM's `chat_template_kwargs`, given to the chat template; vLLM's `top_k`,
 `min_p`, `repetition_penalty`, `stop_token_ids` and `ignore_eos` at the top level of the
