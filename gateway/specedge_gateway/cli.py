@@ -43,6 +43,11 @@ def command(
         "--reasoning-parser", envvar="SPECEDGE_REASONING_PARSER",
         help="qwen3: what a chat reply writes inside <think>…</think> comes back as reasoning_content, as "
              "vLLM's parser of that name does (default: none).")] = default(GatewaySettings, "reasoning_parser"),
+    tool_call_parser: Annotated[str, typer.Option(
+        "--tool-call-parser", envvar="SPECEDGE_TOOL_CALL_PARSER",
+        help="hermes: with tools and tool_choice auto, the <tool_call> blocks a chat reply writes come back as "
+             "tool_calls, as vLLM's parser of that name does (default: none: they stay text).")]
+    = default(GatewaySettings, "tool_call_parser"),
     lenient: Annotated[bool, typer.Option(
         "--lenient/--strict", envvar="SPECEDGE_LENIENT",
         help="Ignore request fields nobody knows, with a warning (vLLM's behaviour); by default they get 400 as "
@@ -62,6 +67,6 @@ def command(
                redis_url=redis_url, host=host, port=port,
                tokenizer=tokenizer or bundled(BUNDLED_TARGET), max_context=max_context, max_body_mib=max_body_mib,
                require_api_key=require_api_key, max_concurrent_per_key=max_concurrent_per_key, dashboard=dashboard,
-               lenient=lenient, reasoning_parser=reasoning_parser,
+               lenient=lenient, reasoning_parser=reasoning_parser, tool_call_parser=tool_call_parser,
                name=name,
                log_level=log_level))

@@ -9,16 +9,16 @@ SpecEdge extension: a request may carry `"specedge": {"mode": "server-only"}` (w
 `openai` client: `extra_body={"specedge": {...}}`) to choose how it is decoded.
 
 Fields: what the schema declares is served (`logprobs`/`top_logprobs`: the target's raw
-log-probabilities; vLLM's `prompt_logprobs`, the prompt's with ranks; structured outputs — `response_format` and vLLM's guided fields
-(`structured`); `presence_penalty`, `frequency_penalty`, `logit_bias`; `tools` and
-vLLM's `chat_template_kwargs`, given to the chat template; vLLM's `top_k`,
-`min_p`, `repetition_penalty`, `stop_token_ids` and `ignore_eos` at the top level of the
-body, as vLLM takes them — each penalty over a tree node's own path, so speculation
-changes nothing); a field of OpenAI's or
-vLLM's API that SpecEdge does not serve (`UNSUPPORTED`) is a 400 naming it — unless its
-value asks for nothing (`logprobs: false`, a penalty of 0); a field nobody knows is a 400 as
-OpenAI's own API answers, or, with the gateway's `--lenient`, ignored with a warning
-(vLLM's behaviour). `check_fields` decides, after the schema's own checks.
+log-probabilities; vLLM's `prompt_logprobs`, the prompt's with ranks; structured outputs —
+`response_format` and vLLM's guided fields (`structured`); `presence_penalty`,
+`frequency_penalty`, `logit_bias`; `tools` and vLLM's `chat_template_kwargs`, given to the
+chat template; vLLM's `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids` and
+`ignore_eos` at the top level of the body, as vLLM takes them — each penalty over a tree
+node's own path, so speculation changes nothing); a field of OpenAI's or vLLM's API that
+SpecEdge does not serve (`UNSUPPORTED`) is a 400 naming it — unless its value asks for
+nothing (`logprobs: false`, a penalty of 0); a field nobody knows is a 400 as OpenAI's own
+API answers, or, with the gateway's `--lenient`, ignored with a warning (vLLM's
+behaviour). `check_fields` decides, after the schema's own checks.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ from specedge_gateway.responses import (
 from specedge_gateway.sessions import Piece, generate
 from specedge_gateway.settings import GatewaySettings
 from specedge_gateway.structured import tool_calls_of
-from specedge_gateway.text import ReasoningSplit, TextCodec
+from specedge_gateway.text import HermesToolCalls, ReasoningSplit, TextCodec
 
 log = logging.getLogger("specedge_gateway")
 
@@ -255,7 +255,7 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool, user: str,
         if chat:
             return ChatCompletion(**head.model_dump(), usage=usage, specedge=stats, prompt_logprobs=prompt_logprobs_of(
                 done[0].prompt_logprobs, text_of, spec.prompt_logprobs), choices=[
-                ChatChoice(index=i, message=(message := _message(d.text, gw.settings.reasoning_parser, spec)),
+                ChatChoice(index=i, message=(message := _message(d.text, gw.settings, spec)),
                            finish_reason=_finish(d.last.finish_reason, message.tool_calls, spec),
                            logprobs=ChatLogprobs.of(d.logprobs, text_of) if wanted else None)
                 for i, d in enumerate(done)])
@@ -273,25 +273,30 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool, user: str,
             raise failed[0]  # (every choice has stopped: each generation closes cleanly)
         head.system_fingerprint = runs[0].stats.system_fingerprint
         owned = stack.pop_all()  # from here the stream closes the generations
-    return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec, gw.codec.token_text,
-                                     gw.settings.reasoning_parser),
+    return StreamingResponse(_stream(owned, runs, list(firsts), head, chat, spec, gw.codec.token_text, gw.settings),
                              media_type="text/event-stream")
 
 
-def _message(text: str, reasoning_parser: str, spec: GenerationSpec) -> AssistantMessage:
+def _message(text: str, settings: GatewaySettings, spec: GenerationSpec) -> AssistantMessage:
     if spec.tool_call or spec.tools_required:  # a forced call: its grammar's JSON, as `tool_calls`
         if (calls := tool_calls_of(text, spec.tool_call, spec.tools_required)) is not None:
             return AssistantMessage(content=None, tool_calls=ToolCall.of(calls))
-    if not reasoning_parser:
-        return AssistantMessage(content=text)
-    reasoning, content = ReasoningSplit().split(text)
-    return AssistantMessage(content=content, reasoning_content=reasoning)
+    reasoning, content = ReasoningSplit().split(text) if settings.reasoning_parser else (None, text)
+    calls = HermesToolCalls().split(content) if _parses_calls(settings, spec) else (content, None)
+    return AssistantMessage(content=calls[0], reasoning_content=reasoning,
+                            tool_calls=ToolCall.of(calls[1]) if calls[1] else None)
+
+
+def _parses_calls(settings: GatewaySettings, spec: GenerationSpec) -> bool:
+    """Whether a chat reply is read for tool calls: the gateway's `--tool-call-parser`, with
+    tools offered and the choice left to the model (`tool_choice` `auto`)."""
+    return bool(settings.tool_call_parser and spec.tools and not (spec.tool_call or spec.tools_required))
 
 
 def _finish(reason: str | None, calls: list | None, spec: GenerationSpec) -> str | None:
-    """OpenAI's: `tool_calls` when the model chose to call (`required`), `stop` when it was
-    told which function to call."""
-    return "tool_calls" if calls and spec.tools_required and reason == "stop" else reason
+    """OpenAI's: `tool_calls` when the model chose to call (`required`, or `auto` read by the
+    tool-call parser), `stop` when it was told which function to call."""
+    return "tool_calls" if calls and not spec.tool_call and reason == "stop" else reason
 
 
 @dataclasses.dataclass
@@ -327,19 +332,29 @@ async def _complete_all(gw: Gateway, specs: list[GenerationSpec], user: str,
 
 async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firsts: list[Piece], head: Head,
                   chat: bool, spec: GenerationSpec, text_of: Callable[[int], str],
-                  reasoning_parser: str = "") -> AsyncIterator[str]:
+                  settings: GatewaySettings) -> AsyncIterator[str]:
     include_usage, n = spec.include_usage, spec.n
     offsets = [0] * len(runs)  # per choice: where its next text starts (completions' text_offset)
-    splits = [ReasoningSplit() for _ in runs] if chat and reasoning_parser else None
+    splits = [ReasoningSplit() for _ in runs] if chat and settings.reasoning_parser else None
+    parsers = [HermesToolCalls() for _ in runs] if chat and _parses_calls(settings, spec) else None
 
     def chunk(index: int, text: str | None, finish: str | None = None, role: bool = False,
               logprobs: list[TokenLogprob] | None = None) -> str:
         if chat:
             if role:
                 delta = ChatDelta(role="assistant")
-            elif splits is not None:
-                reasoning, content = splits[index].flush() if finish else splits[index].add(text or "")
-                delta = ChatDelta(content=content or None, reasoning_content=reasoning or None)
+            elif splits is not None or parsers is not None:
+                reasoning, content = ("", text or "") if splits is None else \
+                    splits[index].flush() if finish else splits[index].add(text or "")
+                calls = None
+                if parsers is not None:
+                    content = parsers[index].add(content)
+                    if finish:
+                        tail, calls = parsers[index].flush()
+                        content, finish = content + tail, _finish(finish, calls, spec)
+                delta = ChatDelta(content=content or None, reasoning_content=reasoning or None, tool_calls=[
+                    DeltaToolCall(index=k, **call.model_dump()) for k, call in enumerate(ToolCall.of(calls))]
+                    if calls else None)
             else:
                 delta = ChatDelta(content=text or None)
             chat_lp = ChatLogprobs.of(logprobs, text_of) if logprobs else None

@@ -19,5 +19,6 @@ class GatewaySettings(RedisServiceSettings):
     require_api_key: bool = True  # False: anyone may call (a private, single-user setup)
     max_concurrent_per_key: int = Field(default=16, ge=1)  # requests of one user at once (429 beyond)
     reasoning_parser: Literal["", "qwen3"] = ""  # qwen3: a reply's <think> part as reasoning_content
+    tool_call_parser: Literal["", "hermes"] = ""  # hermes: a reply's <tool_call> blocks as tool_calls (`auto`)
     lenient: bool = False  # ignore (with a warning) request fields nobody knows, as vLLM does; else 400
     dashboard: bool = True  # serve the live view at /dashboard (open, like /metrics: no prompt content)

@@ -6,13 +6,15 @@ the `tokenizers` library, its chat template as `apply_chat_template` renders it,
 request's `tools` and `chat_template_kwargs`) and turning committed ids back into text
 piece by piece (`DecodeStream`: each id decoded once), never emitting half a UTF-8
 character; with a reasoning parser, a reply's `<think>…</think>` part goes apart
-(`ReasoningSplit`). It knows nothing about HTTP or sessions.
+(`ReasoningSplit`); with a tool-call parser, its `<tool_call>` blocks become calls
+(`HermesToolCalls`). It knows nothing about HTTP or sessions.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 from dataclasses import dataclass, field
 
 import jinja2
@@ -137,6 +139,67 @@ class ReasoningSplit:
             return None, text
         reasoning, _, content = opening[len(self.START):].partition(self.END)
         return reasoning, content
+
+
+class HermesToolCalls:
+    """The Hermes tool-call parser (vLLM's `hermes`, what Qwen2.5 and Qwen3 write): a reply
+    that, with `tool_choice` `auto`, writes `<tool_call>{"name": …, "arguments": {…}}</tool_call>`
+    blocks (the last may be left open) calls those functions; the text before the first block
+    is the content. A block that is not such JSON leaves the whole reply as text. Streamed:
+    content goes out up to the first `<tool_call>` (holding back only what could still be
+    that tag); the calls come whole at the end (`flush`) — the same split as `split`."""
+
+    START, END = "<tool_call>", "</tool_call>"
+    _PATTERN = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._calling = False  # the first <tool_call> has begun: everything after it waits
+
+    def add(self, text: str) -> str:
+        """Streamed text in; the content that may go out now."""
+        held = self._held + text
+        if self._calling:
+            self._held = held
+            return ""
+        if (at := held.find(self.START)) != -1:
+            self._calling, self._held = True, held[at:]
+            return held[:at]
+        keep = next((n for n in range(min(len(held), len(self.START) - 1), 0, -1)
+                     if self.START.startswith(held[-n:])), 0)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep]
+
+    def flush(self) -> tuple[str, list[tuple[str, str]] | None]:
+        """At the end: (content still held, the calls or None)."""
+        held, self._held = self._held, ""
+        calls = self.calls(held) if self._calling else None
+        return ("", calls) if calls is not None else (held, None)
+
+    def split(self, text: str) -> tuple[str | None, list[tuple[str, str]] | None]:
+        """A whole reply: (its content — None when it is empty and calls were made; the
+        (name, JSON arguments) calls, or None)."""
+        at = text.find(self.START)
+        calls = self.calls(text[at:]) if at != -1 else None
+        if calls is None:
+            return text, None
+        return text[:at] or None, calls
+
+    @classmethod
+    def calls(cls, text: str) -> list[tuple[str, str]] | None:
+        """The calls `text` (from its first `<tool_call>` on) makes, or None if one is not
+        `{"name": str, "arguments": object}` JSON."""
+        calls = []
+        for closed, open_ in cls._PATTERN.findall(text):
+            try:
+                value = json.loads(closed or open_)
+            except ValueError:
+                return None
+            if not (isinstance(value, dict) and isinstance(value.get("name"), str)
+                    and isinstance(value.get("arguments", {}), dict)):
+                return None
+            calls.append((value["name"], json.dumps(value.get("arguments", {}), ensure_ascii=False)))
+        return calls or None
 
 
 @dataclass

@@ -29,7 +29,7 @@ class Gateway(Stack):
 
 @pytest.fixture(scope="module")
 def gateway():
-    with specedge_up() as stack:
+    with specedge_up(env={"SPECEDGE_TOOL_CALL_PARSER": "hermes"}) as stack:
         yield Gateway(**dataclasses.asdict(stack))
 
 
@@ -390,6 +390,51 @@ def test_a_forced_tool_call_comes_back_as_tool_calls_exactly_in_every_mode(gatew
     schemas = {"get_weather": weather, "add": add}
     for call in required.choices[0].message.tool_calls:
         jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_the_hermes_parser_returns_the_calls_a_reply_writes(gateway):
+    """This module's gateway runs `--tool-call-parser hermes`: with tools and `tool_choice`
+    `auto`, the `<tool_call>` blocks a reply writes come back as `tool_calls` (the text
+    before them as content, finish_reason `tool_calls`), streamed or not, in every mode.
+    The tiny model writes such a block only when a regex makes it: the regex fixes the form,
+    the target chooses the city — exactly as it alone would under that regex."""
+    import json
+
+    import llguidance
+
+    from specedge.engine.sampling import SamplingSpec
+    from specedge_gateway.text import HermesToolCalls
+    from tests.structured import reference_output
+
+    regex = r'Checking\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome|Oslo)"\}\}</tool_call>'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "What is the weather like?"}]
+    tok = AutoTokenizer.from_pretrained(bundled(BUNDLED_TARGET))
+    model = AutoModelForCausalLM.from_pretrained(bundled(BUNDLED_TARGET)).eval()
+    prompt = tok(tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    expected = reference_output(model, tok, prompt, SamplingSpec(grammar=llguidance.LLMatcher.grammar_from_regex(
+        regex)), 96, list(model.generation_config.eos_token_id))
+    content, calls = HermesToolCalls().split(tok.decode(expected, skip_special_tokens=True))
+    assert content == "Checking. " and calls[0][0] == "get_weather"
+    client = gateway.client()
+    ask = {"model": MODEL, "messages": messages, "tools": tools, "temperature": 0, "max_tokens": 96}
+    for mode in ("specedge", "server-only", "autoregressive"):
+        reply = client.chat.completions.create(**ask, extra_body={"guided_regex": regex, "specedge": {"mode": mode}})
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == content, mode
+        assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == calls, mode
+    chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={"guided_regex": regex}))
+    deltas = [choice.delta for chunk in chunks for choice in chunk.choices]
+    assert "".join(d.content or "" for d in deltas) == content
+    streamed = [c for d in deltas for c in d.tool_calls or []]
+    assert [(c.index, c.function.name, c.function.arguments) for c in streamed] == [(0, *calls[0])]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert json.loads(calls[0][1])["city"] in ("Paris", "Rome", "Oslo")
+    # no tools offered (`tool_choice` none): nothing is parsed, the reply is its text
+    plain = client.chat.completions.create(**ask, tool_choice="none", extra_body={"guided_regex": regex})
+    assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
 
 
 def test_structured_outputs_follow_their_grammar_exactly_in_every_mode(gateway):

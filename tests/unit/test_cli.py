@@ -28,7 +28,7 @@ def test_top_level_lists_every_role_and_up():
     [
         ("gateway", ["--nats-url", "--credentials", "--nats-wait", "--redis-url", "--host", "--port", "--tokenizer",
                      "--max-context", "--max-body-mib", "--require-api-key", "--max-concurrent-per-key", "--dashboard",
-                     "--lenient", "--reasoning-parser", "--name",
+                     "--lenient", "--reasoning-parser", "--tool-call-parser", "--name",
                      "--log-level"]),
         ("scheduler", ["--nats-url", "--credentials", "--nats-wait", "--redis-url", "--max-batch", "--edge-timeout",
                        "--verifier-timeout", "--draft-timeout", "--request-timeout", "--session-ttl", "--strategy",

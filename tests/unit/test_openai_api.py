@@ -374,3 +374,30 @@ def test_prompt_logprobs_take_vllms_shape():
         "3": {"logprob": -0.2, "rank": 1, "decoded_token": "<3>"}}
     assert set(prompt_logprobs_of(entries, str, 2)[1]) == {"7", "3"}  # the token among the best: once
     assert prompt_logprobs_of(entries, str, -1) is None and prompt_logprobs_of(None, str, 2) is None
+
+
+@pytest.mark.parametrize("text", [
+    'Sure. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>',
+    '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", "arguments": {"y": "é"}}',
+    '<tool_call>{"name": "f", "arguments": {"x": 1}</tool_call>',  # not JSON: all text
+    "no call at all", "ends with <tool_ca", "<tool_call>", 'a <tool_call>{"arguments": {}}</tool_call>'])
+def test_the_hermes_parser_splits_the_same_streamed_or_whole(text):
+    import random
+
+    from specedge_gateway.text import HermesToolCalls
+
+    content, calls = HermesToolCalls().split(text)
+    rng = random.Random(text)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(len(text) + 1), min(4, len(text) + 1)))
+        parser, streamed = HermesToolCalls(), ""
+        for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
+            streamed += parser.add(text[a:b])
+        tail, got = parser.flush()
+        assert (streamed + tail, got) == (content or "", calls)
+    if text.startswith("Sure."):
+        assert (content, calls) == ("Sure. ", [("f", '{"x": 1}')])
+    if '"g"' in text:
+        assert content is None and calls == [("f", "{}"), ("g", '{"y": "é"}')]
+    if calls is None:
+        assert content == text
