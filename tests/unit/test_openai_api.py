@@ -401,3 +401,19 @@ def test_the_hermes_parser_splits_the_same_streamed_or_whole(text):
         assert content is None and calls == [("f", "{}"), ("g", '{"y": "é"}')]
     if calls is None:
         assert content == text
+
+
+def test_reasoning_then_tool_calls_from_one_reply():
+    """Qwen3's order: it thinks, then calls; with both parsers the reply splits in three."""
+    from specedge_gateway.openai_api import to_generation
+    from specedge_gateway.routes import _message
+    from specedge_gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(tokenizer="x", reasoning_parser="qwen3", tool_call_parser="hermes")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    text = '<think>plan</think>\n\nOk <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    message = _message(text, settings, to_generation(ChatCompletionRequest(**CHAT, tools=tools)))
+    assert (message.reasoning_content, message.content) == ("plan", "\n\nOk ")
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("f", '{"a": 1}')]
+    unparsed = _message(text, settings, to_generation(ChatCompletionRequest(**CHAT, tools=tools, tool_choice="none")))
+    assert unparsed.tool_calls is None and "<tool_call>" in unparsed.content
