@@ -286,6 +286,12 @@ def test_a_tokenizer_named_by_hub_id_comes_from_the_local_cache(tmp_path, monkey
         TextCodec("acme/absent")
 
 
+def cut(text: str, rng, places: int) -> list[str]:
+    """`text` in pieces, cut at up to `places` random places (as a stream may deliver it)."""
+    cuts = sorted(rng.sample(range(len(text) + 1), min(places, len(text) + 1)))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
 @pytest.mark.parametrize("text", ["<think>\nplan it\n</think>\n\nanswer here", "no thinking at all",
                                   "  <think>never closed", "<thi", "<think></think>x", "a</think>b"])
 def test_reasoning_is_split_from_the_answer_the_same_streamed_or_whole(text):
@@ -296,10 +302,9 @@ def test_reasoning_is_split_from_the_answer_the_same_streamed_or_whole(text):
     reasoning, content = ReasoningSplit().split(text)
     rng = random.Random(text)
     for _ in range(30):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
         split, got = ReasoningSplit(), ["", ""]
-        for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
-            for i, part in enumerate(split.add(text[a:b])):
+        for piece in cut(text, rng, 3):
+            for i, part in enumerate(split.add(piece)):
                 got[i] += part
         for i, part in enumerate(split.flush()):
             got[i] += part
@@ -389,10 +394,8 @@ def test_the_hermes_parser_splits_the_same_streamed_or_whole(text):
     content, calls = HermesToolCalls().split(text)
     rng = random.Random(text)
     for _ in range(30):
-        cuts = sorted(rng.sample(range(len(text) + 1), min(4, len(text) + 1)))
-        parser, streamed = HermesToolCalls(), ""
-        for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
-            streamed += parser.add(text[a:b])
+        parser = HermesToolCalls()
+        streamed = "".join(parser.add(piece) for piece in cut(text, rng, 4))
         tail, got = parser.flush()
         assert (streamed + tail, got) == (content or "", calls)
     if text.startswith("Sure."):
