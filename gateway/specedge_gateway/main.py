@@ -10,7 +10,7 @@ import uvicorn
 
 from specedge import bus, registry
 from specedge.protocol import MAX_GRAMMAR_CHARS, MAX_SESSION_MESSAGE_BYTES, ServiceAnnouncement
-from specedge.service import StartupError, setup_logging
+from specedge.service import StartupError, exit_now, setup_logging
 from specedge_gateway.app import create_app
 from specedge_gateway.settings import GatewaySettings
 
@@ -51,7 +51,7 @@ def context_problem(max_context: int, verifiers: list[ServiceAnnouncement]) -> s
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    exit_now(0)  # uvicorn raises the signal again once its shutdown is done
 
 
 def main(settings: GatewaySettings) -> None:
