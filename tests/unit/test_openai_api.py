@@ -17,6 +17,7 @@ from specedge_gateway.openai_api import (
     to_generation,
     validation_error_handler,
 )
+from tests.templates import QWEN3_LIKE, model_dir
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -231,25 +232,6 @@ def test_vllms_sampling_fields_are_taken_at_the_top_level():
         ChatCompletionRequest(**CHAT, top_k=-2)
     schema = ChatCompletionRequest.model_json_schema()
     assert schema["additionalProperties"] is False and "top_k" in schema["properties"]
-
-
-QWEN3_LIKE = (  # the parts of Qwen3's template these features touch
-    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>{% endif %}"
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
-    "{% endif %}")
-
-
-def model_dir(tmp_path, template: str):
-    import shutil
-
-    from specedge.models import BUNDLED_TARGET, bundled
-
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(f"{bundled(BUNDLED_TARGET)}/{name}", tmp_path / name)
-    (tmp_path / "chat_template.jinja").write_text(template)
-    return tmp_path
 
 
 def test_tools_and_chat_template_kwargs_reach_the_template(tmp_path):
