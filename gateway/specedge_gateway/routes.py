@@ -58,7 +58,7 @@ from specedge_gateway.responses import (
 )
 from specedge_gateway.sessions import Piece, generate
 from specedge_gateway.settings import GatewaySettings
-from specedge_gateway.structured import tool_calls_of
+from specedge_gateway.structured import after_thinking, tool_calls_of
 from specedge_gateway.text import HermesToolCalls, ReasoningSplit, TextCodec
 
 log = logging.getLogger("specedge_gateway")
@@ -79,8 +79,11 @@ class Gateway:
     limit: Any = None
     store: Any = None
 
-    def prepare(self, spec: GenerationSpec) -> tuple[list[int], int]:
-        """The prompt's ids and how many tokens to generate, or the reason it cannot be served."""
+    def prepare(self, spec: GenerationSpec) -> tuple[list[int], int, GenerationSpec]:
+        """The prompt's ids, how many tokens to generate and the spec to generate by (a chat's
+        structured output held after its reasoning, under a reasoning parser, unless the
+        prompt has closed the reasoning already — as vLLM holds it), or the reason it cannot
+        be served."""
         settings, served = self.settings, self.served_model
         if spec.model != served:
             raise OpenAIError(404, f"model {spec.model!r} does not exist; this server serves {served!r}",
@@ -96,6 +99,9 @@ class Gateway:
                 if spec.messages is not None else spec.prompt
         except ValueError as exc:
             raise OpenAIError(400, str(exc), param="messages", code="invalid_messages") from None
+        if settings.reasoning_parser and spec.grammar and spec.messages is not None \
+                and not prompt.rstrip().endswith(ReasoningSplit.END):  # (e.g. Qwen3's enable_thinking: false)
+            spec = dataclasses.replace(spec, grammar=after_thinking(spec.grammar))
         if isinstance(prompt, tuple):  # token ids
             if max(prompt) >= self.codec.vocab_size:
                 raise OpenAIError(400, f"token id {max(prompt)} is not in the vocabulary ({self.codec.vocab_size} "
@@ -111,14 +117,14 @@ class Gateway:
         if wanted > room:
             raise OpenAIError(400, f"max_tokens {wanted} exceeds the {room} tokens left in the context",
                               param="max_tokens", code="context_length_exceeded")
-        return ids, wanted
+        return ids, wanted, spec
 
     @contextlib.asynccontextmanager
     async def generation(self, spec: GenerationSpec, user: str,
                          received: float | None = None) -> AsyncIterator[Generation]:
         """Prepare (off the event loop), take the user's slot, open the session; on exit,
         close the session and give the slot back — whatever ended it."""
-        ids, max_new = await asyncio.to_thread(self.prepare, spec)  # templating and tokenizing
+        ids, max_new, spec = await asyncio.to_thread(self.prepare, spec)  # templating and tokenizing
         if user and not await self.limit.acquire(user):
             raise OpenAIError(429, f"too many concurrent requests for this API key (at most "
                               f"{self.settings.max_concurrent_per_key}); retry when one finishes",
@@ -278,10 +284,10 @@ async def _respond(gw: Gateway, spec: GenerationSpec, chat: bool, user: str,
 
 
 def _message(text: str, settings: GatewaySettings, spec: GenerationSpec) -> AssistantMessage:
-    if spec.tool_call or spec.tools_required:  # a forced call: its grammar's JSON, as `tool_calls`
-        if (calls := tool_calls_of(text, spec.tool_call, spec.tools_required)) is not None:
-            return AssistantMessage(content=None, tool_calls=ToolCall.of(calls))
     reasoning, content = ReasoningSplit().split(text) if settings.reasoning_parser else (None, text)
+    if spec.tool_call or spec.tools_required:  # a forced call: its grammar's JSON (after any reasoning)
+        if (calls := tool_calls_of(content, spec.tool_call, spec.tools_required)) is not None:
+            return AssistantMessage(content=None, reasoning_content=reasoning, tool_calls=ToolCall.of(calls))
     calls = HermesToolCalls().split(content) if _parses_calls(settings, spec) else (content, None)
     return AssistantMessage(content=calls[0], reasoning_content=reasoning,
                             tool_calls=ToolCall.of(calls[1]) if calls[1] else None)
@@ -384,9 +390,10 @@ async def _stream(owned: contextlib.AsyncExitStack, runs: list[Generation], firs
             yield chunk(index, None, logprobs=piece.logprobs)
         if piece.finish_reason is None:
             return
-        if calls := tool_calls_of(held[index], spec.tool_call, spec.tools_required):
-            delta = ChatDelta(tool_calls=[DeltaToolCall(index=k, **call.model_dump())
-                                          for k, call in enumerate(ToolCall.of(calls))])
+        reasoning, content = ReasoningSplit().split(held[index]) if splits is not None else (None, held[index])
+        if calls := tool_calls_of(content, spec.tool_call, spec.tools_required):
+            delta = ChatDelta(reasoning_content=reasoning or None, tool_calls=[
+                DeltaToolCall(index=k, **call.model_dump()) for k, call in enumerate(ToolCall.of(calls))])
             yield sse(head.chat_chunk(delta, None, index), include_usage)
         else:  # cut short by max_tokens: the text as it is
             yield chunk(index, held[index])

@@ -12,6 +12,9 @@ not compile is a 400 naming the field.
 JSON is written compactly, as Python's `json.dumps` writes it (`", "` between items,
 `": "` after keys, no other whitespace): free whitespace lets a small model wander off in
 newlines. A schema's own `"x-guidance"` options (llguidance's) may say otherwise.
+
+With a reasoning parser, a chat's grammar holds from the end of its reasoning on, as vLLM
+applies it (`after_thinking`): the reply may first think freely in `<think>…</think>`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from specedge.protocol import MAX_GRAMMAR_CHARS
 
 # the JSON layout structured outputs are written in (a schema's "x-guidance" may override it)
+MAX_CHARS = MAX_GRAMMAR_CHARS - 256  # a request's grammar: room is left for `after_thinking`'s
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
@@ -133,8 +137,8 @@ def _compile(name: str, kind: str, value: Any) -> str:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         raise StructuredOutputError(name, str(exc) or type(exc).__name__) from exc
-    if len(grammar) > MAX_GRAMMAR_CHARS:
-        raise StructuredOutputError(name, f"longer than {MAX_GRAMMAR_CHARS} characters once compiled")
+    if len(grammar) > MAX_CHARS:
+        raise StructuredOutputError(name, f"longer than {MAX_CHARS} characters once compiled")
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
         raise StructuredOutputError(name, error)
@@ -167,9 +171,30 @@ def tool_call_grammar(functions: list[dict[str, Any]], choice: bool, parallel: b
     return _compile("tools", "json", schema)
 
 
+# Qwen3's reasoning, free up to the first `</think>`, then whitespace, then the answer's grammar
+THINKING = ('start: think ws @{answer} | @{answer}\n'
+            'think[lazy]: /<think>(.|\\n)*<\\/think>/\n'
+            'ws: /[ \\n]*/\n')
+ANSWER = "specedge_answer"
+
+
+def after_thinking(grammar: str) -> str:
+    """`grammar` behind an optional `<think>…</think>` (free text, ending at the first
+    `</think>`) and whitespace: a structured output held from the end of the reasoning on,
+    as vLLM holds one when it runs a reasoning parser. (`_compile` leaves room for it
+    under `MAX_GRAMMAR_CHARS`.)"""
+    top = json.loads(grammar) if grammar.lstrip().startswith("{") else \
+        {"grammars": [{"name": ANSWER, "lark_grammar": grammar}]}
+    answer = top["grammars"][0].setdefault("name", ANSWER) or ANSWER
+    top["grammars"][0]["name"] = answer
+    top["grammars"].insert(0, {"name": "specedge_thinking", "lark_grammar": THINKING.format(answer=answer)})
+    return json.dumps(top)
+
+
 def tool_calls_of(text: str, function: str, choice: bool) -> list[tuple[str, str]] | None:
     """The (name, JSON arguments) calls a forced tool call's output makes — the output of
     `tool_call_grammar`'s grammar — or None when it is not whole (cut by `max_tokens`)."""
+    text = text.strip()  # (whitespace after a reasoning's `</think>`)
     try:
         value = json.loads(text)
     except ValueError:

@@ -182,3 +182,34 @@ def test_a_drafter_that_cannot_read_the_grammar_drafts_freely(models, tokenizer,
     drafter = Drafter(draft, TreeParams(budget=8, depth=2, branch=4, beams=4), grammar_vocab=vocab)
     drafter.open("s", [5, 6, 7], grammar="start: nothing_here", end_ids=[END])
     assert drafter.sessions["s"].constraint is None and len(drafter.draft("s").tokens) > 0
+
+
+@pytest.mark.parametrize(("kind", "value", "answer", "wrong"), [
+    ("json", {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}, '{"a": 12}', '{"b": 1}'),
+    ("regex", "[0-9]{2,4}", "123", "12a"),
+    ("choice", ["yes", "no"], "yes", "maybe"),
+    ("grammar", 'start: "a" b\nb: "c"+', "acc", "ab"),
+    ("grammar", 'root ::= "x" [0-9]+', "x42", "y42"),
+])
+def test_with_a_reasoning_parser_the_grammar_holds_after_the_reasoning(tokenizer, vocab, kind, value, answer, wrong):
+    """`structured.after_thinking` (the gateway's, with `--reasoning-parser`): the reply may
+    first think anything in `<think>…</think>` — up to the first `</think>` — then only the
+    answer's grammar; or answer straight away."""
+    from specedge_gateway.structured import _compile, after_thinking
+
+    grammar = after_thinking(_compile("x", kind, value))
+
+    def follows(text: str) -> bool:
+        constraint = Constraint(vocab, grammar, [END], VOCAB)
+        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            if not constraint.allowed([constraint.state])[0, token]:
+                return False
+            constraint.advance([token])
+        return bool(constraint.allowed([constraint.state])[0, END])
+
+    thought = '<think>Let me see: {"b": 1}, maybe yes.\nDone.</think>'
+    assert follows(answer) and follows(f"{thought}\n\n{answer}") and follows(f"<think></think>{answer}")
+    assert not follows(wrong) and not follows(f"{thought}\n\n{wrong}")
+    assert not follows(f"Well {answer}") and not follows(f"<think>a</think> </think>{answer}")
+    assert not follows(f"{thought}\n\n")  # the answer is not optional
