@@ -120,8 +120,12 @@ def test_a_structured_output_holds_after_the_reasoning(gateway, target):
             message = client.chat.completions.create(**ask, extra_body={
                 "chat_template_kwargs": {"enable_thinking": thinking}, "specedge": {"mode": mode}}).choices[0].message
             assert (message.reasoning_content, message.content) == (reasoning, content), (thinking, mode)
-    tools = [{"type": "function", "function": {"name": "city", "parameters": schema}}]
-    called = client.chat.completions.create(**{k: v for k, v in ask.items() if k != "response_format"}, tools=tools,
-                                            tool_choice={"type": "function", "function": {"name": "city"}},
-                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-    jsonschema.validate(json.loads(called.choices[0].message.tool_calls[0].function.arguments), schema)
+    forced = {**{k: v for k, v in ask.items() if k != "response_format"}, "extra_body": {
+        "chat_template_kwargs": {"enable_thinking": False}}, "tool_choice": {"type": "function", "function": {
+            "name": "city"}}, "tools": [{"type": "function", "function": {"name": "city", "parameters": schema}}]}
+    called = client.chat.completions.create(**forced)
+    arguments = called.choices[0].message.tool_calls[0].function.arguments
+    jsonschema.validate(json.loads(arguments), schema)
+    chunks = client.chat.completions.create(**forced, stream=True)
+    assert [c.function.arguments for chunk in chunks for choice in chunk.choices
+            for c in choice.delta.tool_calls or []] == [arguments]
