@@ -213,7 +213,8 @@ class _SamplingFields(StructuredFields):
 
 class Tool(BaseModel):
     """A tool the chat template shows the model (with `tool_choice` `auto`, a call comes back as
-    text: no tool parser; `required` or a named function: as `tool_calls`, by a grammar)."""
+    text, or as `tool_calls` under the gateway's `--tool-call-parser`; `required` or a named
+    function: as `tool_calls`, by a grammar)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -393,10 +394,12 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         max_tokens = request.max_completion_tokens or request.max_tokens
         tools = [t.model_dump() for t in request.tools] if request.tools and request.tool_choice != "none" else None
         template_kwargs = request.chat_template_kwargs
+        forced = request.forced_tools()
     else:
         prompts = request.prompts()
         messages, prompt, max_tokens = None, prompts[0], request.max_tokens
         tools = template_kwargs = None
+        forced = [], False
     return GenerationSpec(
         model=request.model,
         messages=messages,
@@ -419,19 +422,21 @@ def to_generation(request: ChatCompletionRequest | CompletionRequest) -> Generat
         min_p=request.min_p, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty, logit_bias=tuple(sorted((request.logit_bias or {}).items())),
         tools=tools, template_kwargs=template_kwargs, min_tokens=request.min_tokens,
-        grammar=_grammar(request), echo=getattr(request, "echo", False), **_tool_call(request),
+        grammar=_grammar(request, *forced), echo=getattr(request, "echo", False), **_tool_call(*forced),
     )
 
 
-def _tool_call(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-    functions, choice = request.forced_tools() if isinstance(request, ChatCompletionRequest) else ([], False)
+def _tool_call(functions: list[dict[str, Any]], choice: bool) -> dict[str, Any]:
+    """A forced tool call's `GenerationSpec` fields (`forced_tools()`'s answer in)."""
     if not functions:
         return {}
     return {"tool_call": "" if choice else functions[0]["name"], "tools_required": choice}
 
 
-def _grammar(request: ChatCompletionRequest | CompletionRequest) -> str:
-    functions, choice = request.forced_tools() if isinstance(request, ChatCompletionRequest) else ([], False)
+def _grammar(request: ChatCompletionRequest | CompletionRequest, functions: list[dict[str, Any]],
+             choice: bool) -> str:
+    """The request's structured output or forced tool call (`functions`, `choice`: what
+    `forced_tools()` says) as one grammar; a 400 when it cannot be followed."""
     try:
         grammar = grammar_of(request)
         if functions:

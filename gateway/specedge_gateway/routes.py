@@ -288,9 +288,9 @@ def _message(text: str, settings: GatewaySettings, spec: GenerationSpec) -> Assi
     if spec.tool_call or spec.tools_required:  # a forced call: its grammar's JSON (after any reasoning)
         if (calls := tool_calls_of(content, spec.tool_call, spec.tools_required)) is not None:
             return AssistantMessage(content=None, reasoning_content=reasoning, tool_calls=ToolCall.of(calls))
-    calls = HermesToolCalls().split(content) if _parses_calls(settings, spec) else (content, None)
-    return AssistantMessage(content=calls[0], reasoning_content=reasoning,
-                            tool_calls=ToolCall.of(calls[1]) if calls[1] else None)
+    content, calls = HermesToolCalls().split(content) if _parses_calls(settings, spec) else (content, None)
+    return AssistantMessage(content=content, reasoning_content=reasoning,
+                            tool_calls=ToolCall.of(calls) if calls else None)
 
 
 def _parses_calls(settings: GatewaySettings, spec: GenerationSpec) -> bool:

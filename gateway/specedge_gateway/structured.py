@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specedge.protocol import MAX_GRAMMAR_CHARS
 
-# the JSON layout structured outputs are written in (a schema's "x-guidance" may override it)
 MAX_CHARS = MAX_GRAMMAR_CHARS - 256  # a request's grammar: room is left for `after_thinking`'s
+# the JSON layout structured outputs are written in (a schema's "x-guidance" may override it)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
@@ -185,8 +185,8 @@ def after_thinking(grammar: str) -> str:
     under `MAX_GRAMMAR_CHARS`.)"""
     top = json.loads(grammar) if grammar.lstrip().startswith("{") else \
         {"grammars": [{"name": ANSWER, "lark_grammar": grammar}]}
-    answer = top["grammars"][0].setdefault("name", ANSWER) or ANSWER
-    top["grammars"][0]["name"] = answer
+    first = top["grammars"][0]
+    answer = first["name"] = first.get("name") or ANSWER
     top["grammars"].insert(0, {"name": "specedge_thinking", "lark_grammar": THINKING.format(answer=answer)})
     return json.dumps(top)
 

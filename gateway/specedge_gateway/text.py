@@ -95,6 +95,11 @@ def _cached(hub_id: str) -> str:
                          f"cache: {exc}") from None
 
 
+def _tag_begun(text: str, tag: str) -> int:
+    """How many of `text`'s last characters could still be the start of `tag` (held back)."""
+    return next((n for n in range(min(len(text), len(tag) - 1), 0, -1) if tag.startswith(text[-n:])), 0)
+
+
 @dataclass
 class ReasoningSplit:
     """Qwen3's reasoning parser (vLLM's `qwen3`): a reply that begins with `<think>` reasons
@@ -123,7 +128,7 @@ class ReasoningSplit:
         if (at := held.find(self.END)) != -1:
             self._state, self._held = "answering", ""
             return held[:at], held[at + len(self.END):]
-        keep = next((n for n in range(min(len(held), len(self.END) - 1), 0, -1) if self.END.startswith(held[-n:])), 0)
+        keep = _tag_begun(held, self.END)
         self._held = held[len(held) - keep:]
         return held[:len(held) - keep], ""
 
@@ -165,8 +170,7 @@ class HermesToolCalls:
         if (at := held.find(self.START)) != -1:
             self._calling, self._held = True, held[at:]
             return held[:at]
-        keep = next((n for n in range(min(len(held), len(self.START) - 1), 0, -1)
-                     if self.START.startswith(held[-n:])), 0)
+        keep = _tag_begun(held, self.START)
         self._held = held[len(held) - keep:]
         return held[:len(held) - keep]
 
